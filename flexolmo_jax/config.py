@@ -1,0 +1,210 @@
+"""Model and mesh configuration: frozen dataclasses, gin-configurable, validated on construction.
+
+Presets live in ``gin_configs/models/*.gin`` (the single source of the numbers); load one with
+:func:`load_model_config`. The dataclasses read fine without gin.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import gin
+
+PUBLIC = "public"
+"""Name of the public (anchor) expert. It is an ordinary routed expert (spec section 3)."""
+
+DISPATCH_BACKENDS = ("dense", "capacity", "dropless", "ragged", "megablox")
+DTYPES = ("float32", "bfloat16")
+TOP_K_POLICIES = ("reject", "clamp")
+
+
+@gin.configurable(module="flexolmo")
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of an OLMo-2 style decoder, dense or FlexOlmo MoE (spec sections 2, 3).
+
+  ``experts`` empty means the dense public model; otherwise the names of the experts, in the
+  model's order (``public`` first by convention). ``top_k`` experts are active per token.
+  """
+
+  vocab_size: int = 512
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int | None = None
+  head_dim: int | None = None
+  d_ff: int = 128
+  max_seq_len: int = 256
+  rope_theta: float = 500_000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  # Mixture of experts.
+  experts: tuple[str, ...] = ()
+  top_k: int = 1
+  top_k_policy: str = "reject"
+  negative_bias: bool = False
+  router_z_loss_weight: float = 1e-3
+  load_balance_loss_weight: float = 0.0
+  dispatch: str = "dropless"
+  capacity_factor: float = 1.25
+  dispatch_block_size: int = 0  # 0: chosen from the shapes (dispatch.block_size_for)
+  # Numerics.
+  dtype: str = "float32"        # activations / matmul inputs
+  param_dtype: str = "float32"  # stored parameters
+  scan_layers: bool = True       # one compiled layer body (False unrolls, for debugging)
+  remat: bool = False            # recompute each layer in the backward pass
+
+  def __post_init__(self):
+    object.__setattr__(self, "experts", tuple(self.experts))
+    if self.n_kv_heads is None:
+      object.__setattr__(self, "n_kv_heads", self.n_heads)
+    if self.head_dim is None:
+      if self.d_model % self.n_heads:
+        raise ValueError(
+            f"ModelConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+            "set head_dim explicitly.")
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"ModelConfig: {name}={getattr(self, name)} must be positive.")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"ModelConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}.")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even for RoPE.")
+    if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
+      raise ValueError(
+          f"ModelConfig: dtype={self.dtype!r} / param_dtype={self.param_dtype!r}; "
+          f"choose from {DTYPES}.")
+    if self.dispatch not in DISPATCH_BACKENDS:
+      raise ValueError(
+          f"ModelConfig: unknown dispatch backend {self.dispatch!r}; "
+          f"choose one of {', '.join(DISPATCH_BACKENDS)}.")
+    if self.top_k_policy not in TOP_K_POLICIES:
+      raise ValueError(
+          f"ModelConfig: top_k_policy={self.top_k_policy!r}; choose from {TOP_K_POLICIES}.")
+    if self.capacity_factor <= 0:
+      raise ValueError(f"ModelConfig: capacity_factor={self.capacity_factor} must be > 0.")
+    if self.experts:
+      validate_expert_names(self.experts)
+      if self.top_k < 1:
+        raise ValueError(f"ModelConfig: top_k={self.top_k} must be >= 1.")
+      if self.top_k > len(self.experts):
+        raise ValueError(
+            f"ModelConfig: top_k={self.top_k} is larger than the {len(self.experts)} experts "
+            f"present {list(self.experts)}.")
+
+  @property
+  def is_moe(self) -> bool:
+    return bool(self.experts)
+
+  @property
+  def num_experts(self) -> int:
+    return len(self.experts)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def with_experts(self, names: Sequence[str], top_k: int | None = None) -> "ModelConfig":
+    """The config of the same model over ``names`` (top_k per ``top_k_policy`` if too large)."""
+    names = tuple(names)
+    k = self.top_k if top_k is None else top_k
+    if names and k > len(names) and self.top_k_policy == "clamp":
+      k = len(names)
+    return self.replace(experts=names, top_k=k)
+
+  def num_params(self) -> int:
+    """Number of parameters (all experts counted)."""
+    d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
+    attn = d * hd * (2 * h + 2 * kv) + hd * (h + kv)
+    ffn = 3 * d * f * max(1, self.num_experts) + (self.num_experts * d if self.is_moe else 0)
+    per_layer = attn + ffn + 2 * d
+    return self.n_layers * per_layer + 2 * self.vocab_size * d + d
+
+  def active_params(self) -> int:
+    """Parameters touched per token (top_k experts)."""
+    inactive = 3 * self.d_model * self.d_ff * (self.num_experts - self.top_k) if self.is_moe else 0
+    return self.num_params() - self.n_layers * inactive
+
+
+def validate_expert_names(names: Sequence[str]) -> None:
+  seen = set()
+  for name in names:
+    if not isinstance(name, str) or not name or "/" in name or "," in name:
+      raise ValueError(f"Invalid expert name {name!r}: use a non-empty name without '/' or ','.")
+    if name in seen:
+      raise ValueError(f"Duplicate expert name {name!r} in {list(names)}.")
+    seen.add(name)
+
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+@gin.configurable(module="flexolmo")
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh shape over the axes (data, fsdp, tensor, expert). One axis may be -1 (the rest)."""
+
+  data: int = 1
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+
+  def shape(self, num_devices: int) -> dict[str, int]:
+    sizes = {a: getattr(self, a) for a in MESH_AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    bad = [f"{a}={s}" for a, s in sizes.items() if s == 0 or s < -1]
+    if bad or len(free) > 1:
+      raise ValueError(
+          f"MeshConfig {sizes}: sizes must be positive, with at most one -1 (got {bad or free}).")
+    fixed = 1
+    for a, s in sizes.items():
+      if s != -1:
+        fixed *= s
+    if free:
+      if num_devices % fixed:
+        raise ValueError(
+            f"MeshConfig {sizes}: {num_devices} devices are not divisible by the fixed axes "
+            f"(product {fixed}).")
+      sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+      raise ValueError(
+          f"MeshConfig {sizes}: the mesh has {fixed} devices but {num_devices} are available.")
+    return sizes
+
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+for _prefix in (GIN_DIR, os.path.join(GIN_DIR, "models")):
+  if _prefix not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+    # Ahead of the working directory, so `include 'olmo2_7b.gin'` resolves without a logged miss.
+    gin.config._LOCATION_PREFIXES.insert(0, _prefix)  # pylint: disable=protected-access
+
+
+def model_gin_path(name_or_path: str) -> str:
+  """``tiny`` -> gin_configs/models/tiny.gin; a path is returned as is (must exist)."""
+  if os.path.exists(name_or_path):
+    return name_or_path
+  path = os.path.join(GIN_DIR, "models", f"{name_or_path}.gin")
+  if not os.path.exists(path):
+    known = sorted(p[:-4] for p in os.listdir(os.path.join(GIN_DIR, "models")) if p.endswith(".gin"))
+    raise FileNotFoundError(f"No model preset {name_or_path!r}: known presets are {known}.")
+  return path
+
+
+def load_model_config(name_or_path: str, overrides: Sequence[str] = (), **changes) -> ModelConfig:
+  """Parses a model gin file (plus ``--gin.`` style bindings) into a ModelConfig.
+
+  Uses a private gin scope so it does not disturb a caller's global gin state.
+  """
+  path = model_gin_path(name_or_path)
+  with gin.unlock_config():
+    saved = gin.config._CONFIG.copy()  # pylint: disable=protected-access
+    try:
+      gin.clear_config()
+      gin.parse_config_files_and_bindings([path], list(overrides), skip_unknown=False)
+      cfg = ModelConfig()
+    finally:
+      gin.clear_config()
+      gin.config._CONFIG.update(saved)  # pylint: disable=protected-access
+  return cfg.replace(**changes) if changes else cfg

@@ -1,0 +1,286 @@
+"""Token -> expert dispatch backends behind one signature (DESIGN.md "Dispatch is pluggable").
+
+Every backend computes, for tokens ``x [T, d]`` routed to ``experts [T, k]`` with combine weights
+``weights [T, k]`` (spec section 3: softmax probabilities, not renormalized)::
+
+    y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t])
+
+and returns ``(y [T, d], DispatchStats)``. Backends:
+
+- ``dense``    every expert on every token, masked combine. The oracle for tests; E/k times the work.
+- ``capacity`` GShard-style: each expert takes at most ``C = ceil(capacity_factor * T * k / E)``
+               assignments (first choices before second choices, then token order); the rest drop.
+- ``dropless`` sort assignments by expert into blocks of ``block_size`` rows, run a blocked grouped
+               matmul over the used blocks only, unsort. No drops. The CPU default.
+- ``ragged``   the same sort with ``jax.lax.ragged_dot`` (for GPU/TPU).
+- ``megablox`` the same sort with the Pallas TPU grouped matmul (TPU only; interpret mode elsewhere).
+
+The permutations use gather-only backward passes (``take_rows``): each gather knows its inverse.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class DispatchStats(NamedTuple):
+  dropped_fraction: jax.Array    # scalar f32: share of token-assignments that were not computed
+  tokens_per_expert: jax.Array   # [E] int32: assignments routed to each expert (before drops)
+
+
+# ----------------------------------------------------------------------------- gather helpers
+
+@jax.custom_vjp
+def take_rows(x_nd, index_m, inverse_nj):
+  """out[m] = x[index[m]] (a zero row where index[m] == N).
+
+  ``inverse[n, :]`` lists the output rows that read x row n (entries >= M mean none), which makes
+  the backward pass a gather too instead of a scatter-add.
+  """
+  return jnp.take(x_nd, index_m, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x_nd, index_m, inverse_nj):
+  return take_rows(x_nd, index_m, inverse_nj), (index_m, inverse_nj)
+
+
+def _take_rows_bwd(res, g_md):
+  index_m, inverse_nj = res
+  grad = jnp.take(g_md, inverse_nj, axis=0, mode="fill", fill_value=0).sum(axis=1)
+  return grad.astype(g_md.dtype), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _combine(y_tkd, weights_tk, dtype):
+  """sum_j weights[t, j] * y[t, j, :], accumulated in fp32."""
+  return jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk).astype(dtype)
+
+
+def _counts(experts_tk, num_experts):
+  return jnp.bincount(experts_tk.reshape(-1), length=num_experts).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- dense (oracle)
+
+def dense_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, **_):
+  num_experts = w_gate.shape[0]
+  h = jax.nn.silu(jnp.einsum("td,edf->etf", x_td, w_gate)) * jnp.einsum("td,edf->etf", x_td, w_up)
+  y_etd = jnp.einsum("etf,efd->etd", h, w_down)
+  combine_te = jnp.einsum("tke,tk->te", jax.nn.one_hot(experts_tk, num_experts), weights_tk)
+  y = jnp.einsum("te,etd->td", combine_te, y_etd.astype(jnp.float32)).astype(x_td.dtype)
+  return y, DispatchStats(jnp.float32(0.0), _counts(experts_tk, num_experts))
+
+
+# ----------------------------------------------------------------------------- capacity (GShard)
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+  return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def capacity_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, capacity_factor,
+                      **_):
+  (t, d), k, e = x_td.shape, experts_tk.shape[1], w_gate.shape[0]
+  c = expert_capacity(t, k, e, capacity_factor)
+  # Priority: every token's first choice before any second choice, then token order (GShard).
+  experts_a = experts_tk.T.reshape(-1)                                 # a = j * T + t
+  one_hot = jax.nn.one_hot(experts_a, e, dtype=jnp.int32)
+  slot_a = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)
+  keep_a = slot_a < c
+  dest_a = jnp.where(keep_a, experts_a * c + slot_a, e * c)          # e * c: out of bounds, dropped
+  x_a = jnp.tile(x_td, (k, 1))
+  buf = jnp.zeros((e * c, d), x_td.dtype).at[dest_a].add(x_a, mode="drop")
+  buf = buf.reshape(e, c, d)
+  h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w_gate)) * jnp.einsum("ecd,edf->ecf", buf, w_up)
+  y_buf = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(e * c, d)
+  y_a = jnp.take(y_buf, dest_a, axis=0, mode="fill", fill_value=0)
+  y_tkd = y_a.reshape(k, t, d).transpose(1, 0, 2)
+  dropped = 1.0 - jnp.mean(keep_a.astype(jnp.float32))
+  return _combine(y_tkd, weights_tk, x_td.dtype), DispatchStats(dropped, _counts(experts_tk, e))
+
+
+# ----------------------------------------------------------------------------- sorted layouts
+
+class SortedLayout(NamedTuple):
+  """Assignments a = t * k + j sorted by expert, each expert's rows padded to whole blocks."""
+
+  token_of_row: jax.Array        # [P] token feeding padded row p, T for a padding row
+  row_of_assignment: jax.Array   # [T, k] padded row of each assignment
+  assignment_of_row: jax.Array   # [P, 1] assignment at padded row p, A for a padding row
+  block_expert: jax.Array        # [P / block] expert of each block
+  num_used_blocks: jax.Array     # scalar int32: blocks that hold any assignment (a prefix)
+  group_sizes: jax.Array         # [E] int32 assignments per expert
+
+
+def block_size_for(num_assignments: int, num_experts: int, requested: int = 0) -> int:
+  """Rows per block: ``requested`` if set, else the power of two near A/(4E), within [8, 128].
+
+  Small blocks waste less padding (at most E * (block - 1) rows); 128 rows already fill
+  a CPU matmul well.
+  """
+  if requested:
+    return requested
+  target = max(1, num_assignments // (4 * num_experts))
+  return int(min(128, max(8, 2 ** math.floor(math.log2(target)))))
+
+
+def sorted_layout(experts_tk, num_experts: int, block: int) -> SortedLayout:
+  t, k = experts_tk.shape
+  a = t * k
+  flat = experts_tk.reshape(-1).astype(jnp.int32)
+  counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  padded = (counts + block - 1) // block * block
+  padded_end = jnp.cumsum(padded)
+  padded_start = padded_end - padded
+  start = jnp.cumsum(counts) - counts
+  order = jnp.argsort(flat, stable=True)
+  expert_sorted = flat[order]
+  row_sorted = padded_start[expert_sorted] + jnp.arange(a, dtype=jnp.int32) - start[expert_sorted]
+  row_of_assignment = jnp.zeros((a,), jnp.int32).at[order].set(row_sorted, unique_indices=True)
+  num_blocks = (a + num_experts * (block - 1)) // block   # static bound on sum(ceil(n_e / block))
+  rows = num_blocks * block
+  assignment_of_row = jnp.full((rows,), a, jnp.int32).at[row_of_assignment].set(
+      jnp.arange(a, dtype=jnp.int32), unique_indices=True)
+  token_of_row = jnp.where(assignment_of_row < a, assignment_of_row // k, t)
+  block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block
+  block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"),
+                             num_experts - 1).astype(jnp.int32)
+  num_used = (padded_end[-1] // block).astype(jnp.int32)
+  return SortedLayout(token_of_row, row_of_assignment.reshape(t, k), assignment_of_row[:, None],
+                      block_expert, num_used, counts)
+
+
+def _gather_sorted(x_td, layout: SortedLayout):
+  return take_rows(x_td, layout.token_of_row, layout.row_of_assignment)
+
+
+def _scatter_back(y_pd, layout: SortedLayout, weights_tk, dtype):
+  t, k = layout.row_of_assignment.shape
+  y_a = take_rows(y_pd, layout.row_of_assignment.reshape(-1), layout.assignment_of_row)
+  return _combine(y_a.reshape(t, k, -1), weights_tk, dtype)
+
+
+# ----------------------------------------------------------------------------- dropless (blocked)
+
+def _dot(x, w, transpose_w: bool = False):
+  dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+  return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _blocked_matmul(x_pk, w_ekn, block_expert, num_used, block: int, transpose_w: bool):
+  """y[rows of block b] = x[rows of block b] @ w[block_expert[b]] for the used blocks; zeros after."""
+  n = w_ekn.shape[1] if transpose_w else w_ekn.shape[2]
+  num_blocks = block_expert.shape[0]
+  x_bbk = x_pk.reshape(num_blocks, block, -1)
+
+  def body(i, y):
+    w = jax.lax.dynamic_index_in_dim(w_ekn, block_expert[i], keepdims=False)
+    return y.at[i].set(_dot(x_bbk[i], w, transpose_w))
+
+  y = jax.lax.fori_loop(0, num_used, body, jnp.zeros((num_blocks, block, n), x_pk.dtype))
+  return y.reshape(num_blocks * block, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def grouped_matmul(x_pk, w_ekn, block_expert, num_used, block: int):
+  """Blocked grouped matmul over a SortedLayout; only the used blocks are computed."""
+  return _blocked_matmul(x_pk, w_ekn, block_expert, num_used, block, transpose_w=False)
+
+
+def _grouped_matmul_fwd(x_pk, w_ekn, block_expert, num_used, block):
+  y = _blocked_matmul(x_pk, w_ekn, block_expert, num_used, block, transpose_w=False)
+  return y, (x_pk, w_ekn, block_expert, num_used)
+
+
+def _grouped_matmul_bwd(block, res, g_pn):
+  x_pk, w_ekn, block_expert, num_used = res
+  dx = _blocked_matmul(g_pn, w_ekn, block_expert, num_used, block, transpose_w=True)
+  num_blocks = block_expert.shape[0]
+  x_bbk = x_pk.reshape(num_blocks, block, -1)
+  g_bbn = g_pn.reshape(num_blocks, block, -1)
+
+  def body(i, dw):  # the blocks are sorted by expert: accumulate each block into its expert's slot
+    e = block_expert[i]
+    contrib = jax.lax.dot_general(x_bbk[i], g_bbn[i], (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+    return dw.at[e].add(contrib)
+
+  dw = jax.lax.fori_loop(0, num_used, body, jnp.zeros(w_ekn.shape, jnp.float32))
+  return dx, dw.astype(w_ekn.dtype), None, None
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def dropless_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, block_size=0, **_):
+  e = w_gate.shape[0]
+  block = block_size_for(experts_tk.size, e, block_size)
+  layout = sorted_layout(experts_tk, e, block)
+  x_pd = _gather_sorted(x_td, layout)
+  gmm = functools.partial(grouped_matmul, block_expert=layout.block_expert,
+                          num_used=layout.num_used_blocks, block=block)
+  h = jax.nn.silu(gmm(x_pd, w_gate)) * gmm(x_pd, w_up)
+  y_pd = gmm(h, w_down)
+  y = _scatter_back(y_pd, layout, weights_tk, x_td.dtype)
+  return y, DispatchStats(jnp.float32(0.0), layout.group_sizes)
+
+
+# ----------------------------------------------------------------------------- ragged / megablox
+
+def ragged_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, **_):
+  layout = sorted_layout(experts_tk, w_gate.shape[0], block=1)
+  x_ad = _gather_sorted(x_td, layout)
+  gs = layout.group_sizes
+  h = jax.nn.silu(jax.lax.ragged_dot(x_ad, w_gate, gs)) * jax.lax.ragged_dot(x_ad, w_up, gs)
+  y_ad = jax.lax.ragged_dot(h, w_down, gs)
+  y = _scatter_back(y_ad, layout, weights_tk, x_td.dtype)
+  return y, DispatchStats(jnp.float32(0.0), gs)
+
+
+def megablox_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, interpret=None, **_):
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # TPU kernels
+
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  layout = sorted_layout(experts_tk, w_gate.shape[0], block=1)
+  a = experts_tk.size
+  rows = -(-a // 128) * 128                       # the kernel's row tile must divide the rows
+  pad = rows - a
+  x_ad = _gather_sorted(x_td, layout)
+  x_ad = jnp.pad(x_ad, ((0, pad), (0, 0)))
+  gs = layout.group_sizes
+
+  def gmm(lhs, rhs):
+    tiling = (128, min(128, lhs.shape[1]), min(128, rhs.shape[2]))
+    return megablox.gmm(lhs, rhs, gs, lhs.dtype, tiling, None, None, False, interpret)
+
+  h = jax.nn.silu(gmm(x_ad, w_gate)) * gmm(x_ad, w_up)
+  y_ad = gmm(h, w_down)[:a]
+  y = _scatter_back(y_ad, layout, weights_tk, x_td.dtype)
+  return y, DispatchStats(jnp.float32(0.0), gs)
+
+
+BACKENDS = {
+    "dense": dense_dispatch,
+    "capacity": capacity_dispatch,
+    "dropless": dropless_dispatch,
+    "ragged": ragged_dispatch,
+    "megablox": megablox_dispatch,
+}
+
+
+def dispatch(backend: str, x_td, weights_tk, experts_tk, w_gate_edf, w_up_edf, w_down_efd, *,
+             capacity_factor: float = 1.25, block_size: int = 0):
+  """Runs the routed SwiGLU experts with the named backend. Returns (y [T, d], DispatchStats)."""
+  try:
+    fn = BACKENDS[backend]
+  except KeyError:
+    raise ValueError(
+        f"Unknown dispatch backend {backend!r}; choose one of {', '.join(BACKENDS)}.") from None
+  return fn(x_td, weights_tk, experts_tk, w_gate_edf, w_up_edf, w_down_efd,
+            capacity_factor=capacity_factor, block_size=block_size)

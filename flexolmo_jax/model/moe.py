@@ -1,0 +1,99 @@
+"""The FlexOlmo router and MoE layer (FLEXOLMO_SPEC.md section 3).
+
+Router: one embedding row per expert, ``logits = x W_r^T`` in fp32, plus ``min(b_e, 0)`` for each
+non-public expert when the negative bias is on (section 4); softmax over **all** experts, then
+top-k on the probabilities, **no** renormalization. The experts are SwiGLU FFNs stacked as
+``[E, ...]`` in the model's expert order; a forward pass may select a subset by index.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flexolmo_jax import sharding
+from flexolmo_jax.config import PUBLIC, ModelConfig
+from flexolmo_jax.model import dispatch as dispatch_lib
+from flexolmo_jax.model.layers import dtype_of, make_param
+
+
+class Routing(NamedTuple):
+  weights_tk: jax.Array   # f32 softmax probabilities of the chosen experts (not renormalized)
+  experts_tk: jax.Array   # int32 chosen expert indices, best first
+  logits_te: jax.Array    # f32 router logits (negative bias included)
+  probs_te: jax.Array     # f32 softmax over all experts
+
+
+class MoEStats(NamedTuple):
+  """Per-layer router statistics; the decoder pools them over layers."""
+
+  z_loss: jax.Array             # mean_t logsumexp(logits)^2
+  assignment_share: jax.Array   # [E] count of top-k assignments / tokens (sums to k)
+  mean_prob: jax.Array          # [E] mean router probability
+  dropped_fraction: jax.Array   # share of assignments the dispatch did not compute
+
+
+def route(x_td, router_ed, top_k: int, negative_bias_e=None, bias_mask_e=None) -> Routing:
+  logits = jnp.einsum("td,ed->te", x_td.astype(jnp.float32), router_ed.astype(jnp.float32))
+  if negative_bias_e is not None:
+    bias = jnp.minimum(negative_bias_e.astype(jnp.float32), 0.0)
+    logits = logits + jnp.where(jnp.asarray(bias_mask_e), bias, 0.0)
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights, experts = jax.lax.top_k(probs, top_k)
+  return Routing(weights, experts.astype(jnp.int32), logits, probs)
+
+
+def router_z_loss(logits_te):
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_te, axis=-1)))
+
+
+class MoE(nnx.Module):
+  """Router plus ``E`` SwiGLU experts; ``experts`` names them in the model's order."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, stack: int = 0):
+    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+    pd, std = dtype_of(cfg.param_dtype), cfg.init_std
+    self.cfg = cfg
+    self.router_embedding = make_param(rngs, (e, d), ("expert", "embed"), std=std, dtype=pd,
+                                       stack=stack)
+    if cfg.negative_bias:
+      self.negative_bias = nnx.Param(jnp.zeros((stack, e) if stack else (e,), jnp.float32),
+                                     axes=("layers", "expert") if stack else ("expert",))
+    self.w_gate = make_param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=std, dtype=pd,
+                             stack=stack)
+    self.w_up = make_param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=std, dtype=pd,
+                           stack=stack)
+    self.w_down = make_param(rngs, (e, f, d), ("expert", "mlp", "embed"), std=std, dtype=pd,
+                             stack=stack)
+
+  def __call__(self, x_btd, expert_index: Sequence[int] | None = None, top_k: int | None = None):
+    """Routes and runs the experts; ``expert_index`` (static) selects a subset in model order."""
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    names = cfg.experts
+    params = {"router": self.router_embedding[...], "w_gate": self.w_gate[...],
+              "w_up": self.w_up[...], "w_down": self.w_down[...]}
+    if cfg.negative_bias:
+      params["bias"] = self.negative_bias[...]
+    if expert_index is not None and tuple(expert_index) != tuple(range(len(names))):
+      index = jnp.asarray(expert_index, jnp.int32)
+      params = {k: jnp.take(v, index, axis=0) for k, v in params.items()}
+      names = tuple(names[i] for i in expert_index)
+    k = cfg.top_k if top_k is None else top_k
+    b, t, d = x_btd.shape
+    x_td = x_btd.reshape(b * t, d)
+    bias_mask = tuple(name != PUBLIC for name in names)
+    routing = route(x_td, params["router"], k, params.get("bias"), bias_mask)
+    y_td, dstats = dispatch_lib.dispatch(
+        cfg.dispatch, x_td.astype(dt), routing.weights_tk, routing.experts_tk,
+        params["w_gate"].astype(dt), params["w_up"].astype(dt), params["w_down"].astype(dt),
+        capacity_factor=cfg.capacity_factor, block_size=cfg.dispatch_block_size)
+    stats = MoEStats(
+        z_loss=router_z_loss(routing.logits_te),
+        assignment_share=dstats.tokens_per_expert.astype(jnp.float32) / (b * t),
+        mean_prob=jnp.mean(routing.probs_te, axis=0),
+        dropped_fraction=dstats.dropped_fraction)
+    y = sharding.constrain(y_td.reshape(b, t, d), ("batch", "length", "embed"))
+    return y, stats

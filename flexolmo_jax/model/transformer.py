@@ -1,0 +1,152 @@
+"""The decoder: the dense public model or the FlexOlmo MoE over named experts (spec section 2).
+
+Post-norm blocks::
+
+    h   = x + RMSNorm_attn(Attn(x))
+    out = h + RMSNorm_ff(FFN_or_MoE(h))
+    logits = lm_head(RMSNorm_final(h_L))
+
+Layer parameters are stacked on a leading ``layers`` axis and the block body is scanned, so a
+32-layer model compiles as fast as a 2-layer one.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flexolmo_jax import sharding
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model.layers import (Attention, FeedForward, RMSNorm, attention_mask, dtype_of,
+                                       make_param, rope_cos_sin)
+from flexolmo_jax.model.moe import MoE, MoEStats
+
+
+class ModelAux(NamedTuple):
+  """Router losses and statistics pooled over layers (zeros for a dense model)."""
+
+  moe_loss: jax.Array           # z_loss_weight * router_z_loss + lb_weight * load_balance_loss
+  router_z_loss: jax.Array      # mean over layers of mean_t logsumexp(logits)^2
+  load_balance_loss: jax.Array  # E * sum_e f_e P_e pooled over layers (the HF aux loss)
+  expert_share: jax.Array       # [E] share of token-assignments per selected expert (sums to 1)
+  dropped_fraction: jax.Array   # mean over layers
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, stack: int = 0):
+    d = cfg.d_model
+    self.attn = Attention(cfg, rngs, stack=stack)
+    self.post_attention_norm = RMSNorm((d,), ("embed",), cfg, stack=stack)
+    self.ffn = MoE(cfg, rngs, stack=stack) if cfg.is_moe else FeedForward(cfg, rngs, stack=stack)
+    self.post_feedforward_norm = RMSNorm((d,), ("embed",), cfg, stack=stack)
+
+  def __call__(self, x, cos, sin, mask, expert_index=None, top_k=None):
+    h = x + self.post_attention_norm(self.attn(x, cos, sin, mask))
+    h = sharding.constrain(h, ("batch", "length", "embed"))
+    if isinstance(self.ffn, MoE):
+      f, stats = self.ffn(h, expert_index, top_k)
+    else:
+      f, stats = self.ffn(h), None
+    out = h + self.post_feedforward_norm(f)
+    return sharding.constrain(out, ("batch", "length", "embed")), stats
+
+
+class Transformer(nnx.Module):
+  """OLMo-2 / FlexOlmo decoder. ``model(tokens, experts=("public", "code"))`` runs a subset."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd, std = dtype_of(cfg.param_dtype), cfg.init_std
+    self.embed = make_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=std,
+                            dtype=pd)
+    self.blocks = Block(cfg, rngs, stack=cfg.n_layers)
+    self.final_norm = RMSNorm((cfg.d_model,), ("embed",), cfg)
+    self.lm_head = make_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=std,
+                              dtype=pd)
+
+  def expert_selection(self, experts: Sequence[str] | None):
+    """(indices in model order, top_k) for a selection by name; None selects all experts."""
+    return select_experts(self.cfg, experts)
+
+  def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None,
+               experts: Sequence[str] | None = None):
+    """Returns (logits [B, T, V] in fp32, ModelAux)."""
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    expert_index, top_k = select_experts(cfg, experts)
+    b, t = tokens_bt.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    cos, sin = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta)
+    mask = attention_mask(segment_ids_bt)
+    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+    x = sharding.constrain(x, ("batch", "length", "embed"))
+
+    graphdef, layer_state = nnx.split(self.blocks)
+
+    def layer(x, state):
+      return nnx.merge(graphdef, state)(x, cos, sin, mask, expert_index, top_k)
+
+    if cfg.remat:
+      layer = jax.checkpoint(layer)
+    if cfg.scan_layers:
+      x, stats = jax.lax.scan(layer, x, layer_state)
+    else:
+      per_layer = []
+      for i in range(cfg.n_layers):
+        x, s = layer(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
+        per_layer.append(s)
+      stats = None if per_layer[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+
+    h = self.final_norm(x)
+    logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    logits = sharding.constrain(logits, ("batch", "length", "vocab"))
+    return logits, pool_stats(cfg, stats)
+
+
+def select_experts(cfg: ModelConfig, experts: Sequence[str] | None):
+  """Validates a selection by name; returns (static indices in model order or None, top_k)."""
+  if experts is None:
+    return None, (cfg.top_k if cfg.is_moe else None)
+  if not cfg.is_moe:
+    raise ValueError(f"experts={list(experts)} given, but this is a dense model (no experts).")
+  if isinstance(experts, str):
+    experts = [e for e in experts.split(",") if e]
+  unknown = [e for e in experts if e not in cfg.experts]
+  if unknown:
+    raise ValueError(f"Unknown expert(s) {unknown}; this model has {list(cfg.experts)}.")
+  if not experts:
+    raise ValueError("The expert selection is empty; select at least one expert.")
+  chosen = set(experts)
+  index = tuple(i for i, name in enumerate(cfg.experts) if name in chosen)
+  top_k = cfg.top_k
+  if top_k > len(index):
+    if cfg.top_k_policy == "clamp":
+      top_k = len(index)
+    else:
+      raise ValueError(
+          f"top_k={cfg.top_k} is larger than the {len(index)} selected experts "
+          f"{[cfg.experts[i] for i in index]}; select more experts or set top_k_policy='clamp'.")
+  return index, top_k
+
+
+def pool_stats(cfg: ModelConfig, stats: MoEStats | None) -> ModelAux:
+  zero = jnp.float32(0.0)
+  if stats is None:
+    return ModelAux(zero, zero, zero, jnp.zeros((0,), jnp.float32), zero)
+  z_loss = jnp.mean(stats.z_loss)
+  share = jnp.mean(stats.assignment_share, axis=0)   # pooled over layers, as HF pools them
+  prob = jnp.mean(stats.mean_prob, axis=0)
+  lb_loss = share.shape[0] * jnp.sum(share * prob)
+  moe_loss = cfg.router_z_loss_weight * z_loss + cfg.load_balance_loss_weight * lb_loss
+  return ModelAux(moe_loss, z_loss, lb_loss, share / jnp.sum(share),
+                  jnp.mean(stats.dropped_fraction))
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

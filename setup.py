@@ -1,0 +1,33 @@
+"""Package definition for flexolmo_jax (see README.md)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="flexolmo_jax",
+    version="0.1.0",
+    description="FlexOlmo in JAX/Flax: train language models without pooling data.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["flexolmo_jax", "flexolmo_jax.*"]),
+    include_package_data=True,
+    install_requires=[
+        # Ranges admit what pip resolves on Python 3.11 (jax 0.10.x) and on 3.12 (jax 0.12.x).
+        "jax>=0.10.2,<0.13",
+        "jaxlib>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.14",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.14",
+        "gin-config>=0.5",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "data": ["seqio>=0.0.20", "tensorflow-datasets>=4.9", "tensorflow>=2.21,<2.23"],
+        "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "torch==2.13.0"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "transformers>=5.0,<6",
+            "safetensors>=0.4",
+            "torch==2.13.0",
+        ],
+    },
+    entry_points={"console_scripts": ["flexolmo=flexolmo_jax.cli:main"]},
+)
