@@ -100,7 +100,7 @@ def capacity_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, cap
   y_buf = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(e * c, d)
   y_a = jnp.take(y_buf, dest_a, axis=0, mode="fill", fill_value=0)
   y_tkd = y_a.reshape(k, t, d).transpose(1, 0, 2)
-  dropped = 1.0 - jnp.mean(keep_a.astype(jnp.float32))
+  dropped = jnp.sum(~keep_a).astype(jnp.float32) / keep_a.size
   return _combine(y_tkd, weights_tk, x_td.dtype), DispatchStats(dropped, _counts(experts_tk, e))
 
 
