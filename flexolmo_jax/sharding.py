@@ -150,3 +150,10 @@ def jit_sharded(fn: Callable, mesh: Mesh, rules: ShardingRules, *, in_shardings,
     with activate(mesh, rules):
       return fn(*args, **kwargs)
   return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings, **jit_kwargs)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules):
+  """Splits a model into (graphdef, parameter state laid out on the mesh, its shardings)."""
+  graphdef, state = nnx.split(model, nnx.Param)
+  shardings = param_shardings(state, mesh, rules)
+  return graphdef, jax.device_put(state, shardings), shardings

@@ -1,0 +1,65 @@
+"""Shared test helpers: tiny configs and Hugging Face reference models built on CPU (no hub)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from flexolmo_jax.config import load_model_config
+from flexolmo_jax.convert import hf
+from flexolmo_jax.model.transformer import Transformer
+
+
+def tiny(**changes):
+  return load_model_config("tiny", **changes)
+
+
+def tokens(cfg, batch=2, length=16, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).randint(0, cfg.vocab_size, (batch, length)))
+
+
+def spread_router(model, scale=1.0, seed=0):
+  """Give the router rows (and norms) non-trivial values so routing differs across tokens."""
+  state = nnx.state(model, nnx.Param)
+  key = jax.random.PRNGKey(seed)
+  for path, var in nnx.to_flat_state(state):
+    key, sub = jax.random.split(key)
+    if path[-1] == "router_embedding":
+      var[...] = jax.random.normal(sub, var[...].shape, var[...].dtype) * scale
+    elif path[-1] == "weight":  # norm weights: away from 1 so a wrong norm shows up
+      var[...] = 1.0 + 0.2 * jax.random.normal(sub, var[...].shape, var[...].dtype)
+  nnx.update(model, state)
+  return model
+
+
+def hf_reference(kind, *, seed=0, **overrides):
+  """(torch model, our ModelConfig, our Transformer with the same weights)."""
+  from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
+
+  base = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              pad_token_id=0, eos_token_id=1, rope_parameters={"rope_theta": 500000.0,
+                                                               "rope_type": "default"})
+  base.update(overrides)
+  torch.manual_seed(seed)
+  if kind == "flex_olmo":
+    base.setdefault("num_experts", 4)
+    base.setdefault("num_experts_per_tok", 2)
+    ref = FlexOlmoForCausalLM(FlexOlmoConfig(**base)).eval()
+  else:
+    ref = Olmo2ForCausalLM(Olmo2Config(**base)).eval()
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if "norm" in name:
+        p.normal_(1.0, 0.2)
+      elif "mlp.gate.weight" in name:
+        p.normal_(0.0, 1.0)
+  cfg = hf.config_from_hf(ref.config.to_dict())
+  model = Transformer(cfg, nnx.Rngs(0))
+  hf.load_into(model, hf.params_from_hf(ref.state_dict(), cfg))
+  return ref, cfg, model
+
+
+def hf_logits(ref, toks):
+  with torch.no_grad():
+    return ref(torch.as_tensor(np.array(toks))).logits.float().numpy()
