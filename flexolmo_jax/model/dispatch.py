@@ -118,15 +118,15 @@ class SortedLayout(NamedTuple):
 
 
 def block_size_for(num_assignments: int, num_experts: int, requested: int = 0) -> int:
-  """Rows per block: ``requested`` if set, else the power of two near A/(4E), within [8, 128].
+  """Rows per block: ``requested`` if set, else the power of two near A/(4E), within [8, 256].
 
-  Small blocks waste less padding (at most E * (block - 1) rows); 128 rows already fill
-  a CPU matmul well.
+  Small blocks waste less padding (at most E * (block - 1) rows); 256 rows fill a CPU matmul
+  (measured best of 128/256/512 for the benchmark layer, bench/RESULTS.md).
   """
   if requested:
     return requested
   target = max(1, num_assignments // (4 * num_experts))
-  return int(min(128, max(8, 2 ** math.floor(math.log2(target)))))
+  return int(min(256, max(8, 2 ** math.floor(math.log2(target)))))
 
 
 def sorted_layout(experts_tk, num_experts: int, block: int) -> SortedLayout:
@@ -167,54 +167,80 @@ def _scatter_back(y_pd, layout: SortedLayout, weights_tk, dtype):
 
 # ----------------------------------------------------------------------------- dropless (blocked)
 
-def _dot(x, w, transpose_w: bool = False):
-  dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
-  return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(x.dtype)
+def _dot(a, b, contract):
+  """dot_general over the given (lhs, rhs) contracting dims, accumulated in fp32."""
+  return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _blocked_matmul(x_pk, w_ekn, block_expert, num_used, block: int, transpose_w: bool):
-  """y[rows of block b] = x[rows of block b] @ w[block_expert[b]] for the used blocks; zeros after."""
-  n = w_ekn.shape[1] if transpose_w else w_ekn.shape[2]
-  num_blocks = block_expert.shape[0]
-  x_bbk = x_pk.reshape(num_blocks, block, -1)
-
-  def body(i, y):
-    w = jax.lax.dynamic_index_in_dim(w_ekn, block_expert[i], keepdims=False)
-    return y.at[i].set(_dot(x_bbk[i], w, transpose_w))
-
-  y = jax.lax.fori_loop(0, num_used, body, jnp.zeros((num_blocks, block, n), x_pk.dtype))
-  return y.reshape(num_blocks * block, n)
+_ROWS = ((1,), (0,))     # a [m, k] @ b [k, n]
+_ROWS_T = ((1,), (1,))   # a [m, n] @ b[k, n].T
+_COLS = ((0,), (0,))     # a [m, k].T @ b [m, n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def grouped_matmul(x_pk, w_ekn, block_expert, num_used, block: int):
-  """Blocked grouped matmul over a SortedLayout; only the used blocks are computed."""
-  return _blocked_matmul(x_pk, w_ekn, block_expert, num_used, block, transpose_w=False)
+def _swiglu_blocks(x_pd, w_gate, w_up, w_down, block_expert, num_used, block: int):
+  """Per used block b with expert e: y_b = down_e(silu(x_b gate_e) * (x_b up_e)).
 
+  One loop iteration runs the whole SwiGLU of a block, so its activations stay in cache.
+  Returns y and the pre-activations (gate, up) that the backward pass reuses.
+  """
+  num_blocks, dt = block_expert.shape[0], x_pd.dtype
+  x_b = x_pd.reshape(num_blocks, block, -1)
 
-def _grouped_matmul_fwd(x_pk, w_ekn, block_expert, num_used, block):
-  y = _blocked_matmul(x_pk, w_ekn, block_expert, num_used, block, transpose_w=False)
-  return y, (x_pk, w_ekn, block_expert, num_used)
-
-
-def _grouped_matmul_bwd(block, res, g_pn):
-  x_pk, w_ekn, block_expert, num_used = res
-  dx = _blocked_matmul(g_pn, w_ekn, block_expert, num_used, block, transpose_w=True)
-  num_blocks = block_expert.shape[0]
-  x_bbk = x_pk.reshape(num_blocks, block, -1)
-  g_bbn = g_pn.reshape(num_blocks, block, -1)
-
-  def body(i, dw):  # the blocks are sorted by expert: accumulate each block into its expert's slot
+  def body(i, carry):
+    y, gate, up = carry
     e = block_expert[i]
-    contrib = jax.lax.dot_general(x_bbk[i], g_bbn[i], (((0,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-    return dw.at[e].add(contrib)
+    g = _dot(x_b[i], w_gate[e], _ROWS).astype(dt)
+    u = _dot(x_b[i], w_up[e], _ROWS).astype(dt)
+    out = _dot(jax.nn.silu(g) * u, w_down[e], _ROWS).astype(dt)
+    return y.at[i].set(out), gate.at[i].set(g), up.at[i].set(u)
 
-  dw = jax.lax.fori_loop(0, num_used, body, jnp.zeros(w_ekn.shape, jnp.float32))
-  return dx, dw.astype(w_ekn.dtype), None, None
+  f, d = w_down.shape[1], w_down.shape[2]
+  init = (jnp.zeros((num_blocks, block, d), dt), jnp.zeros((num_blocks, block, f), dt),
+          jnp.zeros((num_blocks, block, f), dt))
+  y, gate, up = jax.lax.fori_loop(0, num_used, body, init)
+  return y.reshape(num_blocks * block, d), gate, up
 
 
-grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def grouped_swiglu(x_pd, w_gate, w_up, w_down, block_expert, num_used, block: int):
+  """SwiGLU experts over a SortedLayout's blocks; only the used blocks are computed."""
+  return _swiglu_blocks(x_pd, w_gate, w_up, w_down, block_expert, num_used, block)[0]
+
+
+def _grouped_swiglu_fwd(x_pd, w_gate, w_up, w_down, block_expert, num_used, block):
+  y, gate, up = _swiglu_blocks(x_pd, w_gate, w_up, w_down, block_expert, num_used, block)
+  return y, (x_pd, w_gate, w_up, w_down, block_expert, num_used, gate, up)
+
+
+def _grouped_swiglu_bwd(block, res, g_pd):
+  x_pd, w_gate, w_up, w_down, block_expert, num_used, gate, up = res
+  num_blocks, dt = block_expert.shape[0], x_pd.dtype
+  x_b = x_pd.reshape(num_blocks, block, -1)
+  g_b = g_pd.reshape(num_blocks, block, -1)
+
+  def body(i, carry):  # blocks are sorted by expert; weight grads accumulate into the expert's slot
+    dx, dw_gate, dw_up, dw_down = carry
+    e = block_expert[i]
+    g32, u32 = gate[i].astype(jnp.float32), up[i].astype(jnp.float32)
+    sig = jax.nn.sigmoid(g32)
+    silu = g32 * sig
+    dw_down = dw_down.at[e].add(_dot((silu * u32).astype(dt), g_b[i], _COLS))
+    dh = _dot(g_b[i], w_down[e], _ROWS_T)
+    d_gate = (dh * u32 * sig * (1.0 + g32 * (1.0 - sig))).astype(dt)
+    d_up = (dh * silu).astype(dt)
+    dw_gate = dw_gate.at[e].add(_dot(x_b[i], d_gate, _COLS))
+    dw_up = dw_up.at[e].add(_dot(x_b[i], d_up, _COLS))
+    dx_i = _dot(d_gate, w_gate[e], _ROWS_T) + _dot(d_up, w_up[e], _ROWS_T)
+    return dx.at[i].set(dx_i.astype(dt)), dw_gate, dw_up, dw_down
+
+  zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
+  dx, dw_gate, dw_up, dw_down = jax.lax.fori_loop(
+      0, num_used, body, (jnp.zeros_like(x_b), zeros(w_gate), zeros(w_up), zeros(w_down)))
+  return (dx.reshape(x_pd.shape), dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype),
+          dw_down.astype(w_down.dtype), None, None)
+
+
+grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
 def dropless_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, block_size=0, **_):
@@ -222,10 +248,8 @@ def dropless_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, blo
   block = block_size_for(experts_tk.size, e, block_size)
   layout = sorted_layout(experts_tk, e, block)
   x_pd = _gather_sorted(x_td, layout)
-  gmm = functools.partial(grouped_matmul, block_expert=layout.block_expert,
-                          num_used=layout.num_used_blocks, block=block)
-  h = jax.nn.silu(gmm(x_pd, w_gate)) * gmm(x_pd, w_up)
-  y_pd = gmm(h, w_down)
+  y_pd = grouped_swiglu(x_pd, w_gate, w_up, w_down, layout.block_expert, layout.num_used_blocks,
+                        block)
   y = _scatter_back(y_pd, layout, weights_tk, x_td.dtype)
   return y, DispatchStats(jnp.float32(0.0), layout.group_sizes)
 
