@@ -168,3 +168,17 @@ def test_gradients_flow_through_every_backend():
     for a, b in zip(jax.tree.leaves(grads[backend]), jax.tree.leaves(grads["dense"])):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   assert np.abs(np.asarray(grads["dense"]["blocks"]["ffn"]["router_embedding"][...])).max() > 0
+
+
+def test_layers_are_scanned_into_one_compiled_body():
+  """A 32-layer model lowers to the same program size as a 2-layer one (one scanned body)."""
+  def program_size(n_layers, scan):
+    cfg = tiny(n_layers=n_layers, experts=("public", "a"), top_k=2, scan_layers=scan)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    toks = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    fn = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+    return len(fn.lower(state, toks).as_text().splitlines())
+
+  two, thirty_two = program_size(2, True), program_size(32, True)
+  assert thirty_two <= 1.02 * two, (two, thirty_two)
+  assert program_size(8, False) > 3 * two   # unrolled layers would grow with depth
