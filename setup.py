@@ -17,9 +17,14 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.14",
         "gin-config>=0.5",
         "numpy>=1.26",
+        # Data pipeline (seqio Tasks over TFDS datasets prepared on the owner's disk).
+        "seqio>=0.0.20",
+        "tensorflow-datasets>=4.9.10",
+        "tensorflow>=2.21,<2.23",
+        "importlib_resources",  # needed by tensorflow-datasets' builders, not declared by it
+        "sentencepiece>=0.2",
     ],
     extras_require={
-        "data": ["seqio>=0.0.20", "tensorflow-datasets>=4.9", "tensorflow>=2.21,<2.23"],
         "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "torch==2.13.0"],
         "test": [
             "pytest>=8",
