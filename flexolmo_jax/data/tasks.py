@@ -1,0 +1,117 @@
+"""seqio Tasks and Mixtures over prepared corpora, and the packed LM stream the trainers read.
+
+A closed domain is registered **at run time from a path** (:func:`register_domain_task`), never
+baked into code. The default vocabulary is ``seqio.ByteVocabulary`` (ids 0 pad, 1 eos, 2 unk, then
+the 256 bytes; the same ids as the ByT5 tokenizer the HF export will write).
+
+The stream (:func:`lm_batches`): tokenize, append EOS, split documents longer than the sequence
+length into consecutive chunks (nothing is truncated away), pack with seqio's
+``DecoderFeatureConverter`` (segment ids and positions for the model's attention mask), shard per
+host with ``seqio.ShardInfo``, shuffle deterministically from a seed, batch, and resume at a step.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from flexolmo_jax.data import sources
+
+
+def byte_vocabulary() -> seqio.Vocabulary:
+  return seqio.ByteVocabulary()
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  return {"targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)}
+
+
+@seqio.map_over_dataset
+def _text_to_targets(ex):
+  return {"targets": ex["text"]}
+
+
+def split_to_length(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+                    output_features=None) -> tf.data.Dataset:
+  """Cuts each tokenized document into consecutive chunks of at most the target length."""
+  del output_features
+  length = sequence_length["targets"]
+
+  def chunks(ex):
+    tokens = ex["targets"]
+    n = tf.size(tokens)
+    full, rest = n // length, n % length
+    lengths = tf.concat([tf.fill([full], length), tf.reshape(rest, [1])[: tf.minimum(rest, 1)]], 0)
+    return tf.data.Dataset.from_tensor_slices(
+        {"targets": tf.RaggedTensor.from_row_lengths(tokens, lengths)})
+
+  return dataset.flat_map(chunks)
+
+
+def _source_for(dataset_dir: str) -> seqio.DataSource:
+  import tensorflow_datasets as tfds
+
+  if not sources.is_prepared(dataset_dir):
+    raise FileNotFoundError(
+        f"{dataset_dir} is not a prepared dataset (no dataset_info.json / "
+        f"{sources.SOURCE_RECORD}); run `flexolmo data prepare` first.")
+  builder = tfds.builder_from_directory(dataset_dir)
+  splits = tuple(builder.info.splits.keys())
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    read_config = tfds.ReadConfig(shuffle_seed=seed)
+    return builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
+
+  return seqio.FunctionDataSource(
+      dataset_fn, splits=splits,
+      num_input_examples={s: builder.info.splits[s].num_examples for s in splits})
+
+
+def register_domain_task(name: str, dataset_dir: str,
+                         vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
+  """Registers (or re-registers) the Task ``name`` over a dataset prepared by sources.prepare."""
+  vocabulary = vocabulary or byte_vocabulary()
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(
+      name,
+      source=_source_for(os.fspath(dataset_dir)),
+      preprocessors=[_text_to_targets, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos,
+                     split_to_length],
+      output_features=output_features(vocabulary),
+      shuffle_buffer_size=10_000)
+
+
+def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]]) -> seqio.Mixture:
+  """A Mixture of registered Tasks with explicit sampling rates."""
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  return seqio.MixtureRegistry.add(name, list(tasks_and_rates))
+
+
+def lm_dataset(task_or_mixture: str, *, seq_len: int, batch_size: int, split: str = "train",
+               seed: int | None = 0, shuffle: bool = True, num_epochs: int | None = None,
+               shard_index: int = 0, num_shards: int = 1, start_step: int = 0,
+               drop_remainder: bool = True) -> tf.data.Dataset:
+  """Packed decoder-only LM batches: decoder_{input,target}_tokens, _segment_ids, _positions,
+  _loss_weights, each [batch_size, seq_len]. ``batch_size`` is this host's share.
+
+  ``start_step`` skips that many batches of the same deterministic stream (exact resume).
+  """
+  ds = seqio.get_dataset(
+      task_or_mixture, task_feature_lengths={"targets": seq_len}, dataset_split=split,
+      shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=False,
+      shard_info=seqio.ShardInfo(shard_index, num_shards),
+      feature_converter=seqio.DecoderFeatureConverter(pack=True))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).skip(start_step)
+
+
+def lm_batches(task_or_mixture: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  return lm_dataset(task_or_mixture, **kwargs).as_numpy_iterator()

@@ -1,0 +1,121 @@
+"""seqio Tasks from a directory of real Python source: shapes, content, determinism, shards, resume."""
+import collections
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from flexolmo_jax.data import sources, tasks
+
+STDLIB_JSON = os.path.dirname(json.__file__)
+SEQ, BATCH = 256, 4
+
+
+@pytest.fixture(scope="module")
+def task_name(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  spec = sources.SourceSpec(paths=(STDLIB_JSON,), pattern="*.py", validation_fraction=0.0)
+  sources.prepare("stdlib_json_py", spec, data_dir)
+  tasks.register_domain_task("stdlib_json_py", os.path.join(data_dir, "stdlib_json_py", "1.0.0"))
+  return "stdlib_json_py"
+
+
+def documents():
+  docs = []
+  for f in sorted(os.listdir(STDLIB_JSON)):
+    if f.endswith(".py"):
+      with open(os.path.join(STDLIB_JSON, f), "rb") as fh:
+        data = fh.read()
+      if data:
+        docs.append(data)
+  return docs
+
+
+def chunks_of(batches):
+  """Each packed segment's target bytes (EOS kept as b'<eos>')."""
+  out = []
+  for b in batches:
+    for row in range(b["decoder_target_tokens"].shape[0]):
+      seg, tgt = b["decoder_segment_ids"][row], b["decoder_target_tokens"][row]
+      for s in sorted(set(seg.tolist()) - {0}):
+        ids = tgt[seg == s].tolist()
+        eos = ids and ids[-1] == 1
+        body = bytes(i - 3 for i in (ids[:-1] if eos else ids))
+        out.append(body + (b"<eos>" if eos else b""))
+  return out
+
+
+def stream(task, **kw):
+  kw = {"seq_len": SEQ, "batch_size": BATCH, **kw}
+  return list(tasks.lm_batches(task, **kw))
+
+
+def test_packed_batches_reproduce_the_source_text(task_name):
+  batches = stream(task_name, shuffle=False, num_epochs=1, drop_remainder=False)
+  for b in batches:
+    assert set(b) == {"decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
+                      "decoder_segment_ids", "decoder_positions"}
+    assert all(v.shape[1] == SEQ and v.shape[0] <= BATCH for v in b.values())
+  assert all(b["decoder_target_tokens"].shape == (BATCH, SEQ) for b in batches[:-1])
+  docs = documents()
+  chunks = chunks_of(batches)
+  # Every chunk is a piece of a real document, nothing is lost, one EOS ends each document.
+  for c in chunks:
+    assert any(c.removesuffix(b"<eos>") in d for d in docs)
+  assert sum(c.endswith(b"<eos>") for c in chunks) == len(docs)
+  assert sum(len(c.removesuffix(b"<eos>")) for c in chunks) == sum(len(d) for d in docs)
+
+
+def test_short_documents_are_packed(tmp_path):
+  """One JSONL document per source line: several share a row; positions restart per segment."""
+  with open(os.path.join(STDLIB_JSON, "decoder.py"), encoding="utf-8") as fh:
+    lines = [l for l in fh.read().splitlines() if l.strip()]
+  path = tmp_path / "lines.jsonl"
+  path.write_text("\n".join(json.dumps({"text": l}) for l in lines))
+  spec = sources.SourceSpec(paths=(str(path),), validation_fraction=0.0)
+  sources.prepare("json_lines", spec, str(tmp_path / "tfds"))
+  tasks.register_domain_task("json_lines", str(tmp_path / "tfds" / "json_lines" / "1.0.0"))
+  batches = stream("json_lines", shuffle=False, num_epochs=1, drop_remainder=False)
+  chunks = chunks_of(batches)
+  assert sorted(c.removesuffix(b"<eos>").decode() for c in chunks) == sorted(lines)
+  rows = [(b["decoder_segment_ids"][i], b["decoder_positions"][i], b["decoder_loss_weights"][i])
+          for b in batches for i in range(b["decoder_segment_ids"].shape[0])]
+  assert sum(len(set(seg.tolist()) - {0}) for seg, _, _ in rows) == len(lines)
+  assert len(rows) < len(lines) / 4          # packed: many lines per row
+  for seg, pos, weights in rows:
+    starts = np.flatnonzero(np.diff(seg) != 0) + 1
+    assert all(pos[s] == 0 for s in starts if seg[s] != 0)
+    np.testing.assert_array_equal(weights > 0, seg > 0)   # padding carries no loss
+
+
+def test_same_seed_same_batches_and_resume(task_name):
+  a = list(itertools.islice(tasks.lm_batches(task_name, seq_len=SEQ, batch_size=BATCH, seed=3), 8))
+  b = list(itertools.islice(tasks.lm_batches(task_name, seq_len=SEQ, batch_size=BATCH, seed=3), 8))
+  c = list(itertools.islice(tasks.lm_batches(task_name, seq_len=SEQ, batch_size=BATCH, seed=4), 8))
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert any(not np.array_equal(x["decoder_target_tokens"], y["decoder_target_tokens"])
+             for x, y in zip(a, c))
+  resumed = list(itertools.islice(
+      tasks.lm_batches(task_name, seq_len=SEQ, batch_size=BATCH, seed=3, start_step=5), 3))
+  for x, y in zip(a[5:], resumed):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_host_shards_are_disjoint_and_cover(task_name):
+  kw = dict(shuffle=False, num_epochs=1, drop_remainder=False)
+  whole = collections.Counter(chunks_of(stream(task_name, **kw)))
+  host0 = collections.Counter(chunks_of(stream(task_name, shard_index=0, num_shards=2, **kw)))
+  host1 = collections.Counter(chunks_of(stream(task_name, shard_index=1, num_shards=2, **kw)))
+  assert host0 and host1
+  assert not set(host0) & set(host1)
+  assert host0 + host1 == whole
+
+
+def test_unprepared_directory_is_refused(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+    tasks.register_domain_task("nothing_here", str(tmp_path))
