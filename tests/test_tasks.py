@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import seqio
 import pytest
 
 from flexolmo_jax.data import sources, tasks
@@ -119,3 +120,17 @@ def test_host_shards_are_disjoint_and_cover(task_name):
 def test_unprepared_directory_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
     tasks.register_domain_task("nothing_here", str(tmp_path))
+
+
+def test_mixture_rates_by_tokens(task_name, tmp_path):
+  p = tmp_path / "small.jsonl"
+  p.write_text('{"text": "tiny owner"}\n')
+  sources.prepare("tiny_owner", sources.SourceSpec(paths=(str(p),), validation_fraction=0.0),
+                  str(tmp_path / "tfds"))
+  tasks.register_domain_task("tiny_owner", str(tmp_path / "tfds" / "tiny_owner" / "1.0.0"))
+  mix = tasks.register_mixture("mix_by_tokens", [(task_name, "tokens"), ("tiny_owner", "tokens")])
+  total = sum(len(d) + 1 for d in documents())
+  assert mix.get_rate(seqio.get_mixture_or_task(task_name)) == total
+  assert mix.get_rate(seqio.get_mixture_or_task("tiny_owner")) == len("tiny owner") + 1
+  batch = next(tasks.lm_batches("mix_by_tokens", seq_len=SEQ, batch_size=BATCH, seed=0))
+  assert batch["decoder_target_tokens"].shape == (BATCH, SEQ)

@@ -21,6 +21,12 @@ import tensorflow as tf
 
 from flexolmo_jax.data import sources
 
+# TensorFlow only runs the input pipeline; it must not take accelerator memory from JAX.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # already initialized by the caller
+  pass
+
 
 def byte_vocabulary() -> seqio.Vocabulary:
   return seqio.ByteVocabulary()
@@ -71,12 +77,16 @@ def _source_for(dataset_dir: str) -> seqio.DataSource:
       num_input_examples={s: builder.info.splits[s].num_examples for s in splits})
 
 
+_TASK_DIRS: dict[str, str] = {}
+
+
 def register_domain_task(name: str, dataset_dir: str,
                          vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
   """Registers (or re-registers) the Task ``name`` over a dataset prepared by sources.prepare."""
   vocabulary = vocabulary or byte_vocabulary()
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
+  _TASK_DIRS[name] = os.fspath(dataset_dir)
   return seqio.TaskRegistry.add(
       name,
       source=_source_for(os.fspath(dataset_dir)),
@@ -86,11 +96,24 @@ def register_domain_task(name: str, dataset_dir: str,
       shuffle_buffer_size=10_000)
 
 
-def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]]) -> seqio.Mixture:
-  """A Mixture of registered Tasks with explicit sampling rates."""
+def train_byte_tokens(task: str) -> int:
+  """Training tokens of a registered domain Task under the byte vocabulary (bytes + one EOS/doc)."""
+  import json
+
+  if task not in _TASK_DIRS:
+    raise KeyError(f"Task {task!r} was not registered with register_domain_task.")
+  with open(os.path.join(_TASK_DIRS[task], sources.SOURCE_RECORD)) as fh:
+    stats = json.load(fh)["stats"]
+  return stats["utf8_bytes"]["train"] + stats["documents"]["train"]
+
+
+def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float | str]]) -> seqio.Mixture:
+  """A Mixture of registered Tasks; a rate is a number, or "tokens" (the Task's token count)."""
+  rates = [(t, float(train_byte_tokens(t)) if r == "tokens" else float(r))
+           for t, r in tasks_and_rates]
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
-  return seqio.MixtureRegistry.add(name, list(tasks_and_rates))
+  return seqio.MixtureRegistry.add(name, rates)
 
 
 def lm_dataset(task_or_mixture: str, *, seq_len: int, batch_size: int, split: str = "train",

@@ -1,0 +1,188 @@
+"""FlexMix-mini: the embedded default corpus, built from real text on any Python install.
+
+Closed domains (one data owner each):
+
+- ``code``  Python source files of the standard library (tests, idlelib and site-packages excluded).
+- ``prose`` English technical prose: the documentation topics bundled with Python
+            (``pydoc_data.topics``), one document per topic paragraph group.
+- ``legal`` licence texts: the interpreter's LICENSE.txt and the licence/notice files of every
+            installed distribution, duplicates removed (so it depends on the environment).
+- ``math``  SYNTHETIC arithmetic and algebra worked examples from a seeded generator (labelled
+            as synthetic in every document).
+
+``public`` is disjoint from every closed set: a stable-hash share (``public_fraction``) of each
+style's documents is held out of the closed domains and pooled into the public set, so the public
+model sees a little of every style, as FlexOlmo's public mix does, but never a closed document.
+
+Every document is assigned by a hash of its text, so the build is deterministic. Each domain is
+written as JSONL (``raw/<domain>.jsonl``) and prepared as a TFDS dataset (``tfds/``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib.metadata
+import json
+import os
+import random
+import sysconfig
+from typing import Callable, Iterator
+
+from flexolmo_jax.data import sources
+
+CLOSED_DOMAINS = ("code", "prose", "legal", "math")
+PUBLIC = "public"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexMixSize:
+  """Per-domain budget of UTF-8 bytes (closed share plus public share)."""
+
+  bytes_per_domain: int = 600_000
+  public_fraction: float = 0.15
+  validation_fraction: float = 0.1
+  math_documents: int = 3000
+
+
+SIZES = {"default": FlexMixSize(), "quick": FlexMixSize(bytes_per_domain=120_000,
+                                                         math_documents=600)}
+
+
+def _stable_unit(text: str, salt: str) -> float:
+  digest = hashlib.sha256((salt + "\0" + text).encode("utf-8", "surrogatepass")).digest()
+  return int.from_bytes(digest[:8], "big") / 2**64
+
+
+PIECE_CHARS = 4000
+
+
+def _pieces(text: str, max_chars: int = PIECE_CHARS) -> Iterator[str]:
+  """Splits a long text at blank lines into documents of about ``max_chars`` (small corpora need
+  many documents for a validation split; a 100 KB file would otherwise be a single document)."""
+  part, size = [], 0
+  for para in text.split("\n\n"):
+    part.append(para)
+    size += len(para) + 2
+    if size >= max_chars:
+      yield "\n\n".join(part).strip("\n")
+      part, size = [], 0
+  if part and "\n\n".join(part).strip():
+    yield "\n\n".join(part).strip("\n")
+
+
+def code_documents() -> Iterator[str]:
+  lib = sysconfig.get_paths()["stdlib"]
+  skip = ("/test", "/tests", "idlelib", "site-packages", "lib2to3", "/turtledemo")
+  for path in sorted(glob.glob(os.path.join(lib, "**", "*.py"), recursive=True)):
+    if any(s in path for s in skip):
+      continue
+    with open(path, "rb") as fh:
+      text = fh.read().decode("utf-8", errors="replace")
+    if text.strip():
+      yield from _pieces(text)
+
+
+def prose_documents() -> Iterator[str]:
+  import pydoc_data.topics
+
+  for name in sorted(pydoc_data.topics.topics):
+    yield from _pieces(pydoc_data.topics.topics[name].strip())
+
+
+def legal_documents() -> Iterator[str]:
+  paths = [os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")]
+  for dist in importlib.metadata.distributions():
+    for f in dist.files or []:
+      if os.path.basename(str(f)).upper().startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")):
+        paths.append(str(dist.locate_file(f)))
+  seen = set()
+  for path in sorted(set(paths)):
+    if not os.path.isfile(path):
+      continue
+    with open(path, "rb") as fh:
+      text = fh.read().decode("utf-8", errors="replace").strip()
+    key = hashlib.sha256(text.encode()).hexdigest()
+    if text and key not in seen:
+      seen.add(key)
+      yield from _pieces(text)
+
+
+def math_documents(n: int, seed: int = 0) -> Iterator[str]:
+  """SYNTHETIC worked examples: arithmetic, linear equations, powers, fractions."""
+  rng = random.Random(seed)
+  for i in range(n):
+    kind = i % 4
+    if kind == 0:
+      a, b, c = rng.randint(2, 999), rng.randint(2, 999), rng.randint(2, 99)
+      body = (f"Compute ({a} + {b}) * {c}.\nFirst add: {a} + {b} = {a + b}.\n"
+              f"Then multiply: {a + b} * {c} = {(a + b) * c}.\nAnswer: {(a + b) * c}.")
+    elif kind == 1:
+      x, m, k = rng.randint(-50, 50), rng.randint(2, 20), rng.randint(-100, 100)
+      rhs = m * x + k
+      body = (f"Solve for x: {m}x + {k} = {rhs}.\nSubtract {k} from both sides: {m}x = "
+              f"{rhs - k}.\nDivide by {m}: x = {x}.\nCheck: {m} * {x} + {k} = {rhs}.")
+    elif kind == 2:
+      base, exp = rng.randint(2, 12), rng.randint(2, 6)
+      steps = " = ".join(str(base ** j) for j in range(1, exp + 1))
+      body = (f"Evaluate {base}^{exp}.\nRepeated multiplication by {base}: {steps}.\n"
+              f"So {base}^{exp} = {base ** exp}.")
+    else:
+      p, q, r, s = (rng.randint(1, 12) for _ in range(4))
+      num, den = p * s + r * q, q * s
+      from math import gcd
+      g = gcd(num, den)
+      body = (f"Add the fractions {p}/{q} + {r}/{s}.\nCommon denominator {q} * {s} = {den}.\n"
+              f"Numerator {p} * {s} + {r} * {q} = {num}.\nSimplify {num}/{den} by {g}: "
+              f"{num // g}/{den // g}.")
+    yield f"[synthetic math, FlexMix-mini generator, example {i}]\n{body}"
+
+
+def _budgeted(docs: Iterator[str], budget: int, salt: str) -> list[str]:
+  """A deterministic, content-shuffled selection of documents up to ``budget`` bytes."""
+  ranked = sorted(docs, key=lambda t: _stable_unit(t, salt))
+  out, used = [], 0
+  for text in ranked:
+    n = len(text.encode("utf-8"))
+    if used + n > budget and out:
+      continue
+    out.append(text)
+    used += n
+    if used >= budget:
+      break
+  return out
+
+
+def build(out_dir: str, size: str | FlexMixSize = "default", *,
+          log: Callable[[str], None] = print) -> dict:
+  """Writes raw/<domain>.jsonl and prepares tfds/<domain> for every domain; returns the card."""
+  size = SIZES[size] if isinstance(size, str) else size
+  generators = {"code": code_documents, "prose": prose_documents, "legal": legal_documents,
+                "math": lambda: math_documents(size.math_documents)}
+  domains: dict[str, list[str]] = {d: [] for d in CLOSED_DOMAINS + (PUBLIC,)}
+  for name, gen in generators.items():
+    for text in _budgeted(gen(), size.bytes_per_domain, salt=name):
+      target = PUBLIC if _stable_unit(text, "public") < size.public_fraction else name
+      domains[target].append(text)
+  raw_dir = os.path.join(out_dir, "raw")
+  os.makedirs(raw_dir, exist_ok=True)
+  card = {"size": dataclasses.asdict(size), "domains": {}}
+  for name, docs in domains.items():
+    path = os.path.join(raw_dir, f"{name}.jsonl")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+      for text in docs:
+        fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    spec = sources.SourceSpec(paths=(path,), validation_fraction=size.validation_fraction)
+    _, stats = sources.prepare(f"flexmix_{name}", spec, os.path.join(out_dir, "tfds"),
+                               overwrite=True)
+    tokens = {s: stats.utf8_bytes[s] + stats.documents[s] for s in stats.documents}  # + EOS
+    card["domains"][name] = {"documents": stats.documents, "byte_tokens": tokens,
+                             "dataset_dir": os.path.join(out_dir, "tfds", f"flexmix_{name}",
+                                                         "1.0.0")}
+    log(f"FlexMix-mini {name:>6}: {sum(stats.documents.values()):5d} documents, "
+        f"{tokens['train']:,} train / {tokens['validation']:,} validation byte tokens")
+  with open(os.path.join(out_dir, "flexmix_mini.json"), "w") as fh:
+    json.dump(card, fh, indent=1)
+  return card
