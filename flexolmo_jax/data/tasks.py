@@ -32,6 +32,33 @@ def byte_vocabulary() -> seqio.Vocabulary:
   return seqio.ByteVocabulary()
 
 
+def train_sentencepiece(dataset_dir: str, model_prefix: str, vocab_size: int = 8000,
+                        max_documents: int = 100_000) -> seqio.Vocabulary:
+  """Trains a SentencePiece vocabulary locally on a prepared (public) dataset's train split.
+
+  Ids 0/1/2 are pad/eos/unk as seqio expects. Returns the seqio vocabulary over the written model.
+  """
+  import sentencepiece as spm
+  import tensorflow_datasets as tfds
+
+  if not os.path.exists(model_prefix + ".model"):
+    builder = tfds.builder_from_directory(dataset_dir)
+    texts = (ex["text"].decode("utf-8") for ex in
+             tfds.as_numpy(builder.as_dataset(split="train").take(max_documents)))
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    tmp_prefix = model_prefix + ".tmp"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=texts, model_prefix=tmp_prefix, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
+        character_coverage=1.0, max_sentence_length=1 << 16, minloglevel=2,
+        # Lossless on code and prose: no NFKC, keep every space and newline.
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True)
+    os.replace(tmp_prefix + ".vocab", model_prefix + ".vocab")
+    os.replace(tmp_prefix + ".model", model_prefix + ".model")   # last: marks completion
+  return seqio.SentencePieceVocabulary(model_prefix + ".model")
+
+
 def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
   return {"targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)}
 
