@@ -135,3 +135,16 @@ def test_changed_data_under_the_same_name_is_refused(tmp_path):
     sources.prepare("owner", spec, str(tmp_path / "tfds"))
   _, stats = sources.prepare("owner", spec, str(tmp_path / "tfds"), overwrite=True)
   assert sum(stats.documents.values()) == 3
+
+
+def test_cli_prepare_and_inspect(tmp_path, capsys):
+  from flexolmo_jax import cli
+  data_dir = str(tmp_path / "tfds")
+  assert cli.main(["data", "prepare", "--name", "stdjson", "--path", STDLIB_JSON, "--pattern",
+                   "*.py", "--data-dir", data_dir, "--validation-fraction", "0"]) == 0
+  assert "stdjson: 5 train / 0 validation documents" in capsys.readouterr().out
+  assert cli.main(["data", "inspect", "stdjson", "--data-dir", data_dir, "--examples", "1"]) == 0
+  assert "train: 5 documents" in capsys.readouterr().out
+  assert cli.main(["data", "prepare", "--name", "x", "--path", str(tmp_path / "missing"),
+                   "--data-dir", data_dir]) == 2
+  assert "missing: no such file or directory" in capsys.readouterr().err

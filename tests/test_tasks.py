@@ -149,3 +149,27 @@ def test_sentencepiece_vocabulary_trained_locally(task_name, tmp_path):
   tasks.register_domain_task("json_spm", tasks._TASK_DIRS[task_name], vocabulary=vocab)
   batch = next(tasks.lm_batches("json_spm", seq_len=64, batch_size=2, seed=0))
   assert batch["decoder_target_tokens"].max() < 1000
+
+
+def test_owner_stream_sees_only_the_owners_paths(tmp_path):
+  """Two owners share a data directory; each one's stream holds only its own documents."""
+  code = tmp_path / "code_owner"
+  code.mkdir()
+  for f in ("decoder.py", "scanner.py"):
+    (code / f).write_bytes(open(os.path.join(STDLIB_JSON, f), "rb").read())
+  legal = tmp_path / "legal_owner.jsonl"
+  marker = "CANARY-legal-owner-7f3a"
+  legal.write_text("\n".join(json.dumps({"text": f"{marker} clause {i}: the licensee shall "
+                                                 "keep this notice."}) for i in range(200)))
+  data_dir = str(tmp_path / "tfds")
+  legal_batches = list(itertools.islice(tasks.owner_batches(
+      "legal", [str(legal)], data_dir=data_dir, seq_len=128, batch_size=4), 3))
+  assert any(marker.encode() in c for c in chunks_of(legal_batches))
+  code_docs = [(code / f).read_bytes() for f in ("decoder.py", "scanner.py")]
+  code_batches = list(tasks.owner_batches("code", [str(code)], data_dir=data_dir, seq_len=128,
+                                          batch_size=4, num_epochs=1))
+  chunks = chunks_of(code_batches)
+  assert chunks and all(any(c.removesuffix(b"<eos>") in d for d in code_docs) for c in chunks)
+  assert not any(b"licensee" in c or b"CANARY" in c for c in chunks)
+  seen, total = sum(len(c.removesuffix(b"<eos>")) for c in chunks), sum(len(d) for d in code_docs)
+  assert total - 4 * 128 < seen <= total      # all of it, but the last partial batch

@@ -186,3 +186,14 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
   with open(os.path.join(out_dir, "flexmix_mini.json"), "w") as fh:
     json.dump(card, fh, indent=1)
   return card
+
+
+def register_tasks(card: dict, prefix: str = "flexmix_") -> dict[str, str]:
+  """Registers one seqio Task per FlexMix-mini domain; returns {domain: task name}."""
+  from flexolmo_jax.data import tasks
+
+  names = {}
+  for domain, info in card["domains"].items():
+    names[domain] = f"{prefix}{domain}"
+    tasks.register_domain_task(names[domain], info["dataset_dir"])
+  return names

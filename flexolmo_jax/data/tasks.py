@@ -165,3 +165,22 @@ def lm_dataset(task_or_mixture: str, *, seq_len: int, batch_size: int, split: st
 
 def lm_batches(task_or_mixture: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
   return lm_dataset(task_or_mixture, **kwargs).as_numpy_iterator()
+
+
+def owner_batches(name: str, paths: Sequence[str], *, data_dir: str, seq_len: int,
+                  batch_size: int, format: str = "auto", field: str = "text", seed: int = 0,
+                  shard_index: int = 0, num_shards: int = 1, start_step: int = 0,
+                  split: str = "train", num_epochs: int | None = None,
+                  vocabulary: seqio.Vocabulary | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """The input stream of one data owner's expert, built from **only** that owner's paths.
+
+  It takes paths, not Task or Mixture names, so nothing registered by anyone else can enter it:
+  the owner's corpus is prepared under ``data_dir`` and read through a Task of its own.
+  """
+  spec = sources.SourceSpec(paths=tuple(paths), format=format, field=field)
+  builder, _ = sources.prepare(name, spec, data_dir)
+  task = f"owner_{sources.dataset_name(name)}"
+  register_domain_task(task, builder.data_dir, vocabulary)
+  return lm_batches(task, seq_len=seq_len, batch_size=batch_size, split=split, seed=seed,
+                    shard_index=shard_index, num_shards=num_shards, start_step=start_step,
+                    num_epochs=num_epochs)
