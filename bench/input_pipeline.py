@@ -33,7 +33,7 @@ def pipeline_rate(task, batch, seq, n):
 
 
 def model_rate(config, batch, seq, n):
-  cfg = load_model_config(config, max_seq_len=seq)
+  cfg = load_model_config(config, max_seq_len=seq, remat=True)  # as training runs these shapes
   model = Transformer(cfg, nnx.Rngs(0))
   graphdef, state = nnx.split(model, nnx.Param)
 
