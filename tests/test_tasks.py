@@ -173,3 +173,16 @@ def test_owner_stream_sees_only_the_owners_paths(tmp_path):
   assert not any(b"licensee" in c or b"CANARY" in c for c in chunks)
   seen, total = sum(len(c.removesuffix(b"<eos>")) for c in chunks), sum(len(d) for d in code_docs)
   assert total - 4 * 128 < seen <= total      # all of it, but the last partial batch
+
+
+def test_byte_vocabulary_ids_equal_the_byt5_tokenizer():
+  """The HF export will ship a ByT5 tokenizer: its ids must be the seqio byte vocabulary's."""
+  from transformers import ByT5Tokenizer
+  hf_tok = ByT5Tokenizer()
+  vocab = tasks.byte_vocabulary()
+  with open(os.path.join(STDLIB_JSON, "decoder.py"), encoding="utf-8") as fh:
+    text = fh.read()[:2000] + " naïve café — ✓ 中文"
+  ids = vocab.encode(text)
+  assert hf_tok(text)["input_ids"] == ids + [vocab.eos_id]
+  assert hf_tok.decode(ids) == vocab.decode(ids) == text
+  assert (hf_tok.pad_token_id, hf_tok.eos_token_id, hf_tok.unk_token_id) == (0, 1, 2)

@@ -145,13 +145,18 @@ def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float | str
 
 def lm_dataset(task_or_mixture: str, *, seq_len: int, batch_size: int, split: str = "train",
                seed: int | None = 0, shuffle: bool = True, num_epochs: int | None = None,
-               shard_index: int = 0, num_shards: int = 1, start_step: int = 0,
-               drop_remainder: bool = True) -> tf.data.Dataset:
+               shard_index: int | None = None, num_shards: int | None = None,
+               start_step: int = 0, drop_remainder: bool = True) -> tf.data.Dataset:
   """Packed decoder-only LM batches: decoder_{input,target}_tokens, _segment_ids, _positions,
   _loss_weights, each [batch_size, seq_len]. ``batch_size`` is this host's share.
 
+  The shard defaults to this host: ``ShardInfo(jax.process_index(), jax.process_count())``.
   ``start_step`` skips that many batches of the same deterministic stream (exact resume).
   """
+  if shard_index is None or num_shards is None:
+    import jax
+
+    shard_index, num_shards = jax.process_index(), jax.process_count()
   ds = seqio.get_dataset(
       task_or_mixture, task_feature_lengths={"targets": seq_len}, dataset_split=split,
       shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=False,
@@ -169,7 +174,8 @@ def lm_batches(task_or_mixture: str, **kwargs) -> Iterator[dict[str, np.ndarray]
 
 def owner_batches(name: str, paths: Sequence[str], *, data_dir: str, seq_len: int,
                   batch_size: int, format: str = "auto", field: str = "text", seed: int = 0,
-                  shard_index: int = 0, num_shards: int = 1, start_step: int = 0,
+                  shard_index: int | None = None, num_shards: int | None = None,
+                  start_step: int = 0,
                   split: str = "train", num_epochs: int | None = None,
                   vocabulary: seqio.Vocabulary | None = None) -> Iterator[dict[str, np.ndarray]]:
   """The input stream of one data owner's expert, built from **only** that owner's paths.
