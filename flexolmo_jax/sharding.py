@@ -79,19 +79,6 @@ def check_divisible(name: str, shape, spec: PartitionSpec, mesh: Mesh) -> None:
           "Change the mesh shape or the sharding rules.")
 
 
-def param_specs(state: nnx.State, rules: ShardingRules) -> nnx.State:
-  """The PartitionSpec of every parameter, from its ``axes`` metadata."""
-  def spec_of(path, var):
-    axes = var.get_metadata().get("axes")
-    if axes is None:
-      raise ValueError(f"Parameter {'.'.join(map(str, path))} has no logical axes metadata.")
-    if len(axes) != var[...].ndim:
-      raise ValueError(
-          f"Parameter {'.'.join(map(str, path))}: axes {axes} do not match shape {var[...].shape}.")
-    return var.replace(rules.spec(axes))
-  return _map_state(spec_of, state)
-
-
 def _map_state(fn, state):
   flat = nnx.to_flat_state(state)
   return nnx.from_flat_state([(path, fn(path, var)) for path, var in flat])
@@ -100,15 +87,15 @@ def _map_state(fn, state):
 def param_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> nnx.State:
   """NamedShardings for every parameter; raises a clear error when the mesh does not divide one."""
   def sharding_of(path, var):
-    spec = rules.spec(var.get_metadata()["axes"])
-    check_divisible(f"parameter {'.'.join(map(str, path))}", var[...].shape, spec, mesh)
+    name = ".".join(map(str, path))
+    axes = var.get_metadata().get("axes")
+    if axes is None or len(axes) != var[...].ndim:
+      raise ValueError(f"Parameter {name} of shape {var[...].shape} has logical axes {axes}; "
+                       "every parameter needs one logical axis name per dimension.")
+    spec = rules.spec(axes)
+    check_divisible(f"parameter {name}", var[...].shape, spec, mesh)
     return var.replace(NamedSharding(mesh, spec))
   return _map_state(sharding_of, state)
-
-
-def shard_state(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> nnx.State:
-  shardings = param_shardings(state, mesh, rules)
-  return jax.device_put(state, shardings)
 
 
 def batch_sharding(mesh: Mesh, rules: ShardingRules, shape, axes=("batch", "length"),

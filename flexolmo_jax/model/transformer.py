@@ -66,10 +66,6 @@ class Transformer(nnx.Module):
     self.lm_head = make_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=std,
                               dtype=pd)
 
-  def expert_selection(self, experts: Sequence[str] | None):
-    """(indices in model order, top_k) for a selection by name; None selects all experts."""
-    return select_experts(self.cfg, experts)
-
   def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None,
                experts: Sequence[str] | None = None):
     """Returns (logits [B, T, V] in fp32, ModelAux)."""
@@ -146,7 +142,3 @@ def pool_stats(cfg: ModelConfig, stats: MoEStats | None) -> ModelAux:
   moe_loss = cfg.router_z_loss_weight * z_loss + cfg.load_balance_loss_weight * lb_loss
   return ModelAux(moe_loss, z_loss, lb_loss, share / jnp.sum(share),
                   jnp.mean(stats.dropped_fraction))
-
-
-def count_params(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
