@@ -17,8 +17,23 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-  print("flexolmo demo: not yet available. The end-to-end demo (data -> public model -> experts ->\n"
-        "merge -> eval -> export) lands with the evaluation/demo issue. Meanwhile try:\n"
+  import json
+  import os
+
+  from flexolmo_jax.data import flexmix_mini
+
+  card_path = os.path.join(args.workdir, "flexmix_mini", "flexmix_mini.json")
+  if os.path.exists(card_path) and not args.fresh:
+    with open(card_path) as fh:
+      card = json.load(fh)
+    print(f"[1/1] FlexMix-mini: reusing {os.path.dirname(card_path)} (--fresh to rebuild)")
+  else:
+    print(f"[1/1] FlexMix-mini: building into {os.path.dirname(card_path)}")
+    card = flexmix_mini.build(os.path.dirname(card_path), "quick" if args.quick else "default")
+  for name, info in card["domains"].items():
+    print(f"  {name:>6}: {info['byte_tokens']['train']:,} train byte tokens")
+  print("The remaining stages (public model, experts, merge, evaluation, export) are not yet\n"
+        "available: they land with issues #4-#7. Meanwhile try:\n"
         "  flexolmo info --model tiny --experts public,code,math --top-k 2")
   return 0
 
@@ -95,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
   ins.set_defaults(fn=_cmd_data_inspect)
   demo = sub.add_parser("demo", help="the end-to-end demo on FlexMix-mini")
   demo.add_argument("--workdir", default="workdir")
+  demo.add_argument("--quick", action="store_true", help="small sizes (for tests)")
+  demo.add_argument("--fresh", action="store_true", help="rebuild every stage")
   demo.set_defaults(fn=_cmd_demo)
   return p
 

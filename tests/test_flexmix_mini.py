@@ -96,3 +96,13 @@ def test_packed_flexmix_batch_through_the_model_respects_segments(built):
     idx = np.flatnonzero(seg == s)
     alone, _ = model(jnp.asarray(batch["decoder_input_tokens"][0][idx][None]))
     np.testing.assert_allclose(packed[0, idx], alone[0], atol=1e-5, rtol=0)
+
+
+def test_demo_builds_flexmix_and_reuses_it(tmp_path, capsys):
+  from flexolmo_jax import cli
+  workdir = str(tmp_path / "work")
+  assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0
+  assert os.path.exists(os.path.join(workdir, "flexmix_mini", "flexmix_mini.json"))
+  assert "building into" in capsys.readouterr().out
+  assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0
+  assert "reusing" in capsys.readouterr().out
