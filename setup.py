@@ -21,6 +21,7 @@ setup(
         "seqio>=0.0.20",
         "tensorflow-datasets>=4.9.10",
         "tensorflow>=2.21,<2.23",
+        "tensorboard>=2.20",  # tf.summary event files of the training loop
         "importlib_resources",  # needed by tensorflow-datasets' builders, not declared by it
         "sentencepiece>=0.2",
     ],

@@ -77,6 +77,130 @@ def _cmd_data_inspect(args) -> int:
   return 0
 
 
+# ----------------------------------------------------------------------------- gin-driven runs
+
+# CLI flag (argparse dest) -> the gin macro it sets in gin_configs/runs/<run>.gin.
+TRAIN_FLAGS = {"steps": "STEPS", "batch_size": "BATCH_SIZE", "seq_len": "SEQ_LEN",
+               "grad_accum": "GRAD_ACCUM", "lr": "LEARNING_RATE", "warmup": "WARMUP_STEPS",
+               "checkpoint_every": "CHECKPOINT_EVERY", "log_every": "LOG_EVERY",
+               "eval_every": "EVAL_EVERY", "seed": "SEED", "out": "OUTPUT_DIR", "data": "DATA",
+               "vocabulary": "VOCABULARY"}
+PRETRAIN_FLAGS = {**TRAIN_FLAGS, "eval_data": "EVAL_DATA"}
+EXPERT_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME", "top_k": "TOP_K",
+                "router_init": "ROUTER_INIT", "router_init_documents": "ROUTER_INIT_DOCUMENTS",
+                "negative_bias": "NEGATIVE_BIAS"}
+PREEMPTED_EXIT = 143
+
+
+def gin_value(text: str) -> str:
+  """A --gin.NAME=VALUE value as gin syntax: literals and @/% references as given, else a string."""
+  import ast
+
+  if text.startswith(("@", "%")):
+    return text
+  try:
+    ast.literal_eval(text)
+    return text
+  except (ValueError, SyntaxError):
+    return repr(text)
+
+
+def split_gin_flags(argv):
+  """Separates ``--gin.NAME=VALUE`` (gin bindings) from the ordinary flags."""
+  rest, bindings = [], []
+  for arg in argv:
+    if arg.startswith("--gin."):
+      name, sep, value = arg[len("--gin."):].partition("=")
+      if not sep or not name:
+        raise ValueError(f"{arg}: write --gin.NAME=VALUE.")
+      bindings.append(f"{name} = {gin_value(value)}")
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+def parse_run_config(run: str, args, flags: dict[str, str], model: str | None = None) -> None:
+  """Parses model preset + runs/<run>.gin + --gin-file + flags + --gin. bindings (later wins)."""
+  import os
+
+  import gin
+
+  from flexolmo_jax.config import GIN_DIR, model_gin_path
+  from flexolmo_jax.train import expert, pretrain  # noqa: F401  (registers the configurables)
+
+  files = ([model_gin_path(model)] if model else []) + [os.path.join(GIN_DIR, "runs", f"{run}.gin")]
+  for path in args.gin_file:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"gin file {path} does not exist.")
+    files.append(path)
+  bindings = [f"{macro} = {getattr(args, dest)!r}" for dest, macro in flags.items()
+              if getattr(args, dest, None) is not None]
+  if getattr(args, "bf16", False):
+    bindings.append("DTYPE = 'bfloat16'" if run == "train_expert"
+                    else "flexolmo.ModelConfig.dtype = 'bfloat16'")
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings(files, bindings + args.gin_bindings)
+  except Exception as e:  # gin raises ValueError, KeyError, SyntaxError... name them all plainly
+    raise ValueError(f"gin configuration ({', '.join(files)}; bindings {args.gin_bindings}): "
+                     f"{type(e).__name__}: {e}") from e
+
+
+def _call_configured(fn):
+  try:
+    return fn()
+  except RuntimeError as e:
+    if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
+      raise ValueError(f"missing required setting: {e}") from e
+    raise
+
+
+def _named_paths(items) -> dict[str, list[str]]:
+  out: dict[str, list[str]] = {}
+  for item in items or ():
+    name, sep, path = item.partition("=")
+    if not sep:
+      raise ValueError(f"--eval-data {item!r}: write NAME=PATH.")
+    out.setdefault(name, []).append(path)
+  return out
+
+
+def _cmd_pretrain(args) -> int:
+  from flexolmo_jax.train import pretrain
+
+  args.eval_data = _named_paths(args.eval_data) if args.eval_data else None
+  parse_run_config("pretrain", args, PRETRAIN_FLAGS, model=args.model)
+  result, _ = _call_configured(pretrain.pretrain)
+  return PREEMPTED_EXIT if result.preempted else 0
+
+
+def _cmd_train_expert(args) -> int:
+  from flexolmo_jax.train import expert
+
+  parse_run_config("train_expert", args, EXPERT_FLAGS)
+  result, _ = _call_configured(expert.train_expert)
+  return PREEMPTED_EXIT if result.preempted else 0
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--data", action="append", help="file or directory of text (repeat)")
+  p.add_argument("--out", help="output (run) directory; re-running resumes it")
+  p.add_argument("--vocabulary", help="'byte' or a SentencePiece .model file")
+  p.add_argument("--steps", type=int)
+  p.add_argument("--batch-size", type=int, help="global sequences per step")
+  p.add_argument("--seq-len", type=int)
+  p.add_argument("--grad-accum", type=int, help="micro-batches per step")
+  p.add_argument("--lr", type=float)
+  p.add_argument("--warmup", type=int, help="warm-up steps")
+  p.add_argument("--checkpoint-every", type=int)
+  p.add_argument("--log-every", type=int)
+  p.add_argument("--eval-every", type=int)
+  p.add_argument("--seed", type=int)
+  p.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay fp32)")
+  p.add_argument("--gin-file", action="append", default=[], help="extra gin file (repeat)")
+  p.epilog = "Any gin binding: --gin.NAME=VALUE (e.g. --gin.STEPS=500)."
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="flexolmo", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
@@ -108,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
   ins.add_argument("--data-dir", default="data/tfds")
   ins.add_argument("--examples", type=int, default=3)
   ins.set_defaults(fn=_cmd_data_inspect)
+  pre = sub.add_parser("pretrain", help="train the dense public model (gin: runs/pretrain.gin)")
+  pre.add_argument("--model", default="tiny", help="model preset (gin_configs/models) or gin file")
+  pre.add_argument("--eval-data", action="append", help="NAME=PATH validation domain (repeat)")
+  _add_train_flags(pre)
+  pre.set_defaults(fn=_cmd_pretrain)
+  exp = sub.add_parser("train-expert",
+                       help="train one owner's expert against the frozen public model")
+  exp.add_argument("--public", help="public model directory (or pretrain run directory)")
+  exp.add_argument("--name", help="the expert's name ('public' is reserved)")
+  exp.add_argument("--top-k", type=int, help="1 or 2 (default 2 of 2)")
+  exp.add_argument("--router-init", choices=["shared", "per_layer", "random"])
+  exp.add_argument("--router-init-documents", type=int)
+  exp.add_argument("--no-negative-bias", dest="negative_bias", action="store_const", const=False)
+  _add_train_flags(exp)
+  exp.set_defaults(fn=_cmd_train_expert)
   demo = sub.add_parser("demo", help="the end-to-end demo on FlexMix-mini")
   demo.add_argument("--workdir", default="workdir")
   demo.add_argument("--quick", action="store_true", help="small sizes (for tests)")
@@ -117,10 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    argv, gin_bindings = split_gin_flags(argv)
+  except ValueError as e:
+    print(f"flexolmo: error: {e}", file=sys.stderr)
+    return 2
   args = build_parser().parse_args(argv)
+  args.gin_bindings = gin_bindings
   try:
     return args.fn(args)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"flexolmo {args.command}: error: {e}", file=sys.stderr)
     return 2
 

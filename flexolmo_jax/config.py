@@ -208,3 +208,10 @@ def load_model_config(name_or_path: str, overrides: Sequence[str] = (), **change
       gin.clear_config()
       gin.config._CONFIG.update(saved)  # pylint: disable=protected-access
   return cfg.replace(**changes) if changes else cfg
+
+
+def write_gin_config(output_dir: str) -> None:
+  """Writes the resolved gin configuration into ``output_dir/config.gin`` (next to its results)."""
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, "config.gin"), "w") as fh:
+    fh.write(gin.config_str())

@@ -89,11 +89,12 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> nnx.S
   def sharding_of(path, var):
     name = ".".join(map(str, path))
     axes = var.get_metadata().get("axes")
-    if axes is None or len(axes) != var[...].ndim:
-      raise ValueError(f"Parameter {name} of shape {var[...].shape} has logical axes {axes}; "
+    shape = var.get_value().shape   # an array or a ShapeDtypeStruct (abstract state)
+    if axes is None or len(axes) != len(shape):
+      raise ValueError(f"Parameter {name} of shape {shape} has logical axes {axes}; "
                        "every parameter needs one logical axis name per dimension.")
     spec = rules.spec(axes)
-    check_divisible(f"parameter {name}", var[...].shape, spec, mesh)
+    check_divisible(f"parameter {name}", shape, spec, mesh)
     return var.replace(NamedSharding(mesh, spec))
   return _map_state(sharding_of, state)
 

@@ -172,21 +172,50 @@ def lm_batches(task_or_mixture: str, **kwargs) -> Iterator[dict[str, np.ndarray]
   return lm_dataset(task_or_mixture, **kwargs).as_numpy_iterator()
 
 
+def register_corpus(name: str, paths: Sequence[str], *, data_dir: str, format: str = "auto",
+                    field: str = "text", vocabulary: seqio.Vocabulary | None = None) -> str:
+  """Prepares the files at ``paths`` under ``data_dir`` and registers a Task of their own.
+
+  Returns the Task name. It takes paths, not Task or Mixture names, so nothing registered by
+  anyone else can enter the stream: this is how an owner's expert sees only its own data.
+  """
+  spec = sources.SourceSpec(paths=tuple(paths), format=format, field=field)
+  builder, _ = sources.prepare(name, spec, data_dir)
+  task = f"corpus_{sources.dataset_name(name)}"
+  register_domain_task(task, builder.data_dir, vocabulary)
+  return task
+
+
 def owner_batches(name: str, paths: Sequence[str], *, data_dir: str, seq_len: int,
                   batch_size: int, format: str = "auto", field: str = "text", seed: int = 0,
                   shard_index: int | None = None, num_shards: int | None = None,
                   start_step: int = 0,
                   split: str = "train", num_epochs: int | None = None,
                   vocabulary: seqio.Vocabulary | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """The input stream of one data owner's expert, built from **only** that owner's paths.
-
-  It takes paths, not Task or Mixture names, so nothing registered by anyone else can enter it:
-  the owner's corpus is prepared under ``data_dir`` and read through a Task of its own.
-  """
-  spec = sources.SourceSpec(paths=tuple(paths), format=format, field=field)
-  builder, _ = sources.prepare(name, spec, data_dir)
-  task = f"owner_{sources.dataset_name(name)}"
-  register_domain_task(task, builder.data_dir, vocabulary)
+  """The input stream of one data owner's expert, built from **only** that owner's paths."""
+  task = register_corpus(name, paths, data_dir=data_dir, format=format, field=field,
+                         vocabulary=vocabulary)
   return lm_batches(task, seq_len=seq_len, batch_size=batch_size, split=split, seed=seed,
                     shard_index=shard_index, num_shards=num_shards, start_step=start_step,
                     num_epochs=num_epochs)
+
+
+def vocabulary_from_spec(spec: str) -> seqio.Vocabulary:
+  """``"byte"`` or the path of a SentencePiece ``.model`` file."""
+  if spec == "byte":
+    return byte_vocabulary()
+  if not os.path.isfile(spec):
+    raise FileNotFoundError(f"Vocabulary {spec!r}: use 'byte' or a SentencePiece .model file.")
+  return seqio.SentencePieceVocabulary(spec)
+
+
+def vocabulary_identity(spec: str) -> dict:
+  """What makes two vocabularies the same: kind, size and (SentencePiece) the model file's hash."""
+  import hashlib
+
+  vocab = vocabulary_from_spec(spec)
+  if spec == "byte":
+    return {"kind": "byte", "size": vocab.vocab_size}
+  with open(spec, "rb") as fh:
+    digest = hashlib.sha256(fh.read()).hexdigest()
+  return {"kind": "sentencepiece", "size": vocab.vocab_size, "sha256": digest}

@@ -50,7 +50,7 @@ class Block(nnx.Module):
     else:
       f, stats = self.ffn(h), None
     out = h + self.post_feedforward_norm(f)
-    return sharding.constrain(out, ("batch", "length", "embed")), stats
+    return sharding.constrain(out, ("batch", "length", "embed")), (stats, h)
 
 
 class Transformer(nnx.Module):
@@ -67,8 +67,8 @@ class Transformer(nnx.Module):
                               dtype=pd)
 
   def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None,
-               experts: Sequence[str] | None = None):
-    """Returns (logits [B, T, V] in fp32, ModelAux)."""
+               experts: Sequence[str] | None = None, return_hidden: bool = False):
+    """Returns (logits [B, T, V] in fp32, ModelAux), plus with ``return_hidden`` a Hidden."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     expert_index, top_k = select_experts(cfg, experts)
@@ -85,24 +85,33 @@ class Transformer(nnx.Module):
     graphdef, layer_state = nnx.split(self.blocks)
 
     def layer(x, state):
-      return nnx.merge(graphdef, state)(x, cos, sin, mask, expert_index, top_k)
+      out, (stats, h) = nnx.merge(graphdef, state)(x, cos, sin, mask, expert_index, top_k)
+      return out, (stats, h if return_hidden else None)
 
     if cfg.remat:
       layer = jax.checkpoint(layer)
     if cfg.scan_layers:
-      x, stats = jax.lax.scan(layer, x, layer_state)
+      x, (stats, router_inputs) = jax.lax.scan(layer, x, layer_state)
     else:
-      per_layer = []
+      per_layer = [None] * cfg.n_layers
       for i in range(cfg.n_layers):
-        x, s = layer(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
-        per_layer.append(s)
-      stats = None if per_layer[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        x, per_layer[i] = layer(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
+      stats, router_inputs = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
     h = self.final_norm(x)
     logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dt),
                         preferred_element_type=jnp.float32)
     logits = sharding.constrain(logits, ("batch", "length", "vocab"))
+    if return_hidden:
+      return logits, pool_stats(cfg, stats), Hidden(router_inputs, h)
     return logits, pool_stats(cfg, stats)
+
+
+class Hidden(NamedTuple):
+  """Hidden states for domain embeddings (train/router_init.py)."""
+
+  router_inputs: jax.Array   # [L, B, T, d] the residual each layer's router sees (h after attention)
+  final: jax.Array           # [B, T, d] the final-normed state that feeds the lm_head
 
 
 def select_experts(cfg: ModelConfig, experts: Sequence[str] | None):
@@ -142,3 +151,30 @@ def pool_stats(cfg: ModelConfig, stats: MoEStats | None) -> ModelAux:
   moe_loss = cfg.router_z_loss_weight * z_loss + cfg.load_balance_loss_weight * lb_loss
   return ModelAux(moe_loss, z_loss, lb_loss, share / jnp.sum(share),
                   jnp.mean(stats.dropped_fraction))
+
+
+class PureModel(NamedTuple):
+  """The model as functions of plain nested dicts of arrays (what trainers and Orbax handle)."""
+
+  cfg: ModelConfig
+  graphdef: nnx.GraphDef
+  abstract: nnx.State   # ShapeDtypeStructs carrying each parameter's logical ``axes``
+
+  def init(self, seed: int = 0) -> dict:
+    return nnx.split(Transformer(self.cfg, nnx.Rngs(seed)), nnx.Param)[1].to_pure_dict()
+
+  def module(self, params: dict) -> Transformer:
+    state = jax.tree.map(lambda x: x, self.abstract)   # a fresh State: never mutate the template
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+  def __call__(self, params: dict, tokens_bt, **kwargs):
+    return self.module(params)(tokens_bt, **kwargs)
+
+  def shardings(self, mesh, rules) -> dict:
+    return sharding.param_shardings(self.abstract, mesh, rules).to_pure_dict()
+
+
+def pure_model(cfg: ModelConfig) -> PureModel:
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
+  return PureModel(cfg, graphdef, abstract)

@@ -1,0 +1,1 @@
+"""Orbax storage of models, expert artifacts and training state (DESIGN.md "checkpoint/")."""

@@ -1,0 +1,224 @@
+"""``flexolmo train-expert``: one data owner's expert against the frozen public model (spec 4, 5).
+
+The 2-expert model is ``public`` + ``NAME``. Its parameters are kept as two trees:
+
+- ``frozen``: the public checkpoint as loaded (embeddings, attention, norms, lm_head, the public
+  FFN) and the public router row ``r_pub``. It is an input of the step, never differentiated,
+  has no optimizer state and is never written back.
+- ``params`` (trainable): the new expert's FFN in every layer (initialized as a copy of the
+  public FFN), its router row in every layer and its negative bias.
+
+The step assembles the stacked ``[L, 2, ...]`` MoE weights from both trees; gradients flow to the
+trainable half only. The output is an *expert artifact*: only the trainable tree plus a manifest
+(name, anchor fingerprint, config, vocabulary, data card). Nothing but the public checkpoint and
+the owner's paths is read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from flexolmo_jax import sharding
+from flexolmo_jax.checkpoint import store
+from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names, write_gin_config
+from flexolmo_jax.data import tasks
+from flexolmo_jax.model.transformer import PureModel, pure_model
+from flexolmo_jax.train import loop, metrics, pretrain, router_init, streams
+
+# Logical axes of the trainable tree (for its shardings).
+EXPERT_AXES = {"w_gate": ("layers", "embed", "mlp"), "w_up": ("layers", "embed", "mlp"),
+               "w_down": ("layers", "mlp", "embed"), "router": ("layers", "embed"),
+               "negative_bias": ("layers",)}
+
+
+@gin.configurable(module="flexolmo")
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+  """How the 2-expert model routes while the expert trains (spec sections 4, 5)."""
+
+  top_k: int = 2                       # 2 of 2: the reference script's soft mixture
+  negative_bias: bool = True
+  negative_bias_init: float = 0.0
+  router_init: str = "shared"          # shared | per_layer | random (router_init.MODES)
+  router_init_documents: int = 1000
+  dispatch: str | None = None          # None: the public config's backend
+
+  def __post_init__(self):
+    if self.router_init not in router_init.MODES:
+      raise ValueError(f"ExpertConfig: router_init={self.router_init!r}; choose one of "
+                       f"{router_init.MODES}.")
+    if self.top_k not in (1, 2):
+      raise ValueError(f"ExpertConfig: top_k={self.top_k}; the 2-expert model takes 1 or 2.")
+
+
+def resolve_public(path: str) -> str:
+  """A public model directory, or a pretrain output directory holding ``model/``."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Public checkpoint {path} does not exist.")
+  nested = os.path.join(path, "model")
+  if not os.path.exists(os.path.join(path, store.MANIFEST)) and os.path.isdir(nested):
+    return nested
+  return path
+
+
+def load_public(path: str) -> tuple[str, dict, ModelConfig]:
+  """(directory, manifest, config) of a dense public model; clear errors otherwise."""
+  path = resolve_public(path)
+  manifest = store.read_manifest(path)
+  if manifest.get("kind") != "public":
+    raise ValueError(f"{path} is a {manifest.get('kind')!r} checkpoint, not a dense public model; "
+                     "pass the output of `flexolmo pretrain` (or an imported dense model).")
+  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
+  if cfg.is_moe:
+    raise ValueError(f"{path}: the model has experts {list(cfg.experts)}; expert training needs "
+                     "the dense public model.")
+  return path, manifest, cfg
+
+
+def public_vocabulary(path: str, manifest: dict) -> str:
+  spec = manifest["vocabulary"]["spec"]
+  return spec if spec == "byte" else os.path.join(path, spec)
+
+
+def expert_config(public_cfg: ModelConfig, name: str, ecfg: ExpertConfig) -> ModelConfig:
+  return public_cfg.replace(experts=(PUBLIC, name), top_k=ecfg.top_k,
+                            negative_bias=ecfg.negative_bias,
+                            dispatch=ecfg.dispatch or public_cfg.dispatch)
+
+
+def assemble(anchor: dict, public_router, expert: dict) -> dict:
+  """The 2-expert model's parameters: public first, then the expert, stacked on axis 1."""
+  blocks = anchor["blocks"]
+  ffn = blocks["ffn"]
+  stack = lambda a, b: jnp.stack([a, b.astype(a.dtype)], axis=1)
+  moe = {"router_embedding": stack(public_router, expert["router"]),
+         "w_gate": stack(ffn["gate_proj"], expert["w_gate"]),
+         "w_up": stack(ffn["up_proj"], expert["w_up"]),
+         "w_down": stack(ffn["down_proj"], expert["w_down"])}
+  if "negative_bias" in expert:
+    moe["negative_bias"] = stack(jnp.zeros_like(expert["negative_bias"]), expert["negative_bias"])
+  return {**anchor, "blocks": {**blocks, "ffn": moe}}
+
+
+def initial_expert(anchor: dict, router_row, ecfg: ExpertConfig) -> dict:
+  ffn = anchor["blocks"]["ffn"]
+  expert = {"w_gate": jnp.array(ffn["gate_proj"]), "w_up": jnp.array(ffn["up_proj"]),
+            "w_down": jnp.array(ffn["down_proj"]), "router": jnp.asarray(router_row, jnp.float32)}
+  if ecfg.negative_bias:
+    expert["negative_bias"] = jnp.full(router_row.shape[:1], ecfg.negative_bias_init, jnp.float32)
+  return expert
+
+
+def expert_shardings(expert: dict, mesh, rules) -> dict:
+  out = {}
+  for key, value in expert.items():
+    spec = rules.spec(EXPERT_AXES[key])
+    sharding.check_divisible(f"expert parameter {key}", value.shape, spec, mesh)
+    out[key] = NamedSharding(mesh, spec)
+  return out
+
+
+def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig, model: PureModel,
+                anchor: dict, owner_batches, documents: int, seed: int):
+  """(r_pub, r_NAME), each [L, d]."""
+  if mode == "random":
+    anchor_key = jax.random.key(int(manifest["fingerprint"][:8], 16))   # same r_pub for all owners
+    return (router_init.random_rows(anchor_key, cfg.n_layers, cfg.d_model),
+            router_init.random_rows(jax.random.key(seed), cfg.n_layers, cfg.d_model))
+  emb_path = os.path.join(public_path, pretrain.EMBEDDING_FILE)
+  if not os.path.exists(emb_path):
+    raise FileNotFoundError(
+        f"{emb_path} is missing: the public model carries no public domain embedding, so r_pub "
+        "cannot be initialized from embeddings; use router_init='random' (--router-init random).")
+  with np.load(emb_path) as f:
+    public_embedding = dict(f)
+  owner_embedding = router_init.domain_embedding(model, anchor, owner_batches, documents)
+  return (router_init.rows_for(mode, public_embedding, cfg.n_layers, cfg.d_model),
+          router_init.rows_for(mode, owner_embedding, cfg.n_layers, cfg.d_model))
+
+
+@gin.configurable(module="flexolmo")
+def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
+                 data: Sequence[str] = gin.REQUIRED, output_dir: str = gin.REQUIRED,
+                 vocabulary: str | None = None, dtype: str | None = None,
+                 train: loop.TrainConfig | None = None, expert: ExpertConfig | None = None,
+                 rules: sharding.ShardingRules | None = None):
+  """Trains expert ``name`` on ``data``; returns (TrainResult, artifact directory or None)."""
+  train, ecfg = train or loop.TrainConfig(), expert or ExpertConfig()
+  rules = rules or sharding.ShardingRules()
+  if name == PUBLIC:
+    raise ValueError(f"The expert name {PUBLIC!r} is reserved for the public model; choose "
+                     "another name for this data owner's expert.")
+  validate_expert_names([PUBLIC, name])
+  if isinstance(data, str):
+    data = [data]
+  public_path, manifest, public_cfg = load_public(public)
+  own_vocab = public_vocabulary(public_path, manifest)
+  if vocabulary is not None:
+    given = tasks.vocabulary_identity(vocabulary)
+    expected = {k: v for k, v in manifest["vocabulary"].items() if k != "spec"}
+    if given != expected:
+      raise ValueError(f"The data's vocabulary {vocabulary!r} ({given}) differs from the public "
+                       f"model's ({expected}, {os.path.join(public_path, store.MANIFEST)}).")
+  if dtype:
+    public_cfg = public_cfg.replace(dtype=dtype)
+  cfg = expert_config(public_cfg, name, ecfg)
+  vocab = tasks.vocabulary_from_spec(own_vocab)
+  dense, moe = pure_model(public_cfg), pure_model(cfg)
+  mesh = sharding.make_mesh(train.mesh)
+  anchor_shardings = dense.shardings(mesh, rules)
+  anchor = store.load_params(public_path, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      dense.abstract.to_pure_dict(), anchor_shardings))
+  if store.fingerprint(anchor) != manifest["fingerprint"]:
+    raise ValueError(f"{public_path}: the parameters do not match the manifest's fingerprint "
+                     "(the checkpoint is corrupt or was modified).")
+
+  write_gin_config(output_dir)
+  data_dir = os.path.join(output_dir, "data")
+  task = tasks.register_corpus(name, data, data_dir=data_dir, vocabulary=vocab)
+  r_pub, r_own = router_rows(
+      ecfg.router_init, public_path, manifest, public_cfg, dense, anchor,
+      tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8, seed=train.seed, num_epochs=1),
+      ecfg.router_init_documents, train.seed)
+  frozen = {"anchor": anchor, "public_router": jnp.asarray(r_pub, jnp.float32)}
+  params = initial_expert(anchor, r_own, ecfg)
+  replicate_rows = NamedSharding(mesh, rules.spec(EXPERT_AXES["router"]))
+
+  def apply(params, frozen, batch):
+    merged = assemble(frozen["anchor"], frozen["public_router"], params)
+    return moe(merged, batch["decoder_input_tokens"], positions_bt=batch["decoder_positions"],
+               segment_ids_bt=batch["decoder_segment_ids"])
+
+  trainer = loop.Trainer(
+      train, workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=params,
+      frozen=frozen, param_shardings=expert_shardings(params, mesh, rules),
+      frozen_shardings={"anchor": anchor_shardings, "public_router": replicate_rows},
+      stream=streams.train_stream(task, train),
+      eval_streams={name: streams.eval_stream(task, train)},
+      flops_per_token=metrics.flops_per_token(cfg, train.seq_len), expert_names=cfg.experts)
+  result = trainer.train()
+  if result.preempted:
+    return result, None
+  out = os.path.join(output_dir, "expert")
+  artifact = {
+      "kind": "expert", "name": name, "anchor_fingerprint": manifest["fingerprint"],
+      "config": store.config_to_json(cfg), "vocabulary": manifest["vocabulary"],
+      "public_router_fingerprint": store.fingerprint({"public_router": frozen["public_router"]}),
+      "data_card": {"domain": name, "sources": [os.path.basename(p) for p in data],
+                    "steps": result.step, "tokens_seen": result.tokens_seen,
+                    "documents_seen": result.documents_seen,
+                    "validation_loss": result.eval_losses,
+                    "train_config": pretrain._jsonable(dataclasses.asdict(train)),  # pylint: disable=protected-access
+                    "expert_config": dataclasses.asdict(ecfg)},
+  }
+  store.save(out, result.params, artifact, overwrite=True)
+  print(f"expert {name!r} -> {out}")
+  return result, out

@@ -1,0 +1,50 @@
+"""AdamW with linear warm-up and cosine decay, global-norm clipping (FLEXOLMO_SPEC.md section 4).
+
+The optimizer only ever sees the *trainable* tree: frozen parameters are a separate argument of
+the step, so they have no optimizer state and get no update (DESIGN.md "Frozen means untouched").
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import optax
+
+from flexolmo_jax.checkpoint.store import flatten
+
+
+def schedule(learning_rate: float, steps: int, warmup_steps: int, final_lr_fraction: float):
+  """0 -> lr linearly over ``warmup_steps``, then cosine to ``lr * final_lr_fraction`` at ``steps``."""
+  warmup = min(warmup_steps, max(steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=learning_rate, warmup_steps=warmup,
+      decay_steps=max(steps, warmup + 1), end_value=learning_rate * final_lr_fraction)
+
+
+def decay_mask(params: Mapping[str, Any]):
+  """Weight decay on weight matrices only: not on norms, biases or router rows."""
+  def walk(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+      path = f"{prefix}/{key}"
+      if isinstance(value, Mapping):
+        out[key] = walk(value, path)
+      else:
+        out[key] = not any(word in path for word in ("norm", "bias", "router"))
+    return out
+  return walk(params)
+
+
+def adamw(cfg, params: Mapping[str, Any]) -> optax.GradientTransformation:
+  """``cfg`` is a TrainConfig; ``params`` the trainable tree (for the decay mask)."""
+  lr = schedule(cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction)
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+      optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                  mask=decay_mask(params)))
+
+
+def count_state_params(opt_state) -> int:
+  """Number of floats in the first Adam moment (= trainable parameters it tracks)."""
+  for leaf_state in optax.tree_utils.tree_get_all_with_path(opt_state, "mu"):
+    return sum(int(v.size) for v in flatten(leaf_state[1]).values())
+  raise ValueError("No Adam moment found in the optimizer state.")

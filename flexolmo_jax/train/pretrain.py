@@ -1,0 +1,101 @@
+"""``flexolmo pretrain``: the dense public model on the public data (the anchor of every expert).
+
+Writes ``<output_dir>/model`` (kind ``public``): parameters, the manifest with the anchor
+fingerprint, the vocabulary, and ``public_embedding.npz``, the public domain embedding that every
+owner's ``train-expert`` uses for the public router row, so all experts share one ``r_pub``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping, Sequence
+
+import gin
+import numpy as np
+
+from flexolmo_jax import sharding
+from flexolmo_jax.checkpoint import store
+from flexolmo_jax.config import ModelConfig, write_gin_config
+from flexolmo_jax.data import tasks
+from flexolmo_jax.model.transformer import pure_model
+from flexolmo_jax.train import loop, metrics, router_init, streams
+
+EMBEDDING_FILE = "public_embedding.npz"
+
+
+def check_vocabulary(vocab, cfg: ModelConfig, spec: str) -> None:
+  if vocab.vocab_size > cfg.vocab_size:
+    raise ValueError(f"Vocabulary {spec!r} has {vocab.vocab_size} ids but the model's vocab_size "
+                     f"is {cfg.vocab_size}.")
+
+
+def eval_tasks(data_dir: str, eval_data: Mapping[str, Sequence[str]], vocab) -> dict[str, str]:
+  return {name: tasks.register_corpus(name, paths, data_dir=data_dir, vocabulary=vocab)
+          for name, paths in eval_data.items()}
+
+
+@gin.configurable(module="flexolmo")
+def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
+             eval_data: Mapping[str, Sequence[str]] | None = None, vocabulary: str = "byte",
+             train: loop.TrainConfig | None = None, model: ModelConfig | None = None,
+             embedding_documents: int = 1000, rules: sharding.ShardingRules | None = None):
+  """Trains the public model; returns (TrainResult, model directory or None if preempted)."""
+  train = train or loop.TrainConfig()
+  cfg = model or ModelConfig()
+  rules = rules or sharding.ShardingRules()
+  if cfg.is_moe:
+    raise ValueError(f"pretrain trains the dense public model, but the config has experts "
+                     f"{list(cfg.experts)}.")
+  if isinstance(data, str):
+    data = [data]
+  vocab = tasks.vocabulary_from_spec(vocabulary)
+  check_vocabulary(vocab, cfg, vocabulary)
+  write_gin_config(output_dir)
+  data_dir = os.path.join(output_dir, "data")
+  task = tasks.register_corpus("public", data, data_dir=data_dir, vocabulary=vocab)
+  evals = {"public": task, **eval_tasks(data_dir, eval_data or {}, vocab)}
+
+  model_fn = pure_model(cfg)
+  mesh = sharding.make_mesh(train.mesh)
+  trainer = loop.Trainer(
+      train, workdir=output_dir, mesh=mesh, rules=rules,
+      apply=lambda p, _, b: model_fn(p, b["decoder_input_tokens"],
+                                     positions_bt=b["decoder_positions"],
+                                     segment_ids_bt=b["decoder_segment_ids"]),
+      params=model_fn.init(train.seed), frozen={},
+      param_shardings=model_fn.shardings(mesh, rules), frozen_shardings={},
+      stream=streams.train_stream(task, train),
+      eval_streams={n: streams.eval_stream(t, train) for n, t in evals.items()},
+      flops_per_token=metrics.flops_per_token(cfg, train.seq_len))
+  result = trainer.train()
+  if result.preempted:
+    return result, None
+
+  embedding = router_init.domain_embedding(
+      model_fn, result.params, tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8,
+                                                shuffle=True, seed=train.seed, num_epochs=1),
+      embedding_documents)
+  out = os.path.join(output_dir, "model")
+  extra = {}
+  if vocabulary != "byte":
+    extra["vocabulary.model"] = vocabulary
+  emb_path = os.path.join(output_dir, EMBEDDING_FILE)
+  np.savez(emb_path, **embedding)
+  extra[EMBEDDING_FILE] = emb_path
+  manifest = {
+      "kind": "public", "config": store.config_to_json(cfg),
+      "vocabulary": {"spec": "byte" if vocabulary == "byte" else "vocabulary.model",
+                     **tasks.vocabulary_identity(vocabulary)},
+      "fingerprint": store.fingerprint(result.params),
+      "data_card": {"domain": "public", "sources": [os.path.basename(p) for p in data],
+                    "steps": result.step, "tokens_seen": result.tokens_seen,
+                    "documents_seen": result.documents_seen, "validation_loss": result.eval_losses,
+                    "train_config": _jsonable(dataclasses.asdict(train))},
+  }
+  store.save(out, result.params, manifest, overwrite=True, extra_files=extra)
+  print(f"public model -> {out}")
+  return result, out
+
+
+def _jsonable(d):
+  return {k: (_jsonable(v) if isinstance(v, dict) else v) for k, v in d.items()}
