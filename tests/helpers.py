@@ -63,3 +63,28 @@ def hf_reference(kind, *, seed=0, **overrides):
 def hf_logits(ref, toks):
   with torch.no_grad():
     return ref(torch.as_tensor(np.array(toks))).logits.float().numpy()
+
+
+def lm_batch(vocab_size, batch=8, length=32, seed=0):
+  """A packed LM batch like the seqio stream's: two segments per row, the tail padded."""
+  rs = np.random.RandomState(seed)
+  toks = rs.randint(3, vocab_size, (batch, length + 1)).astype(np.int32)
+  cut, pad = length // 3, length - 4
+  seg = np.where(np.arange(length) < cut, 1, 2)[None].repeat(batch, 0).astype(np.int32)
+  seg[:, pad:] = 0
+  pos = np.where(np.arange(length) < cut, np.arange(length), np.arange(length) - cut)
+  pos = np.where(seg > 0, pos[None], 0).astype(np.int32)
+  return {"decoder_input_tokens": np.where(seg > 0, toks[:, :-1], 0),
+          "decoder_target_tokens": np.where(seg > 0, toks[:, 1:], 0),
+          "decoder_segment_ids": seg, "decoder_positions": pos,
+          "decoder_loss_weights": (seg > 0).astype(np.float32)}
+
+
+def synthetic_stream(vocab_size, batch=8, length=32, seed=0):
+  """``start -> iterator`` over deterministic batches (batch i depends only on seed and i)."""
+  def make(start):
+    i = start
+    while True:
+      yield lm_batch(vocab_size, batch, length, seed * 100_003 + i)
+      i += 1
+  return make

@@ -181,6 +181,9 @@ def register_corpus(name: str, paths: Sequence[str], *, data_dir: str, format: s
   """
   spec = sources.SourceSpec(paths=tuple(paths), format=format, field=field)
   builder, _ = sources.prepare(name, spec, data_dir)
+  if "train" not in builder.info.splits:
+    raise ValueError(f"Corpus {name!r} ({', '.join(paths)}) has no training documents: every "
+                     "document fell into the validation split; give it more documents.")
   task = f"corpus_{sources.dataset_name(name)}"
   register_domain_task(task, builder.data_dir, vocabulary)
   return task

@@ -108,6 +108,8 @@ class TrainResult(NamedTuple):
   tokens_seen: int
   documents_seen: int
   eval_losses: dict
+  frozen: Any                 # the frozen tree as the loop holds it at the end (never updated)
+  optimizer_params: int       # floats in the first Adam moment = trainable parameters tracked
 
 
 Apply = Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, Any]]
@@ -325,7 +327,7 @@ class Trainer:
       if previous is not None:
         signal.signal(signal.SIGTERM, previous)
     return TrainResult(self.state.params, int(self.state.step), preempted, tokens_seen, docs_seen,
-                       eval_losses)
+                       eval_losses, self.frozen, optim.count_state_params(self.state.opt_state))
 
   def _record(self, host_metrics, seconds, peak, compile_s=None) -> dict:
     last = host_metrics[-1]
