@@ -138,3 +138,4 @@ def test_config_validation():
     loop.TrainConfig(batch_size=6, grad_accum=4)
   with pytest.raises(ValueError, match="steps"):
     loop.TrainConfig(steps=0)
+

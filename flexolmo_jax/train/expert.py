@@ -110,7 +110,7 @@ def assemble(anchor: dict, public_router, expert: dict) -> dict:
 def initial_expert(anchor: dict, router_row, ecfg: ExpertConfig) -> dict:
   ffn = anchor["blocks"]["ffn"]
   expert = {"w_gate": jnp.array(ffn["gate_proj"]), "w_up": jnp.array(ffn["up_proj"]),
-            "w_down": jnp.array(ffn["down_proj"]), "router": jnp.asarray(router_row, jnp.float32)}
+            "w_down": jnp.array(ffn["down_proj"]), "router": jnp.array(router_row, jnp.float32)}
   if ecfg.negative_bias:
     expert["negative_bias"] = jnp.full(router_row.shape[:1], ecfg.negative_bias_init, jnp.float32)
   return expert

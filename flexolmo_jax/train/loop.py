@@ -137,7 +137,9 @@ class Trainer:
     replicated = NamedSharding(mesh, PartitionSpec())
     self.frozen_shardings = frozen_shardings
     self.frozen = jax.device_put(frozen, frozen_shardings)
-    params = jax.device_put(params, param_shardings)
+    # The state is donated to the step: it must own its buffers (never alias ``frozen``'s).
+    params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params),
+                            param_shardings)
     opt_state = jax.jit(self.tx.init)(params)
     opt_shardings = jax.tree.map(
         lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, opt_state)
