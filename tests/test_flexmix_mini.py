@@ -98,11 +98,25 @@ def test_packed_flexmix_batch_through_the_model_respects_segments(built):
     np.testing.assert_allclose(packed[0, idx], alone[0], atol=1e-5, rtol=0)
 
 
-def test_demo_builds_flexmix_and_reuses_it(tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_trains_public_and_experts_and_reuses_them(tmp_path, capfd):
   from flexolmo_jax import cli
   workdir = str(tmp_path / "work")
   assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0
   assert os.path.exists(os.path.join(workdir, "flexmix_mini", "flexmix_mini.json"))
-  assert "building into" in capsys.readouterr().out
+  out = capfd.readouterr().out
+  assert "building into" in out and "flexolmo pretrain" in out
+  for domain in ("code", "prose", "legal", "math"):
+    art = os.path.join(workdir, "experts", domain, "expert", "manifest.json")
+    manifest = json.load(open(art))
+    assert manifest["name"] == domain
+    # Each owner's run read its own dataset only.
+    assert manifest["data_card"]["sources"] == [f"flexmix_{domain}/1.0.0"]
+    gin_text = open(os.path.join(workdir, "experts", domain, "config.gin")).read()
+    assert f"tfds/flexmix_{domain}/" in gin_text
+    assert not any(f"flexmix_{other}" in gin_text for other in ("public", "code", "prose", "legal",
+                                                                  "math") if other != domain)
+    assert f"{domain}: " in out.split("validation loss (nats/byte)")[1]
   assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0
-  assert "reusing" in capsys.readouterr().out
+  out = capfd.readouterr().out
+  assert "reusing" in out and "$ flexolmo" not in out

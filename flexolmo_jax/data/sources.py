@@ -232,3 +232,11 @@ def _check_same_source(final_dir: str, spec: SourceSpec, stats: SourceStats) -> 
         f"{final_dir} was prepared from different data ({recorded['stats']['documents']} "
         f"documents, now {stats.documents}); pass overwrite=True (--overwrite) to rebuild it, or "
         "use a new name.")
+
+
+def source_label(path: str) -> str:
+  """How a data card names a source without its location: ``code.jsonl``, ``flexmix_code/1.0.0``."""
+  path = os.path.normpath(os.fspath(path))
+  if is_prepared(path):
+    return f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}"
+  return os.path.basename(path)

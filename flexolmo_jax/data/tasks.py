@@ -173,20 +173,33 @@ def lm_batches(task_or_mixture: str, **kwargs) -> Iterator[dict[str, np.ndarray]
 
 
 def register_corpus(name: str, paths: Sequence[str], *, data_dir: str, format: str = "auto",
-                    field: str = "text", vocabulary: seqio.Vocabulary | None = None) -> str:
-  """Prepares the files at ``paths`` under ``data_dir`` and registers a Task of their own.
+                    field: str = "text", vocabulary: seqio.Vocabulary | None = None,
+                    require: Sequence[str] = ("train",)) -> str:
+  """Registers a Task over the files at ``paths`` (prepared under ``data_dir``), or over one
+  dataset directory already prepared by ``flexolmo data prepare``. Returns the Task name.
 
-  Returns the Task name. It takes paths, not Task or Mixture names, so nothing registered by
-  anyone else can enter the stream: this is how an owner's expert sees only its own data.
+  It takes paths, not Task or Mixture names, so nothing registered by anyone else can enter the
+  stream: this is how an owner's expert sees only its own data. ``require`` names the splits that
+  must hold documents.
   """
-  spec = sources.SourceSpec(paths=tuple(paths), format=format, field=field)
-  builder, _ = sources.prepare(name, spec, data_dir)
-  if "train" not in builder.info.splits:
-    raise ValueError(f"Corpus {name!r} ({', '.join(paths)}) has no training documents: every "
-                     "document fell into the validation split; give it more documents.")
+  if len(paths) == 1 and sources.is_prepared(paths[0]):
+    dataset_dir = os.fspath(paths[0])
+  else:
+    spec = sources.SourceSpec(paths=tuple(paths), format=format, field=field)
+    dataset_dir = sources.prepare(name, spec, data_dir)[0].data_dir
   task = f"corpus_{sources.dataset_name(name)}"
-  register_domain_task(task, builder.data_dir, vocabulary)
+  register_domain_task(task, dataset_dir, vocabulary)
+  have = seqio.get_mixture_or_task(task).source.splits
+  missing = [s for s in require if s not in have]
+  if missing:
+    raise ValueError(f"Corpus {name!r} ({', '.join(map(str, paths))}) has no {missing[0]} "
+                     f"documents (splits: {list(have)}); give it more documents or a larger "
+                     "validation fraction (`flexolmo data prepare --validation-fraction`).")
   return task
+
+
+def has_split(task: str, split: str) -> bool:
+  return split in seqio.get_mixture_or_task(task).source.splits
 
 
 def owner_batches(name: str, paths: Sequence[str], *, data_dir: str, seq_len: int,

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from flexolmo_jax import sharding
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names, write_gin_config
-from flexolmo_jax.data import tasks
+from flexolmo_jax.data import sources, tasks
 from flexolmo_jax.model.transformer import PureModel, pure_model
 from flexolmo_jax.train import loop, metrics, pretrain, router_init, streams
 
@@ -202,7 +202,8 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
       frozen=frozen, param_shardings=expert_shardings(params, mesh, rules),
       frozen_shardings={"anchor": anchor_shardings, "public_router": replicate_rows},
       stream=streams.train_stream(task, train),
-      eval_streams={name: streams.eval_stream(task, train)},
+      eval_streams=({name: streams.eval_stream(task, train)}
+                    if tasks.has_split(task, "validation") else {}),
       flops_per_token=metrics.flops_per_token(cfg, train.seq_len), expert_names=cfg.experts)
   result = trainer.train()
   if result.preempted:
@@ -212,7 +213,7 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
       "kind": "expert", "name": name, "anchor_fingerprint": manifest["fingerprint"],
       "config": store.config_to_json(cfg), "vocabulary": manifest["vocabulary"],
       "public_router_fingerprint": store.fingerprint({"public_router": frozen["public_router"]}),
-      "data_card": {"domain": name, "sources": [os.path.basename(p) for p in data],
+      "data_card": {"domain": name, "sources": [sources.source_label(p) for p in data],
                     "steps": result.step, "tokens_seen": result.tokens_seen,
                     "documents_seen": result.documents_seen,
                     "validation_loss": result.eval_losses,

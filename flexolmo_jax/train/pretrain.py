@@ -16,7 +16,7 @@ import numpy as np
 from flexolmo_jax import sharding
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import ModelConfig, write_gin_config
-from flexolmo_jax.data import tasks
+from flexolmo_jax.data import sources, tasks
 from flexolmo_jax.model.transformer import pure_model
 from flexolmo_jax.train import loop, metrics, router_init, streams
 
@@ -30,7 +30,8 @@ def check_vocabulary(vocab, cfg: ModelConfig, spec: str) -> None:
 
 
 def eval_tasks(data_dir: str, eval_data: Mapping[str, Sequence[str]], vocab) -> dict[str, str]:
-  return {name: tasks.register_corpus(name, paths, data_dir=data_dir, vocabulary=vocab)
+  return {name: tasks.register_corpus(name, paths, data_dir=data_dir, vocabulary=vocab,
+                                     require=("validation",))
           for name, paths in eval_data.items()}
 
 
@@ -53,7 +54,8 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   write_gin_config(output_dir)
   data_dir = os.path.join(output_dir, "data")
   task = tasks.register_corpus("public", data, data_dir=data_dir, vocabulary=vocab)
-  evals = {"public": task, **eval_tasks(data_dir, eval_data or {}, vocab)}
+  evals = {**({"public": task} if tasks.has_split(task, "validation") else {}),
+           **eval_tasks(data_dir, eval_data or {}, vocab)}
 
   model_fn = pure_model(cfg)
   mesh = sharding.make_mesh(train.mesh)
@@ -87,7 +89,7 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
       "vocabulary": {"spec": "byte" if vocabulary == "byte" else "vocabulary.model",
                      **tasks.vocabulary_identity(vocabulary)},
       "fingerprint": store.fingerprint(result.params),
-      "data_card": {"domain": "public", "sources": [os.path.basename(p) for p in data],
+      "data_card": {"domain": "public", "sources": [sources.source_label(p) for p in data],
                     "steps": result.step, "tokens_seen": result.tokens_seen,
                     "documents_seen": result.documents_seen, "validation_loss": result.eval_losses,
                     "train_config": _jsonable(dataclasses.asdict(train))},
