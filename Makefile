@@ -23,6 +23,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/moe_dispatch.py
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
