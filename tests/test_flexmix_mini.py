@@ -51,11 +51,12 @@ def test_build_is_deterministic(built, tmp_path):
 
 def test_domains_are_distinct(built):
   """A byte-bigram model of each domain's train text scores its own validation text best."""
-  out, _, _ = built
+  out, card, _ = built
+  frac = {name: info["validation_fraction"] for name, info in card["domains"].items()}
   models = {}
   for name in flexmix_mini.CLOSED_DOMAINS:
     docs = raw_docs(out, name)
-    train = [d for d in docs if sources.split_of(d, 0.1) == "train"]
+    train = [d for d in docs if sources.split_of(d, frac[name]) == "train"]
     counts = collections.Counter()
     for d in train:
       b = d.encode()
@@ -68,7 +69,8 @@ def test_domains_are_distinct(built):
     return -sum(math.log((model[p] + 1) / total) for p in zip(b, b[1:])) / max(1, len(b) - 1)
 
   for name in flexmix_mini.CLOSED_DOMAINS:
-    val = "".join(d for d in raw_docs(out, name) if sources.split_of(d, 0.1) == "validation")
+    val = "".join(d for d in raw_docs(out, name)
+                  if sources.split_of(d, frac[name]) == "validation")
     scores = {m: nll(models[m], val) for m in models}
     assert min(scores, key=scores.get) == name, (name, scores)
 
@@ -120,3 +122,13 @@ def test_demo_trains_public_and_experts_and_reuses_them(tmp_path, capfd):
   assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0
   out = capfd.readouterr().out
   assert "reusing" in out and "$ flexolmo" not in out
+
+
+def test_small_domains_still_get_validation_documents():
+  docs = [f"licence text number {i}" for i in range(12)]
+  units = sorted(sources.hash_unit(d) for d in docs)
+  frac = flexmix_mini.validation_fraction(docs, 0.01)
+  assert sum(sources.split_of(d, frac) == "validation" for d in docs) == 2
+  assert units[1] < frac < units[2]
+  # Enough documents already below the fraction: unchanged.
+  assert flexmix_mini.validation_fraction(docs, 0.999) == 0.999

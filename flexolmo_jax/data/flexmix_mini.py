@@ -153,6 +153,19 @@ def _budgeted(docs: Iterator[str], budget: int, salt: str) -> list[str]:
   return out
 
 
+MIN_VALIDATION_DOCUMENTS = 2
+
+
+def validation_fraction(docs: list[str], fraction: float) -> float:
+  """``fraction``, raised just enough that at least MIN_VALIDATION_DOCUMENTS documents fall below
+  it: a small domain (a few licence files) must still have a validation split to evaluate on."""
+  units = sorted(sources.hash_unit(text) for text in docs)
+  k = MIN_VALIDATION_DOCUMENTS
+  if len(units) <= k or sum(u < fraction for u in units) >= k:
+    return fraction
+  return (units[k - 1] + units[k]) / 2
+
+
 def build(out_dir: str, size: str | FlexMixSize = "default", *,
           log: Callable[[str], None] = print) -> dict:
   """Writes raw/<domain>.jsonl and prepares tfds/<domain> for every domain; returns the card."""
@@ -174,11 +187,13 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
       for text in docs:
         fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-    spec = sources.SourceSpec(paths=(path,), validation_fraction=size.validation_fraction)
+    fraction = validation_fraction(docs, size.validation_fraction)
+    spec = sources.SourceSpec(paths=(path,), validation_fraction=fraction)
     _, stats = sources.prepare(f"flexmix_{name}", spec, os.path.join(out_dir, "tfds"),
                                overwrite=True)
     tokens = {s: stats.utf8_bytes[s] + stats.documents[s] for s in stats.documents}  # + EOS
     card["domains"][name] = {"documents": stats.documents, "byte_tokens": tokens,
+                             "validation_fraction": fraction,
                              "dataset_dir": os.path.join(out_dir, "tfds", f"flexmix_{name}",
                                                          "1.0.0")}
     log(f"FlexMix-mini {name:>6}: {sum(stats.documents.values()):5d} documents, "

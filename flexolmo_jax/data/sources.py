@@ -74,10 +74,15 @@ class SourceStats:
     return dataclasses.asdict(self)
 
 
+def hash_unit(text: str) -> float:
+  """A document's stable position in [0, 1) (content only): the split is ``hash_unit < fraction``."""
+  digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+  return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_of(text: str, validation_fraction: float) -> str:
   """'validation' for a stable hash-chosen share of documents, else 'train' (content-only)."""
-  digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-  return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"
+  return "validation" if hash_unit(text) < validation_fraction else "train"
 
 
 def list_files(spec: SourceSpec) -> list[str]:
