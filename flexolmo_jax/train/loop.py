@@ -271,8 +271,11 @@ class Trainer:
     writer = metrics_lib.MetricsWriter(self.workdir, cfg.steps, resume_step=start)
     if start:
       writer.console(start, {"kind": "resume", "from": f"checkpoint {start}"})
-    peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else metrics_lib.measure_matmul_peak())
-    peak *= jax.device_count()
+    if cfg.peak_tflops:
+      peak = cfg.peak_tflops * 1e12 * jax.device_count()
+    else:   # measured on one device; CPU "devices" share one host, whose peak this already is
+      peak = metrics_lib.measure_matmul_peak()
+      peak *= 1 if jax.default_backend() == "cpu" else jax.device_count()
     previous = self._install_sigterm()
     preempted = False
     eval_losses: dict = {}
