@@ -6,7 +6,6 @@ import pytest
 import torch
 from flax import nnx
 
-from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model.transformer import Transformer
 from tests.helpers import hf_logits, hf_reference, spread_router, tiny, tokens
 

@@ -137,7 +137,6 @@ def test_mixture_rates_by_tokens(task_name, tmp_path):
 
 
 def test_sentencepiece_vocabulary_trained_locally(task_name, tmp_path):
-  import tensorflow_datasets as tfds
   data_dir = os.path.dirname(os.path.dirname(tasks._TASK_DIRS[task_name]))
   vocab = tasks.train_sentencepiece(os.path.join(data_dir, task_name, "1.0.0"),
                                     str(tmp_path / "spm" / "public"), vocab_size=1000)

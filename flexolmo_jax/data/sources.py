@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Iterator, Sequence
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def prepare(name: str, spec: SourceSpec, data_dir: str, *, version: str = "1.0.0
   if os.path.exists(final_dir):
     shutil.rmtree(final_dir)
   splits = {s: _split_examples(spec, s) for s in ("train", "validation") if stats.documents[s]}
-  builder = tfds.dataset_builders.store_as_tfds_dataset(
+  tfds.dataset_builders.store_as_tfds_dataset(
       name=tfds_name, version=version,
       features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
       split_datasets=splits, data_dir=data_dir,

@@ -11,7 +11,6 @@ host with ``seqio.ShardInfo``, shuffle deterministically from a seed, batch, and
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Iterator, Mapping, Sequence
 

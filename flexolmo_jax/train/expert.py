@@ -217,7 +217,7 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
                     "steps": result.step, "tokens_seen": result.tokens_seen,
                     "documents_seen": result.documents_seen,
                     "validation_loss": result.eval_losses,
-                    "train_config": pretrain._jsonable(dataclasses.asdict(train)),  # pylint: disable=protected-access
+                    "train_config": dataclasses.asdict(train),
                     "expert_config": dataclasses.asdict(ecfg)},
   }
   store.save(out, result.params, artifact, overwrite=True)

@@ -92,12 +92,8 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
       "data_card": {"domain": "public", "sources": [sources.source_label(p) for p in data],
                     "steps": result.step, "tokens_seen": result.tokens_seen,
                     "documents_seen": result.documents_seen, "validation_loss": result.eval_losses,
-                    "train_config": _jsonable(dataclasses.asdict(train))},
+                    "train_config": dataclasses.asdict(train)},
   }
   store.save(out, result.params, manifest, overwrite=True, extra_files=extra)
   print(f"public model -> {out}")
   return result, out
-
-
-def _jsonable(d):
-  return {k: (_jsonable(v) if isinstance(v, dict) else v) for k, v in d.items()}
