@@ -25,8 +25,7 @@ def make_trainer(workdir, stream=None, **train_changes):
   settings.update(train_changes)
   tcfg = loop.TrainConfig(**settings)
   mesh = sharding.make_mesh(tcfg.mesh)
-  apply = lambda p, _, b: model(p, b["decoder_input_tokens"], positions_bt=b["decoder_positions"],
-                                segment_ids_bt=b["decoder_segment_ids"])
+  apply = lambda p, _, b: loop.run_on_batch(model, p, b)
   return loop.Trainer(
       tcfg, workdir=str(workdir), apply=apply, params=model.init(0), frozen={},
       param_shardings=model.shardings(mesh, RULES), frozen_shardings={}, mesh=mesh, rules=RULES,

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from flexolmo_jax import sharding
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names, write_gin_config
-from flexolmo_jax.data import sources, tasks
+from flexolmo_jax.data import tasks
 from flexolmo_jax.model.transformer import PureModel, pure_model
 from flexolmo_jax.train import loop, metrics, pretrain, router_init, streams
 
@@ -190,17 +190,16 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
       ecfg.router_init_documents, train.seed)
   frozen = {"anchor": anchor, "public_router": jnp.asarray(r_pub, jnp.float32)}
   params = initial_expert(anchor, r_own, ecfg)
-  replicate_rows = NamedSharding(mesh, rules.spec(EXPERT_AXES["router"]))
+  router_sharding = NamedSharding(mesh, rules.spec(EXPERT_AXES["router"]))
 
   def apply(params, frozen, batch):
     merged = assemble(frozen["anchor"], frozen["public_router"], params)
-    return moe(merged, batch["decoder_input_tokens"], positions_bt=batch["decoder_positions"],
-               segment_ids_bt=batch["decoder_segment_ids"])
+    return loop.run_on_batch(moe, merged, batch)
 
   trainer = loop.Trainer(
       train, workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=params,
       frozen=frozen, param_shardings=expert_shardings(params, mesh, rules),
-      frozen_shardings={"anchor": anchor_shardings, "public_router": replicate_rows},
+      frozen_shardings={"anchor": anchor_shardings, "public_router": router_sharding},
       stream=streams.train_stream(task, train),
       eval_streams=({name: streams.eval_stream(task, train)}
                     if tasks.has_split(task, "validation") else {}),
@@ -213,12 +212,8 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
       "kind": "expert", "name": name, "anchor_fingerprint": manifest["fingerprint"],
       "config": store.config_to_json(cfg), "vocabulary": manifest["vocabulary"],
       "public_router_fingerprint": store.fingerprint({"public_router": frozen["public_router"]}),
-      "data_card": {"domain": name, "sources": [sources.source_label(p) for p in data],
-                    "steps": result.step, "tokens_seen": result.tokens_seen,
-                    "documents_seen": result.documents_seen,
-                    "validation_loss": result.eval_losses,
-                    "train_config": dataclasses.asdict(train),
-                    "expert_config": dataclasses.asdict(ecfg)},
+      "data_card": streams.data_card(name, data, result, train,
+                                     expert_config=dataclasses.asdict(ecfg)),
   }
   store.save(out, result.params, artifact, overwrite=True)
   print(f"expert {name!r} -> {out}")

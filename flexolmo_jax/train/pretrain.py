@@ -6,7 +6,6 @@ owner's ``train-expert`` uses for the public router row, so all experts share on
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Mapping, Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 from flexolmo_jax import sharding
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import ModelConfig, write_gin_config
-from flexolmo_jax.data import sources, tasks
+from flexolmo_jax.data import tasks
 from flexolmo_jax.model.transformer import pure_model
 from flexolmo_jax.train import loop, metrics, router_init, streams
 
@@ -61,9 +60,7 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   mesh = sharding.make_mesh(train.mesh)
   trainer = loop.Trainer(
       train, workdir=output_dir, mesh=mesh, rules=rules,
-      apply=lambda p, _, b: model_fn(p, b["decoder_input_tokens"],
-                                     positions_bt=b["decoder_positions"],
-                                     segment_ids_bt=b["decoder_segment_ids"]),
+      apply=lambda p, _, b: loop.run_on_batch(model_fn, p, b),
       params=model_fn.init(train.seed), frozen={},
       param_shardings=model_fn.shardings(mesh, rules), frozen_shardings={},
       stream=streams.train_stream(task, train),
@@ -89,10 +86,7 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
       "vocabulary": {"spec": "byte" if vocabulary == "byte" else "vocabulary.model",
                      **tasks.vocabulary_identity(vocabulary)},
       "fingerprint": store.fingerprint(result.params),
-      "data_card": {"domain": "public", "sources": [sources.source_label(p) for p in data],
-                    "steps": result.step, "tokens_seen": result.tokens_seen,
-                    "documents_seen": result.documents_seen, "validation_loss": result.eval_losses,
-                    "train_config": dataclasses.asdict(train)},
+      "data_card": streams.data_card("public", data, result, train),
   }
   store.save(out, result.params, manifest, overwrite=True, extra_files=extra)
   print(f"public model -> {out}")
