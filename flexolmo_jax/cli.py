@@ -240,6 +240,68 @@ def _cmd_train_expert(args) -> int:
   return PREEMPTED_EXIT if result.preempted else 0
 
 
+def _cmd_merge(args) -> int:
+  from flexolmo_jax.checkpoint import merge
+
+  merge.merge(args.public, args.expert or [], args.out, exclude=args.exclude or [],
+              top_k=args.top_k, top_k_policy=args.top_k_policy,
+              negative_bias=not args.drop_negative_bias, overwrite=args.overwrite)
+  return 0
+
+
+def eval_batches(data: dict[str, list[str]], vocabulary, data_dir: str, seq_len: int,
+                 batch_size: int) -> dict:
+  """{domain: validation batches} of ``NAME=PATH`` data (raw paths or prepared datasets)."""
+  from flexolmo_jax.data import tasks
+
+  out = {}
+  for name, paths in data.items():
+    task = tasks.register_corpus(name, paths, data_dir=data_dir, vocabulary=vocabulary,
+                                 require=("validation",))
+    out[name] = tasks.lm_batches(task, seq_len=seq_len, batch_size=batch_size,
+                                 split="validation", shuffle=False, num_epochs=1,
+                                 drop_remainder=False)
+  return out
+
+
+def model_vocabulary(path: str):
+  """The vocabulary a saved model (any kind) was trained with."""
+  import os
+
+  from flexolmo_jax.checkpoint import merge, store
+  from flexolmo_jax.data import tasks
+
+  path = merge.resolve(merge.resolve(path, "model"), "merged")
+  manifest = store.read_manifest(path)
+  if manifest["kind"] == "btm":
+    return model_vocabulary(manifest["members"][0]["path"])
+  if manifest["kind"] == "merged":
+    path = os.path.join(path, merge.PUBLIC_DIR)
+  spec = manifest["vocabulary"]["spec"]
+  return tasks.vocabulary_from_spec(spec if spec == "byte" else os.path.join(path, spec))
+
+
+def _cmd_eval(args) -> int:
+  import json
+
+  from flexolmo_jax.eval import perplexity
+
+  data = _named_paths(args.data)
+  if not data:
+    raise ValueError("eval needs at least one --data NAME=PATH.")
+  batches = eval_batches(data, model_vocabulary(args.model), args.data_dir, args.seq_len,
+                         args.batch_size)
+  losses = perplexity.evaluate(args.model, batches, args.experts, args.exclude,
+                               max_batches=args.max_batches)
+  for name, loss in losses.items():
+    print(f"{name:>10}: {loss:.4f}")
+  print(f"{'average':>10}: {sum(losses.values()) / len(losses):.4f}")
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump(losses, fh, indent=2)
+  return 0
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data", action="append", help="file or directory of text (repeat)")
   p.add_argument("--out", help="output (run) directory; re-running resumes it")
@@ -257,6 +319,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay fp32)")
   p.add_argument("--gin-file", action="append", default=[], help="extra gin file (repeat)")
   p.epilog = "Any gin binding: --gin.NAME=VALUE (e.g. --gin.STEPS=500)."
+
+
+def _add_selection_flags(p: argparse.ArgumentParser) -> None:
+  group = p.add_mutually_exclusive_group()
+  group.add_argument("--experts", help="opt in only these experts of a merged model: a,b,c")
+  group.add_argument("--exclude", help="opt these experts of a merged model out: x,y")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +373,29 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument("--no-negative-bias", dest="negative_bias", action="store_const", const=False)
   _add_train_flags(exp)
   exp.set_defaults(fn=_cmd_train_expert)
+  mrg = sub.add_parser("merge", help="merge the public model and expert artifacts into one MoE")
+  mrg.add_argument("--public", required=True,
+                   help="public model (or pretrain run) directory, or a merged checkpoint")
+  mrg.add_argument("--expert", action="append", help="expert artifact or run directory (repeat)")
+  mrg.add_argument("--exclude", action="append", help="leave this expert out for good (repeat)")
+  mrg.add_argument("--out", required=True)
+  mrg.add_argument("--top-k", type=int, help="active experts per token (default min(4, E))")
+  mrg.add_argument("--top-k-policy", default="clamp", choices=["clamp", "reject"],
+                   help="when fewer than top-k experts are opted in at inference")
+  mrg.add_argument("--drop-negative-bias", action="store_true",
+                   help="drop the experts' negative biases (the reference and HF layout)")
+  mrg.add_argument("--overwrite", action="store_true")
+  mrg.set_defaults(fn=_cmd_merge)
+  ev = sub.add_parser("eval", help="validation loss per domain of any saved model")
+  ev.add_argument("--model", required=True, help="public, dense, merged or btm directory")
+  _add_selection_flags(ev)
+  ev.add_argument("--data", action="append", help="NAME=PATH validation domain (repeat)")
+  ev.add_argument("--data-dir", default="data/eval", help="where raw paths are prepared")
+  ev.add_argument("--seq-len", type=int, default=256)
+  ev.add_argument("--batch-size", type=int, default=16)
+  ev.add_argument("--max-batches", type=int)
+  ev.add_argument("--json", help="write the losses here")
+  ev.set_defaults(fn=_cmd_eval)
   demo = sub.add_parser("demo", help="the end-to-end demo on FlexMix-mini")
   demo.add_argument("--workdir", default="workdir")
   demo.add_argument("--quick", action="store_true", help="small sizes (for tests)")

@@ -8,46 +8,13 @@ import pytest
 
 from flexolmo_jax import cli
 from flexolmo_jax.checkpoint import store
-from flexolmo_jax.data import flexmix_mini
 from flexolmo_jax.model.transformer import pure_model
-from flexolmo_jax.train import expert, loop, pretrain, router_init
+from flexolmo_jax.train import expert, pretrain, router_init
 from tests.helpers import lm_batch, tiny
-
-TRAIN = dict(batch_size=8, seq_len=128, log_every=50, async_checkpoints=False, peak_tflops=1.0)
-
 
 def dir_bytes(path):
   return sum(os.path.getsize(os.path.join(root, f))
              for root, _, files in os.walk(path) for f in files)
-
-
-@pytest.fixture(scope="module")
-def flexmix(tmp_path_factory):
-  out = tmp_path_factory.mktemp("flexmix")
-  card = flexmix_mini.build(str(out), "quick")
-  # The prepared datasets: FlexMix-mini's own split (at least 2 validation documents a domain).
-  return {d: info["dataset_dir"] for d, info in card["domains"].items()}
-
-
-@pytest.fixture(scope="module")
-def public(flexmix, tmp_path_factory):
-  run = tmp_path_factory.mktemp("public")
-  train = loop.TrainConfig(steps=300, warmup_steps=30, checkpoint_every=300,
-                           learning_rate=3e-3, **TRAIN)
-  result, model_dir = pretrain.pretrain(
-      output_dir=str(run), data=[flexmix["public"]], eval_data={"code": [flexmix["code"]]},
-      train=train, model=tiny())
-  return {"run": str(run), "model": model_dir, "result": result}
-
-
-@pytest.fixture(scope="module")
-def code_expert(flexmix, public, tmp_path_factory):
-  run = tmp_path_factory.mktemp("expert_code")
-  train = loop.TrainConfig(steps=300, warmup_steps=30, checkpoint_every=300,
-                           learning_rate=3e-3, **TRAIN)
-  result, artifact = expert.train_expert(public=public["run"], name="code",
-                                         data=[flexmix["code"]], output_dir=str(run), train=train)
-  return {"run": str(run), "artifact": artifact, "result": result}
 
 
 @pytest.mark.slow

@@ -9,6 +9,13 @@ Manifest kinds:
 - ``public``: the dense public model (anchor). Carries ``fingerprint``, the sha256 of its
   parameters, which every expert artifact records as ``anchor_fingerprint``.
 - ``expert``: one data owner's expert (FFN per layer, router row per layer, negative bias).
+- ``dense``: a dense model continued from the public one (a baseline; ``train-dense``, ``soup``).
+- ``merged``: the public model plus named experts (``checkpoint/merge.py``).
+- ``btm``: an ensemble of dense models (``eval/baselines.py``); it references its members.
+
+Every manifest lists the directory's files with their sizes and CRC-32s (``files``), so a truncated
+or corrupted file is found, and named, without decoding anything (``verify_files``,
+``copy_checked``).
 """
 from __future__ import annotations
 
@@ -17,7 +24,9 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Mapping
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -28,7 +37,9 @@ from flexolmo_jax.config import ModelConfig
 FORMAT = "flexolmo_jax/1"
 MANIFEST = "manifest.json"
 PARAMS = "params"
-KINDS = ("public", "expert")
+KINDS = ("public", "expert", "dense", "merged", "btm")
+FILES = "files"
+_CHUNK = 8 << 20
 
 
 def fingerprint(params: Mapping[str, Any]) -> str:
@@ -72,20 +83,38 @@ def config_from_json(data: Mapping[str, Any], where: str) -> ModelConfig:
 def save(directory: str, params: Mapping[str, Any], manifest: Mapping[str, Any], *,
          overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> str:
   """Writes params + manifest (+ extra files copied in) to ``directory`` atomically."""
-  directory = os.path.abspath(directory)
-  if manifest.get("kind") not in KINDS:
-    raise ValueError(f"manifest kind {manifest.get('kind')!r} is not one of {KINDS}.")
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} already exists; choose another output or overwrite.")
-  partial = f"{directory}.partial-{os.getpid()}"
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
+  directory, partial = begin(directory, overwrite)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(partial, PARAMS), params)
   checkpointer.wait_until_finished()
   for name, source in (extra_files or {}).items():
     shutil.copyfile(source, os.path.join(partial, name))
-  record = {"format": FORMAT, **manifest}
+  finish(partial, directory, manifest)
+  return directory
+
+
+def begin(directory: str, overwrite: bool) -> tuple[str, str]:
+  """(absolute directory, empty ``<directory>.partial-<pid>`` to write into)."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and not overwrite:
+    raise FileExistsError(f"{directory} already exists; choose another output or overwrite.")
+  partial = f"{directory}.partial-{os.getpid()}"
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  return directory, partial
+
+
+def finish(partial: str, directory: str, manifest: Mapping[str, Any],
+           known: Mapping[str, Mapping[str, int]] | None = None) -> None:
+  """Records the files of ``partial`` in its manifest (``known`` records are trusted, the rest
+  are read), writes the manifest last, and renames ``partial`` into place."""
+  if manifest.get("kind") not in KINDS:
+    raise ValueError(f"manifest kind {manifest.get('kind')!r} is not one of {KINDS}.")
+  known = dict(known or {})
+  files = {rel: known.get(rel) or {"bytes": os.path.getsize(os.path.join(partial, rel)),
+                                   "crc32": _crc32(os.path.join(partial, rel))}
+           for rel in _walk(partial)}
+  record = {"format": FORMAT, **manifest, FILES: files}
   with open(os.path.join(partial, MANIFEST), "w") as fh:
     json.dump(record, fh, indent=2, sort_keys=True)
   if os.path.exists(directory):
@@ -95,7 +124,68 @@ def save(directory: str, params: Mapping[str, Any], manifest: Mapping[str, Any],
     shutil.rmtree(stale)
   else:
     os.rename(partial, directory)
-  return directory
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as fh:
+    while chunk := fh.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _walk(directory: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(root, f), directory)
+                for root, _, files in os.walk(directory) for f in files
+                if os.path.join(root, f) != os.path.join(directory, MANIFEST))
+
+
+def recorded_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+  """The manifest's file list, after checking that every file is there with its size."""
+  files = manifest.get(FILES)
+  if not isinstance(files, Mapping):
+    raise ValueError(f"{os.path.join(directory, MANIFEST)} lists no files; it was written by an "
+                     "older flexolmo_jax. Save it again (re-run the step that wrote it).")
+  for rel, info in files.items():
+    path = os.path.join(directory, rel)
+    if not os.path.isfile(path):
+      raise ValueError(f"{path} is missing: the checkpoint {directory} is incomplete.")
+    if os.path.getsize(path) != info["bytes"]:
+      raise ValueError(f"{path} has {os.path.getsize(path)} bytes, the manifest says "
+                       f"{info['bytes']}: the file is truncated or was modified.")
+  return dict(files)
+
+
+def _check_crc(path: str, crc: int, info: Mapping[str, int]) -> None:
+  if crc != info["crc32"]:
+    raise ValueError(f"{path} is corrupted: its CRC-32 {crc:08x} differs from the manifest's "
+                     f"{info['crc32']:08x}.")
+
+
+def verify_files(directory: str, manifest: Mapping[str, Any]) -> None:
+  """Every recorded file present, of its size and CRC-32 (raises naming the first bad file)."""
+  for rel, info in recorded_files(directory, manifest).items():
+    _check_crc(os.path.join(directory, rel), _crc32(os.path.join(directory, rel)), info)
+
+
+def copy_checked(jobs: Iterable[tuple[str, str, Mapping[str, int]]], workers: int = 0) -> int:
+  """Copies (source, destination, record) files, checking each CRC-32 on the way (one read, one
+  write); files run in parallel threads (zlib and file I/O release the GIL). Returns bytes."""
+
+  def one(job):
+    source, dest, info = job
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    crc, buf = 0, bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(source, "rb") as src, open(dest, "wb") as dst:
+      while n := src.readinto(buf):
+        crc = zlib.crc32(view[:n], crc)
+        dst.write(view[:n])
+    _check_crc(source, crc, info)
+    return info["bytes"]
+
+  with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+    return sum(pool.map(one, list(jobs)))
 
 
 def read_manifest(directory: str, kind: str | None = None) -> dict:

@@ -30,7 +30,7 @@ from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names, write_gin_config
 from flexolmo_jax.data import tasks
 from flexolmo_jax.model.transformer import PureModel, pure_model
-from flexolmo_jax.train import loop, metrics, pretrain, router_init, streams
+from flexolmo_jax.train import loop, metrics, router_init, streams
 
 # Logical axes of the trainable tree (for its shardings).
 EXPERT_AXES = {"w_gate": ("layers", "embed", "mlp"), "w_up": ("layers", "embed", "mlp"),
@@ -127,21 +127,18 @@ def expert_shardings(expert: dict, mesh, rules) -> dict:
 
 def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig, model: PureModel,
                 anchor: dict, owner_batches, documents: int, seed: int):
-  """(r_pub, r_NAME), each [L, d]."""
-  if mode == "random":
-    anchor_key = jax.random.key(int(manifest["fingerprint"][:8], 16))   # same r_pub for all owners
-    return (router_init.random_rows(anchor_key, cfg.n_layers, cfg.d_model),
-            router_init.random_rows(jax.random.key(seed), cfg.n_layers, cfg.d_model))
-  emb_path = os.path.join(public_path, pretrain.EMBEDDING_FILE)
-  if not os.path.exists(emb_path):
-    raise FileNotFoundError(
-        f"{emb_path} is missing: the public model carries no public domain embedding, so r_pub "
-        "cannot be initialized from embeddings; use router_init='random' (--router-init random).")
-  with np.load(emb_path) as f:
-    public_embedding = dict(f)
+  """(r_pub, r_NAME, the owner's domain embedding); rows are [L, d].
+
+  The domain embedding is computed in every mode: it goes into the artifact, where router tuning
+  uses it to pick proxy documents from the public data (train/router_tune.py)."""
+  r_pub = router_init.public_rows(mode, public_path, manifest["fingerprint"], cfg.n_layers,
+                                  cfg.d_model)
   owner_embedding = router_init.domain_embedding(model, anchor, owner_batches, documents)
-  return (router_init.rows_for(mode, public_embedding, cfg.n_layers, cfg.d_model),
-          router_init.rows_for(mode, owner_embedding, cfg.n_layers, cfg.d_model))
+  if mode == "random":
+    return r_pub, router_init.random_rows(jax.random.key(seed), cfg.n_layers,
+                                          cfg.d_model), owner_embedding
+  return r_pub, router_init.rows_for(mode, owner_embedding, cfg.n_layers,
+                                     cfg.d_model), owner_embedding
 
 
 @gin.configurable(module="flexolmo")
@@ -184,7 +181,7 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
   write_gin_config(output_dir)
   data_dir = os.path.join(output_dir, "data")
   task = tasks.register_corpus(name, data, data_dir=data_dir, vocabulary=vocab)
-  r_pub, r_own = router_rows(
+  r_pub, r_own, owner_embedding = router_rows(
       ecfg.router_init, public_path, manifest, public_cfg, dense, anchor,
       tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8, seed=train.seed, num_epochs=1),
       ecfg.router_init_documents, train.seed)
@@ -215,6 +212,9 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
       "data_card": streams.data_card(name, data, result, train,
                                      expert_config=dataclasses.asdict(ecfg)),
   }
-  store.save(out, result.params, artifact, overwrite=True)
+  emb_path = os.path.join(output_dir, router_init.DOMAIN_EMBEDDING_FILE)
+  np.savez(emb_path, **owner_embedding)
+  store.save(out, result.params, artifact, overwrite=True,
+             extra_files={router_init.DOMAIN_EMBEDDING_FILE: emb_path})
   print(f"expert {name!r} -> {out}")
   return result, out

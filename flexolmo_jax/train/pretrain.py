@@ -19,7 +19,7 @@ from flexolmo_jax.data import tasks
 from flexolmo_jax.model.transformer import pure_model
 from flexolmo_jax.train import loop, metrics, router_init, streams
 
-EMBEDDING_FILE = "public_embedding.npz"
+EMBEDDING_FILE = router_init.EMBEDDING_FILE
 
 
 def check_vocabulary(vocab, cfg: ModelConfig, spec: str) -> None:

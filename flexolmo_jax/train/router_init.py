@@ -16,6 +16,7 @@ chunk.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable, Mapping
 
 import jax
@@ -25,6 +26,8 @@ import numpy as np
 from flexolmo_jax.model.transformer import PureModel
 
 MODES = ("shared", "per_layer", "random")
+EMBEDDING_FILE = "public_embedding.npz"   # pretrain writes it beside the public parameters
+DOMAIN_EMBEDDING_FILE = "domain_embedding.npz"   # train-expert writes it into the artifact
 
 
 def _segment_embeddings(hidden_btd, segment_ids_bt):
@@ -85,3 +88,18 @@ def rows_for(mode: str, embedding: Mapping[str, np.ndarray] | None, n_layers: in
   if mode == "shared":
     return np.broadcast_to(np.asarray(embedding["shared"], np.float32), (n_layers, d_model)).copy()
   return np.asarray(embedding["per_layer"], np.float32)
+
+
+def public_rows(mode: str, public_path: str, fingerprint: str, n_layers: int,
+                d_model: int) -> np.ndarray:
+  """r_pub [L, d], the same for every owner: from the public model's ``public_embedding.npz``,
+  or (``random``) drawn from a key derived from the anchor fingerprint."""
+  if mode == "random":
+    return random_rows(jax.random.key(int(fingerprint[:8], 16)), n_layers, d_model)
+  path = os.path.join(public_path, EMBEDDING_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} is missing: the public model carries no public domain embedding, so r_pub "
+        "cannot be built from embeddings; use router_init='random' (--router-init random).")
+  with np.load(path) as f:
+    return rows_for(mode, dict(f), n_layers, d_model)

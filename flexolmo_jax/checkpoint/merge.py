@@ -1,0 +1,342 @@
+"""``flexolmo merge``: the public model plus named experts as one MoE checkpoint (spec section 6).
+
+A merged checkpoint stores one subtree per name; nothing is stacked on disk::
+
+    <out>/manifest.json     kind "merged": the MoE config (experts in the model's order), the
+                            vocabulary, the anchor fingerprint, each expert's data card
+    <out>/public/           the public model exactly as ``pretrain`` wrote it
+    <out>/experts/<name>/   each expert artifact exactly as ``train-expert`` wrote it
+    <out>/router.npz        the live router: ``<name>/router`` [L, d] for every expert (``public``
+                            included) and ``<name>/negative_bias`` [L]; ``tune-router`` rewrites it
+
+The model's order is ``public`` first, then the other names sorted, so the order of ``--expert``
+flags never matters. Loading (:func:`load_merged`) stacks the chosen names into the ``[L, E, ...]``
+arrays the model computes with; opting experts out at load time builds exactly the model a merge
+without them writes.
+
+Merging never decodes the weights. The inputs are checked by their manifests (kind, anchor
+fingerprint, shape-defining config, vocabulary, the public router row each expert trained
+against), by Orbax metadata (every expected leaf with its shape), and byte for byte by the CRC-32s
+their manifests record, computed while the files are copied: a full Orbax restore and re-save
+costs about 10x a file copy (bench/RESULTS.md), and the bytes being identical is what makes the
+merge exact. Peak memory is a copy buffer per thread plus the router rows. The output is written
+under ``<out>.partial-<pid>`` and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from flexolmo_jax.checkpoint import store
+from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names
+from flexolmo_jax.train import router_init
+
+KIND = "merged"
+PUBLIC_DIR = "public"
+EXPERTS_DIR = "experts"
+ROUTER_FILE = "router.npz"
+DEFAULT_TOP_K = 4   # the paper's 8-expert table; quality plateaus near 4 active experts
+# ModelConfig fields every expert must share with the public model.
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                "max_seq_len", "rope_theta", "norm_eps", "param_dtype")
+FFN_KEYS = ("w_gate", "w_up", "w_down")
+
+
+@dataclasses.dataclass
+class Expert:
+  name: str
+  path: str
+  manifest: dict
+  router: np.ndarray                 # [L, d]
+  negative_bias: np.ndarray | None   # [L]
+
+
+def resolve(path: str, nested: str) -> str:
+  """``path`` itself if it holds a manifest, else its ``nested`` sub-directory if that does."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist.")
+  inner = os.path.join(path, nested)
+  if not os.path.exists(os.path.join(path, store.MANIFEST)) and os.path.isdir(inner):
+    return inner
+  return path
+
+
+def router_fingerprint(row) -> str:
+  return store.fingerprint({"public_router": np.asarray(row, np.float32)})
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  L, d, f = cfg.n_layers, cfg.d_model, cfg.d_ff
+  return {"w_gate": (L, d, f), "w_up": (L, d, f), "w_down": (L, f, d), "router": (L, d),
+          "negative_bias": (L,)}
+
+
+def _check_leaves(path: str, cfg: ModelConfig, has_bias: bool, what: str) -> None:
+  params = os.path.join(path, store.PARAMS)
+  try:
+    tree = ocp.StandardCheckpointer().metadata(params).item_metadata.tree
+  except Exception as e:   # noqa: BLE001 (Orbax raises many kinds for a broken directory)
+    raise ValueError(f"{what}: cannot read the Orbax metadata of {params}: {e}") from e
+  want = _expected_shapes(cfg)
+  if not has_bias:
+    want.pop("negative_bias")
+  got = {k: tuple(v.shape) for k, v in tree.items()}
+  if got != want:
+    raise ValueError(f"{what}: {params} holds {got}, expected {want} for this config.")
+
+
+def _restore_small(path: str, keys: Sequence[str], cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Only the named (small) leaves of an artifact, as host numpy arrays."""
+  shapes = _expected_shapes(cfg)
+  item = {k: np.zeros(shapes[k], np.float32) for k in keys}
+  return ocp.PyTreeCheckpointer().restore(
+      os.path.join(path, store.PARAMS),
+      args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                  restore_args={k: ocp.RestoreArgs(restore_type=np.ndarray)
+                                                for k in keys}))
+
+
+def read_expert(path: str, public_manifest: dict, public_cfg: ModelConfig,
+                public_path: str) -> Expert:
+  """An expert artifact checked against the public model; errors name the expert and file."""
+  path = resolve(path, "expert")
+  manifest = store.read_manifest(path)
+  name = manifest.get("name", "?")
+  what = f"expert {name!r} ({path})"
+  if manifest.get("kind") != "expert":
+    raise ValueError(f"{path} holds a {manifest.get('kind')!r} checkpoint, not an expert artifact.")
+  if manifest.get("anchor_fingerprint") != public_manifest["fingerprint"]:
+    raise ValueError(
+        f"{what} was trained against public model {manifest.get('anchor_fingerprint', '?')[:16]}, "
+        f"but {public_path} is {public_manifest['fingerprint'][:16]}: merge it with the public "
+        "model it was trained against.")
+  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
+  diff = [f"{k}={getattr(cfg, k)} (public {getattr(public_cfg, k)})" for k in SHAPE_FIELDS
+          if getattr(cfg, k) != getattr(public_cfg, k)]
+  if diff:
+    raise ValueError(f"{what} has a different config from the public model: {', '.join(diff)}.")
+  if manifest.get("vocabulary") != public_manifest.get("vocabulary"):
+    raise ValueError(f"{what} uses vocabulary {manifest.get('vocabulary')}, the public model "
+                     f"{public_manifest.get('vocabulary')}.")
+  if cfg.experts != (PUBLIC, name):
+    raise ValueError(f"{what}: its config names experts {list(cfg.experts)}, expected "
+                     f"['public', {name!r}].")
+  store.recorded_files(path, manifest)         # every file present at its size
+  _check_leaves(path, cfg, cfg.negative_bias, what)
+  small = _restore_small(path, ("router", "negative_bias") if cfg.negative_bias else ("router",),
+                         cfg)
+  return Expert(name, path, manifest, small["router"], small.get("negative_bias"))
+
+
+def _router_mode(expert: Expert) -> str:
+  return expert.manifest.get("data_card", {}).get("expert_config", {}).get("router_init", "shared")
+
+
+@dataclasses.dataclass
+class Source:
+  """What a merge reads: the public model, the experts, and optionally an existing router."""
+
+  public_path: str
+  public_manifest: dict
+  public_cfg: ModelConfig
+  experts: list[Expert]
+  router: dict[str, np.ndarray] | None = None    # from a merged input (tuned rows are kept)
+
+
+def read_public(path: str) -> tuple[str, dict, ModelConfig]:
+  path = resolve(path, "model")
+  manifest = store.read_manifest(path)
+  if manifest.get("kind") != "public":
+    raise ValueError(f"{path} is a {manifest.get('kind')!r} checkpoint, not the public model.")
+  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
+  store.recorded_files(path, manifest)
+  return path, manifest, cfg
+
+
+def read_sources(public: str, experts: Sequence[str]) -> Source:
+  """The public model (or a merged checkpoint, whose experts come along) plus expert artifacts."""
+  public = resolve(public, "model")
+  manifest = store.read_manifest(public)
+  merged_router = None
+  paths = list(experts)
+  if manifest.get("kind") == KIND:
+    paths = [os.path.join(public, EXPERTS_DIR, n) for n in manifest["experts"] if n != PUBLIC]
+    paths += list(experts)
+    merged_router = read_router(public)
+    public = os.path.join(public, PUBLIC_DIR)
+  public_path, public_manifest, public_cfg = read_public(public)
+  seen: dict[str, str] = {}
+  out = []
+  for path in paths:
+    expert = read_expert(path, public_manifest, public_cfg, public_path)
+    if expert.name == PUBLIC:
+      raise ValueError(f"{expert.path}: the name 'public' is reserved for the public model.")
+    validate_expert_names([expert.name])
+    if expert.name in seen:
+      raise ValueError(f"Two experts are named {expert.name!r}: {seen[expert.name]} and "
+                       f"{expert.path}; names identify experts, so each must be unique.")
+    seen[expert.name] = expert.path
+    out.append(expert)
+  return Source(public_path, public_manifest, public_cfg, out, merged_router)
+
+
+def read_router(path: str) -> dict[str, np.ndarray]:
+  with np.load(os.path.join(path, ROUTER_FILE)) as f:
+    return {k: np.asarray(v) for k, v in f.items()}
+
+
+def router_rows(source: Source, names: Sequence[str], negative_bias: bool) -> dict[str, np.ndarray]:
+  """``<name>/router`` for every name, ``<name>/negative_bias`` for the non-public ones."""
+  if source.router is not None and all(f"{n}/router" in source.router for n in names):
+    rows = {k: v for k, v in source.router.items() if k.split("/")[0] in names}
+  else:
+    by_mode: dict[str, list[str]] = {}
+    for e in source.experts:
+      by_mode.setdefault(_router_mode(e), []).append(e.name)
+    if len(by_mode) > 1:
+      raise ValueError(f"The experts were trained against different public router rows "
+                       f"(router_init modes {by_mode}); they cannot share one router.")
+    mode = next(iter(by_mode), "shared")
+    cfg = source.public_cfg
+    r_pub = (router_init.public_rows(mode, source.public_path, source.public_manifest["fingerprint"],
+                                     cfg.n_layers, cfg.d_model)
+             if source.experts else np.zeros((cfg.n_layers, cfg.d_model), np.float32))
+    expected = router_fingerprint(r_pub)
+    for e in source.experts:
+      if e.manifest.get("public_router_fingerprint") != expected:
+        raise ValueError(f"expert {e.name!r} ({e.path}) was trained against a different public "
+                         f"router row than {source.public_path} gives for router_init={mode!r}.")
+    rows = {f"{PUBLIC}/router": np.asarray(r_pub, np.float32)}
+    for e in source.experts:
+      rows[f"{e.name}/router"] = e.router
+      if e.negative_bias is not None:
+        rows[f"{e.name}/negative_bias"] = e.negative_bias
+  if not negative_bias:
+    rows = {k: v for k, v in rows.items() if not k.endswith("/negative_bias")}
+  return rows
+
+
+def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
+          exclude: Sequence[str] = (), top_k: int | None = None, top_k_policy: str = "clamp",
+          negative_bias: bool = True, router: Mapping[str, np.ndarray] | None = None,
+          router_record: Mapping[str, Any] | None = None, overwrite: bool = False,
+          progress=print) -> str:
+  """Writes the merged checkpoint; returns its directory. ``router`` replaces the router rows
+  (router tuning); ``exclude`` drops names from the inputs for good."""
+  if out is None:
+    raise ValueError("merge needs an output directory (--out).")
+  source = read_sources(public, experts)
+  present = [e.name for e in source.experts]
+  missing = [n for n in exclude if n not in present]
+  if missing:
+    raise ValueError(f"--exclude {missing}: no such expert among the inputs {present}.")
+  if PUBLIC in exclude:
+    raise ValueError("The public model is the anchor of every expert; it cannot be excluded "
+                     "(opt it out at inference with --experts instead).")
+  source.experts = sorted((e for e in source.experts if e.name not in exclude),
+                          key=lambda e: e.name)
+  names = (PUBLIC, *(e.name for e in source.experts))
+  k = min(DEFAULT_TOP_K, len(names)) if top_k is None else top_k
+  with_bias = negative_bias and any(e.negative_bias is not None for e in source.experts)
+  cfg = source.public_cfg.replace(experts=names, top_k=k, top_k_policy=top_k_policy,
+                                  negative_bias=with_bias)
+  rows = dict(router) if router is not None else router_rows(source, names, with_bias)
+  for name in names:
+    if f"{name}/router" not in rows:
+      raise ValueError(f"The router has no row for expert {name!r}.")
+    if with_bias and name != PUBLIC and f"{name}/negative_bias" not in rows:
+      rows[f"{name}/negative_bias"] = np.zeros((cfg.n_layers,), np.float32)
+
+  out, partial = store.begin(out, overwrite)
+  try:
+    jobs, known = [], {}
+    inputs = [(PUBLIC_DIR, source.public_path, source.public_manifest)]
+    inputs += [(os.path.join(EXPERTS_DIR, e.name), e.path, e.manifest) for e in source.experts]
+    for rel_dir, path, manifest in inputs:
+      for rel, info in store.recorded_files(path, manifest).items():
+        jobs.append((os.path.join(path, rel), os.path.join(partial, rel_dir, rel), info))
+        known[os.path.join(rel_dir, rel)] = info
+      os.makedirs(os.path.join(partial, rel_dir), exist_ok=True)
+      shutil.copyfile(os.path.join(path, store.MANIFEST),
+                      os.path.join(partial, rel_dir, store.MANIFEST))
+    total = sum(j[2]["bytes"] for j in jobs)
+    progress(f"merge: {len(names)} experts {list(names)}, copying and checking "
+             f"{total / 1e6:,.1f} MB")
+    store.copy_checked(jobs)
+    np.savez(os.path.join(partial, ROUTER_FILE), **rows)
+    manifest = {
+        "kind": KIND, "config": store.config_to_json(cfg), "experts": list(names),
+        "vocabulary": source.public_manifest["vocabulary"],
+        "anchor_fingerprint": source.public_manifest["fingerprint"],
+        "data_cards": {PUBLIC: source.public_manifest.get("data_card", {}),
+                       **{e.name: e.manifest.get("data_card", {}) for e in source.experts}},
+        "router": dict(router_record or {"source": "experts"}),
+    }
+    store.finish(partial, out, manifest, known)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  progress(f"merged model -> {out}")
+  return out
+
+
+def selection(all_names: Sequence[str], experts: Sequence[str] | str | None = None,
+              exclude: Sequence[str] | str | None = None) -> tuple[str, ...]:
+  """The names kept (in the model's order) by ``--experts a,b`` or ``--exclude x``."""
+  split = lambda v: [n for n in (v.split(",") if isinstance(v, str) else v or ()) if n]
+  experts, exclude = split(experts), split(exclude)
+  if experts and exclude:
+    raise ValueError("Give --experts or --exclude, not both.")
+  unknown = [n for n in experts + exclude if n not in all_names]
+  if unknown:
+    raise ValueError(f"Unknown expert(s) {unknown}; this model has {list(all_names)}.")
+  kept = tuple(n for n in all_names if (n in experts if experts else n not in exclude))
+  if not kept:
+    raise ValueError("No expert is left: select at least one.")
+  return kept
+
+
+def load_merged(path: str, experts=None, exclude=None, *, dtype: str | None = None,
+                verify: bool = False) -> tuple[ModelConfig, dict]:
+  """(config, parameters) of the model over the selected names, stacked ``[L, E, ...]``.
+
+  Opting out here builds exactly the model a merge without those experts writes. ``top_k``
+  follows the config's ``top_k_policy`` when fewer experts remain (clamp, or an error).
+  """
+  from flexolmo_jax.model.transformer import pure_model
+
+  path = resolve(path, "merged")
+  manifest = store.read_manifest(path, KIND)
+  store.verify_files(path, manifest) if verify else store.recorded_files(path, manifest)
+  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
+  names = selection(cfg.experts, experts, exclude)
+  if cfg.top_k > len(names) and cfg.top_k_policy != "clamp":
+    raise ValueError(f"top_k={cfg.top_k} is larger than the {len(names)} experts selected "
+                     f"{list(names)}; select more, or merge with --top-k-policy clamp.")
+  cfg = cfg.with_experts(names)
+  if dtype:
+    cfg = cfg.replace(dtype=dtype)
+  dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
+  dense = store.load_params(os.path.join(path, PUBLIC_DIR),
+                            pure_model(dense_cfg).abstract.to_pure_dict())
+  rows = read_router(path)
+  ffn = {PUBLIC: {"w_gate": dense["blocks"]["ffn"]["gate_proj"],
+                  "w_up": dense["blocks"]["ffn"]["up_proj"],
+                  "w_down": dense["blocks"]["ffn"]["down_proj"]}}
+  shapes = _expected_shapes(cfg)
+  for name in names[1:] if names[0] == PUBLIC else names:
+    ffn[name] = _restore_small(os.path.join(path, EXPERTS_DIR, name), FFN_KEYS, cfg)
+  stack = lambda xs: np.stack([np.asarray(x) for x in xs], axis=1)
+  moe = {key: stack([ffn[n][key] for n in names]) for key in FFN_KEYS}
+  moe["router_embedding"] = stack([rows[f"{n}/router"] for n in names])
+  if cfg.negative_bias:
+    zero = np.zeros(shapes["negative_bias"], np.float32)
+    moe["negative_bias"] = stack([rows.get(f"{n}/negative_bias", zero) for n in names])
+  params = {**dense, "blocks": {**dense["blocks"], "ffn": moe}}
+  return cfg, jax.tree.map(np.asarray, params)

@@ -1,0 +1,100 @@
+"""Validation loss per domain of any saved model (``flexolmo eval``).
+
+A *scorer* turns a packed batch into per-token log-probabilities of the targets; the loss of a
+domain is the mean negative log-probability over its validation split (nats per token; per byte
+with the byte vocabulary). Models are opened by the kind their manifest names:
+
+- ``public`` / ``dense``: a dense model (the public model, a dense baseline, a soup);
+- ``merged``: the FlexOlmo MoE, over all its experts or a selection (``experts`` / ``exclude``);
+- ``btm``: the BTM ensemble of dense models (eval/baselines.py).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexolmo_jax.checkpoint import merge as merge_lib
+from flexolmo_jax.checkpoint import store
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model.transformer import pure_model
+from flexolmo_jax.train import loop
+
+Scorer = Callable[[Mapping[str, np.ndarray]], jax.Array]   # batch -> [B, T] target log-probs
+
+
+def target_logprobs(logits_btv, targets_bt):
+  logz = jax.nn.logsumexp(logits_btv, axis=-1)
+  return jnp.take_along_axis(logits_btv, targets_bt[..., None], -1)[..., 0] - logz
+
+
+def model_scorer(cfg: ModelConfig, params) -> Scorer:
+  model = pure_model(cfg)
+
+  @jax.jit
+  def score(params, batch):
+    logits, _ = loop.run_on_batch(model, params, batch)
+    return target_logprobs(logits, batch["decoder_target_tokens"])
+
+  return lambda batch: score(params, batch)
+
+
+def load_dense(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict, dict]:
+  """(config, params, manifest) of a ``public`` or ``dense`` model directory."""
+  manifest = store.read_manifest(path)
+  if manifest.get("kind") not in ("public", "dense"):
+    raise ValueError(f"{path} holds a {manifest.get('kind')!r} checkpoint, not a dense model.")
+  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
+  if dtype:
+    cfg = cfg.replace(dtype=dtype)
+  store.recorded_files(path, manifest)
+  params = store.load_params(path, pure_model(cfg).abstract.to_pure_dict())
+  return cfg, params, manifest
+
+
+def open_model(path: str, experts=None, exclude=None, dtype: str | None = None
+               ) -> tuple[Scorer, dict]:
+  """(scorer, description) for any saved model; ``experts`` / ``exclude`` opt experts in or out."""
+  path = merge_lib.resolve(merge_lib.resolve(path, "model"), "merged")
+  manifest = store.read_manifest(path)
+  kind = manifest.get("kind")
+  if kind != "merged" and (experts or exclude):
+    raise ValueError(f"--experts / --exclude apply to merged models; {path} is {kind!r}.")
+  if kind == "merged":
+    cfg, params = merge_lib.load_merged(path, experts, exclude, dtype=dtype)
+    return model_scorer(cfg, params), {"kind": kind, "experts": list(cfg.experts),
+                                       "top_k": cfg.top_k}
+  if kind in ("public", "dense"):
+    cfg, params, _ = load_dense(path, dtype)
+    return model_scorer(cfg, params), {"kind": kind}
+  if kind == "btm":
+    from flexolmo_jax.eval import baselines
+    return baselines.btm_scorer(path, manifest, dtype), {"kind": kind}
+  raise ValueError(f"{path}: a {kind!r} checkpoint cannot be evaluated on its own"
+                   + ("; merge it with its public model first (flexolmo merge)."
+                      if kind == "expert" else "."))
+
+
+def domain_loss(scorer: Scorer, batches: Iterable[Mapping[str, np.ndarray]],
+                max_batches: int | None = None) -> float:
+  """Mean negative log-probability over the loss-weighted target tokens."""
+  nll = weight = 0.0
+  for i, batch in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    w = np.asarray(batch["decoder_loss_weights"], np.float64)
+    nll -= float(np.sum(np.asarray(scorer(batch), np.float64) * w))
+    weight += float(np.sum(w))
+  if not weight:
+    raise ValueError("No validation tokens to evaluate on.")
+  return nll / weight
+
+
+def evaluate(path: str, data: Mapping[str, Iterable], experts=None, exclude=None,
+             dtype: str | None = None, max_batches: int | None = None) -> dict[str, float]:
+  """{domain: loss} for the model at ``path`` over ``data`` ({domain: batch iterable})."""
+  scorer, _ = open_model(path, experts, exclude, dtype)
+  return {name: domain_loss(scorer, batches, max_batches) for name, batches in data.items()}

@@ -1,0 +1,166 @@
+"""Merging experts, opting them in and out, and refusing bad inputs (FLEXOLMO_SPEC.md section 6)."""
+import filecmp
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from flexolmo_jax import cli
+from flexolmo_jax.checkpoint import merge, store
+from flexolmo_jax.model.transformer import pure_model
+from flexolmo_jax.train import expert
+from tests.helpers import lm_batch
+
+
+def logits_of(cfg, params, batch):
+  logits, _ = jax.jit(lambda p, b: pure_model(cfg)(p, b))(params, batch)
+  return np.asarray(logits)
+
+
+def tree_files(path):
+  return sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+
+
+def same_tree(a, b):
+  files = tree_files(a)
+  assert files == tree_files(b)
+  _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+  return not mismatch and not errors
+
+
+@pytest.fixture(scope="module")
+def merged_all(public, experts, tmp_path_factory):
+  out = tmp_path_factory.mktemp("merged") / "all"
+  return merge.merge(public["run"], list(experts.values()), str(out))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return lm_batch(256, batch=2, length=64)["decoder_input_tokens"]
+
+
+@pytest.mark.slow
+def test_merged_pair_equals_the_trained_two_expert_model(public, code_expert, merged_all,
+                                                         tmp_path, tokens):
+  result = code_expert["result"]
+  cfg2 = store.config_from_json(store.read_manifest(code_expert["artifact"])["config"], "code")
+  trained = expert.assemble(result.frozen["anchor"], result.frozen["public_router"], result.params)
+  reference = logits_of(cfg2, jax.device_get(trained), tokens)
+
+  pair = merge.merge(public["model"], [code_expert["run"]], str(tmp_path / "pair"))
+  cfg, params = merge.load_merged(pair, verify=True)
+  assert cfg.experts == ("public", "code") and cfg.top_k == 2 and cfg.negative_bias
+  np.testing.assert_array_equal(logits_of(cfg, params, tokens), reference)     # bitwise
+  # The same pair opted in from the merge of every expert.
+  cfg, params = merge.load_merged(merged_all, experts="public,code")
+  np.testing.assert_array_equal(logits_of(cfg, params, tokens), reference)
+
+
+@pytest.mark.slow
+def test_merge_order_does_not_matter(public, experts, merged_all, tmp_path, tokens):
+  reverse = merge.merge(public["run"], list(experts.values())[::-1], str(tmp_path / "rev"))
+  assert same_tree(merged_all, reverse)          # byte-identical directories
+  manifest = store.read_manifest(merged_all, "merged")
+  assert manifest["experts"] == ["public", "code", "legal", "math", "prose"]
+  assert set(manifest["data_cards"]) == set(manifest["experts"])
+  assert manifest["data_cards"]["math"]["sources"] == ["flexmix_math/1.0.0"]
+
+
+@pytest.mark.slow
+def test_opt_out_is_exact(public, experts, merged_all, tmp_path, tokens):
+  without = merge.merge(public["run"], [p for n, p in experts.items() if n != "math"],
+                        str(tmp_path / "without"))
+  cfg_a, params_a = merge.load_merged(merged_all, exclude="math")
+  cfg_b, params_b = merge.load_merged(without)
+  assert cfg_a == cfg_b
+  np.testing.assert_array_equal(logits_of(cfg_a, params_a, tokens),
+                                logits_of(cfg_b, params_b, tokens))
+  # ... and it differs from the model with math in it.
+  cfg_all, params_all = merge.load_merged(merged_all)
+  assert np.abs(logits_of(cfg_all, params_all, tokens) - logits_of(cfg_b, params_b, tokens)).max() > 0
+  # merge --exclude writes exactly that merge, from the inputs or from the merged model.
+  excluded = merge.merge(public["run"], list(experts.values()), str(tmp_path / "excl"),
+                         exclude=["math"])
+  assert same_tree(excluded, without)
+  assert cli.main(["merge", "--public", merged_all, "--exclude", "math",
+                   "--out", str(tmp_path / "excl2")]) == 0
+  assert same_tree(str(tmp_path / "excl2"), without)
+
+
+@pytest.mark.slow
+def test_top_k_is_clamped_or_rejected(public, experts, tmp_path):
+  paths = list(experts.values())
+  clamp = merge.merge(public["run"], paths, str(tmp_path / "clamp"))
+  cfg, _ = merge.load_merged(clamp, experts=["public", "code"])
+  assert cfg.top_k == 2 and merge.load_merged(clamp)[0].top_k == 4
+  strict = merge.merge(public["run"], paths, str(tmp_path / "strict"), top_k_policy="reject")
+  with pytest.raises(ValueError, match="top_k=4 is larger than the 2 experts"):
+    merge.load_merged(strict, experts=["public", "code"])
+  with pytest.raises(ValueError, match=r"Unknown expert\(s\) \['news'\]"):
+    merge.load_merged(strict, exclude=["news"])
+
+
+def edited_copy(src, dst, edit):
+  shutil.copytree(src, dst)
+  path = os.path.join(dst, store.MANIFEST)
+  manifest = json.load(open(path))
+  edit(manifest)
+  json.dump(manifest, open(path, "w"))
+  return str(dst)
+
+
+def data_file(artifact):
+  return max((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(artifact, "params"))
+              for f in fs), key=os.path.getsize)
+
+
+@pytest.mark.slow
+def test_refusals_name_the_expert(public, experts, tmp_path):
+  code = experts["code"]
+
+  def refuse(paths, match, **kw):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+      merge.merge(public["run"], paths, str(tmp_path / "out"), **kw)
+    assert not os.path.exists(tmp_path / "out")
+
+  other = edited_copy(code, tmp_path / "other", lambda m: m.update(anchor_fingerprint="ab" * 32))
+  refuse([other], r"expert 'code' .* trained against public model abababab")
+  refuse([code, edited_copy(code, tmp_path / "dup", lambda m: None)], "Two experts are named 'code'")
+  refuse([edited_copy(code, tmp_path / "cfg", lambda m: m["config"].update(d_ff=256))],
+         r"expert 'code' .* different config .* d_ff=256 \(public 128\)")
+  refuse([edited_copy(code, tmp_path / "voc", lambda m: m["vocabulary"].update(size=300))],
+         "expert 'code' .* uses vocabulary")
+  truncated = edited_copy(code, tmp_path / "trunc", lambda m: None)
+  victim = data_file(truncated)
+  with open(victim, "r+b") as fh:
+    fh.truncate(os.path.getsize(victim) // 2)
+  refuse([truncated], f"{victim} has .* bytes.*truncated")
+  corrupt = edited_copy(code, tmp_path / "corrupt", lambda m: None)
+  victim = data_file(corrupt)
+  with open(victim, "r+b") as fh:
+    fh.seek(100)
+    byte = fh.read(1)
+    fh.seek(100)
+    fh.write(bytes([byte[0] ^ 0xFF]))
+  refuse([corrupt], f"{victim} is corrupted")
+  refuse([code], r"--exclude \['news'\]: no such expert among the inputs \['code'\]",
+         exclude=["news"])
+  partial = tmp_path / "half"
+  shutil.copytree(code, partial)
+  os.remove(partial / store.MANIFEST)
+  refuse([str(partial)], "manifest.json is missing")
+
+
+@pytest.mark.slow
+def test_an_interrupted_merge_leaves_nothing_that_looks_complete(public, experts, tmp_path,
+                                                                 monkeypatch):
+  def interrupted(jobs, workers=0):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(store, "copy_checked", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    merge.merge(public["run"], list(experts.values()), str(tmp_path / "m"))
+  assert os.listdir(tmp_path) == []
