@@ -147,6 +147,8 @@ PRETRAIN_FLAGS = {**TRAIN_FLAGS, "eval_data": "EVAL_DATA"}
 EXPERT_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME", "top_k": "TOP_K",
                 "router_init": "ROUTER_INIT", "router_init_documents": "ROUTER_INIT_DOCUMENTS",
                 "negative_bias": "NEGATIVE_BIAS"}
+TUNE_FLAGS = {**{k: v for k, v in TRAIN_FLAGS.items() if k != "vocabulary"}, "merged": "MERGED",
+              "proxy_fraction": "PROXY_FRACTION", "proxy_weight": "PROXY_WEIGHT"}
 PREEMPTED_EXIT = 143
 
 
@@ -184,7 +186,7 @@ def parse_run_config(run: str, args, flags: dict[str, str], model: str | None = 
   import gin
 
   from flexolmo_jax.config import GIN_DIR, model_gin_path
-  from flexolmo_jax.train import expert, pretrain  # noqa: F401  (registers the configurables)
+  from flexolmo_jax.train import expert, pretrain, router_tune  # noqa: F401  (configurables)
 
   files = ([model_gin_path(model)] if model else []) + [os.path.join(GIN_DIR, "runs", f"{run}.gin")]
   for path in args.gin_file:
@@ -302,6 +304,14 @@ def _cmd_eval(args) -> int:
   return 0
 
 
+def _cmd_tune_router(args) -> int:
+  from flexolmo_jax.train import router_tune
+
+  parse_run_config("tune_router", args, TUNE_FLAGS)
+  result, _ = _call_configured(router_tune.tune_router)
+  return PREEMPTED_EXIT if result.preempted else 0
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data", action="append", help="file or directory of text (repeat)")
   p.add_argument("--out", help="output (run) directory; re-running resumes it")
@@ -386,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the experts' negative biases (the reference and HF layout)")
   mrg.add_argument("--overwrite", action="store_true")
   mrg.set_defaults(fn=_cmd_merge)
+  tune = sub.add_parser("tune-router",
+                        help="tune the router rows of a merged model on public proxy data")
+  tune.add_argument("--merged", help="merged checkpoint directory")
+  tune.add_argument("--proxy-fraction", type=float)
+  tune.add_argument("--proxy-weight", type=float)
+  _add_train_flags(tune)
+  tune.set_defaults(fn=_cmd_tune_router)
   ev = sub.add_parser("eval", help="validation loss per domain of any saved model")
   ev.add_argument("--model", required=True, help="public, dense, merged or btm directory")
   _add_selection_flags(ev)

@@ -218,9 +218,12 @@ def load_params(directory: str, target: Any = None) -> dict:
   try:
     if target is None:
       return checkpointer.restore(path)
+    # A leaf without a sharding lands on the first local device, whatever topology saved it
+    # (a model trained on many devices loads on one).
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(
-        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
-        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, "sharding", None) or local), target)
     return checkpointer.restore(path, abstract)
   except ValueError as e:
     raise ValueError(f"{path}: the saved parameters do not match the expected structure: {e}") from e

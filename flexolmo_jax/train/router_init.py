@@ -30,7 +30,7 @@ EMBEDDING_FILE = "public_embedding.npz"   # pretrain writes it beside the public
 DOMAIN_EMBEDDING_FILE = "domain_embedding.npz"   # train-expert writes it into the artifact
 
 
-def _segment_embeddings(hidden_btd, segment_ids_bt):
+def segment_embeddings(hidden_btd, segment_ids_bt):
   """L2-normalized mean over each packed segment -> ([B*T, d], [B*T] valid), segment order."""
   b, t, d = hidden_btd.shape
   ids = (jnp.arange(b)[:, None] * t + segment_ids_bt).reshape(-1)     # segment 0 is padding
@@ -51,8 +51,8 @@ def domain_embedding(model: PureModel, params, batches: Iterable[Mapping[str, np
   def embed(params, tokens, positions, segments):
     _, _, hidden = model(params, tokens, positions_bt=positions, segment_ids_bt=segments,
                          return_hidden=True)
-    final, valid = _segment_embeddings(hidden.final, segments)
-    per_layer = jax.vmap(lambda h: _segment_embeddings(h, segments)[0])(hidden.router_inputs)
+    final, valid = segment_embeddings(hidden.final, segments)
+    per_layer = jax.vmap(lambda h: segment_embeddings(h, segments)[0])(hidden.router_inputs)
     return final, per_layer, valid
 
   shared, per_layer, seen = [], [], 0

@@ -1,0 +1,179 @@
+"""``flexolmo tune-router``: optional router tuning on public proxy data (spec section 6, 3.3.3).
+
+Closed data is never read. The only view of a domain is what its artifact carries: the domain
+embedding its owner computed (``domain_embedding.npz``, the mean of L2-normalized document
+embeddings) next to the public one (``public_embedding.npz``).
+
+1. **Proxy sets.** Every public segment is embedded by the public model the same way. A linear
+   classifier per domain, "domain i vs public", scores it as ``x . (e_i - e_pub)`` (the
+   nearest-centroid rule on the two embeddings); the top ``proxy_fraction`` of the public
+   segments with a positive score form domain i's proxy set.
+2. **Tuning.** Only the router rows of every expert (``public`` included) are trained, with all
+   experts active (top-k = E), on the public data in which proxy segments weigh
+   ``1 + proxy_weight`` in the loss. Everything else, negative biases included, is frozen.
+3. The result is a new merged checkpoint (``<out>/merged``) with the tuned ``router.npz`` and
+   ``top_k`` = E, the setting it was tuned for; the experts' files are copied unchanged.
+
+Reference settings (7B): lr 2e-3, 100 warm-up steps, weight decay 0.1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Sequence
+
+import gin
+import jax
+import numpy as np
+
+from flexolmo_jax import sharding
+from flexolmo_jax.checkpoint import merge as merge_lib
+from flexolmo_jax.checkpoint import store
+from flexolmo_jax.config import PUBLIC, write_gin_config
+from flexolmo_jax.data import sources, tasks
+from flexolmo_jax.model.transformer import pure_model
+from flexolmo_jax.train import loop, metrics, router_init
+
+
+@gin.configurable(module="flexolmo")
+@dataclasses.dataclass(frozen=True)
+class RouterTuneConfig:
+  proxy_fraction: float = 0.1     # share of the public segments kept per domain (at most)
+  proxy_weight: float = 4.0       # extra loss weight of a proxy segment
+  max_batches: int = 1000         # public batches scored and kept in memory for tuning
+
+  def __post_init__(self):
+    if not 0 < self.proxy_fraction <= 1:
+      raise ValueError(f"RouterTuneConfig: proxy_fraction={self.proxy_fraction} not in (0, 1].")
+
+
+def domain_embeddings(merged_path: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+  """{name: [d]} the ``shared`` domain embedding of every expert (public included)."""
+  out = {}
+  for name in names:
+    if name == PUBLIC:
+      path = os.path.join(merged_path, merge_lib.PUBLIC_DIR, router_init.EMBEDDING_FILE)
+    else:
+      path = os.path.join(merged_path, merge_lib.EXPERTS_DIR, name,
+                          router_init.DOMAIN_EMBEDDING_FILE)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is missing: expert {name!r} carries no domain embedding, "
+                              "so no proxy set can be chosen for it.")
+    with np.load(path) as f:
+      out[name] = np.asarray(f["shared"], np.float32)
+  return out
+
+
+def proxy_weights(dense_cfg, dense_params, batches, embeddings, cfg: RouterTuneConfig):
+  """(loss-weight arrays per batch, {domain: proxy segment count}) over the public batches."""
+  model = pure_model(dense_cfg)
+
+  @jax.jit
+  def embed(params, batch):
+    _, _, hidden = loop.run_on_batch(model, params, batch, return_hidden=True)
+    return router_init.segment_embeddings(hidden.final, batch["decoder_segment_ids"])
+
+  domains = [n for n in embeddings if n != PUBLIC]
+  directions = np.stack([embeddings[n] - embeddings[PUBLIC] for n in domains], axis=1)  # [d, D]
+  scores, keys = [], []
+  for i, batch in enumerate(batches):
+    emb, valid = jax.device_get(embed(dense_params, batch))
+    for j in np.flatnonzero(valid):
+      scores.append(emb[j] @ directions)
+      keys.append((i, j))
+  scores = np.asarray(scores).reshape(len(keys), len(domains))
+  chosen = np.zeros(len(keys), bool)
+  counts = {}
+  per_domain = max(1, int(cfg.proxy_fraction * len(keys)))
+  for d, name in enumerate(domains):
+    order = np.argsort(-scores[:, d])[:per_domain]
+    order = order[scores[order, d] > 0]
+    chosen[order] = True
+    counts[name] = int(len(order))
+  boost = {key for key, c in zip(keys, chosen) if c}
+  weights = []
+  for i, batch in enumerate(batches):
+    b, t = batch["decoder_segment_ids"].shape
+    seg_index = np.arange(b)[:, None] * t + batch["decoder_segment_ids"]
+    extra = np.isin(seg_index, [j for (bi, j) in boost if bi == i])
+    weights.append(batch["decoder_loss_weights"] * (1.0 + cfg.proxy_weight * extra))
+  return weights, counts
+
+
+@gin.configurable(module="flexolmo")
+def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
+                output_dir: str = gin.REQUIRED, train: loop.TrainConfig | None = None,
+                tune: RouterTuneConfig | None = None,
+                rules: sharding.ShardingRules | None = None):
+  """Tunes the router of the merged model on public data; returns (TrainResult, out or None)."""
+  train, tune = train or loop.TrainConfig(), tune or RouterTuneConfig()
+  rules = rules or sharding.ShardingRules()
+  if isinstance(data, str):
+    data = [data]
+  merged = merge_lib.resolve(merged, "merged")
+  manifest = store.read_manifest(merged, merge_lib.KIND)
+  cfg, params = merge_lib.load_merged(merged)
+  cfg = cfg.replace(top_k=cfg.num_experts)        # all experts active
+  names = cfg.experts
+  embeddings = domain_embeddings(merged, names)
+  spec = manifest["vocabulary"]["spec"]
+  vocab = tasks.vocabulary_from_spec(
+      spec if spec == "byte" else os.path.join(merged, merge_lib.PUBLIC_DIR, spec))
+  write_gin_config(output_dir)
+  task = tasks.register_corpus("public", data, data_dir=os.path.join(output_dir, "data"),
+                               vocabulary=vocab)
+  full = (b for b in tasks.lm_batches(task, seq_len=train.seq_len, batch_size=train.batch_size,
+                                      seed=train.seed, num_epochs=1)
+          if len(b["decoder_input_tokens"]) == train.batch_size)
+  batches = list(itertools.islice(full, tune.max_batches))
+  if not batches:
+    raise ValueError(f"The public data {list(data)} gave no full batch of "
+                     f"{train.batch_size} x {train.seq_len} tokens.")
+  dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
+  dense_params = store.load_params(os.path.join(merged, merge_lib.PUBLIC_DIR),
+                                   pure_model(dense_cfg).abstract.to_pure_dict())
+  weights, counts = proxy_weights(dense_cfg, dense_params, batches, embeddings, tune)
+  del dense_params
+  print(f"proxy segments per domain, chosen from {len(batches)} batches of public data: {counts}")
+  stream_batches = [{**b, "decoder_loss_weights": w.astype(np.float32)}
+                    for b, w in zip(batches, weights)]
+
+  def stream(start):
+    return (stream_batches[i % len(stream_batches)] for i in itertools.count(start))
+
+  moe = pure_model(cfg)
+  ffn = params["blocks"]["ffn"]
+  frozen = {**params, "blocks": {**params["blocks"],
+                                 "ffn": {k: v for k, v in ffn.items() if k != "router_embedding"}}}
+  trainable = {"router": ffn["router_embedding"]}
+
+  def apply(p, fz, batch):
+    full = {**fz, "blocks": {**fz["blocks"], "ffn": {**fz["blocks"]["ffn"],
+                                                     "router_embedding": p["router"]}}}
+    return loop.run_on_batch(moe, full, batch)
+
+  mesh = sharding.make_mesh(train.mesh)
+  all_shardings = moe.shardings(mesh, rules)
+  frozen_shardings = {**all_shardings, "blocks": {
+      **all_shardings["blocks"], "ffn": {k: v for k, v in all_shardings["blocks"]["ffn"].items()
+                                          if k != "router_embedding"}}}
+  trainer = loop.Trainer(
+      train, workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=trainable,
+      frozen=frozen, param_shardings={"router": all_shardings["blocks"]["ffn"]["router_embedding"]},
+      frozen_shardings=frozen_shardings, stream=stream,
+      flops_per_token=metrics.flops_per_token(cfg, train.seq_len), expert_names=names)
+  result = trainer.train()
+  if result.preempted:
+    return result, None
+  tuned = np.asarray(jax.device_get(result.params["router"]))       # [L, E, d]
+  rows = {k: v for k, v in merge_lib.read_router(merged).items() if k.endswith("/negative_bias")}
+  rows.update({f"{n}/router": tuned[:, e] for e, n in enumerate(names)})
+  record = {"source": "tune-router", "proxy_segments": counts,
+            "public_sources": [sources.source_label(p) for p in data],
+            "steps": result.step, "tune_config": dataclasses.asdict(tune),
+            "train_config": dataclasses.asdict(train)}
+  out = merge_lib.merge(merged, [], os.path.join(output_dir, "merged"), top_k=cfg.num_experts,
+                        top_k_policy=cfg.top_k_policy, negative_bias=cfg.negative_bias,
+                        router=rows, router_record=record, overwrite=True)
+  return result, out
