@@ -147,6 +147,7 @@ PRETRAIN_FLAGS = {**TRAIN_FLAGS, "eval_data": "EVAL_DATA"}
 EXPERT_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME", "top_k": "TOP_K",
                 "router_init": "ROUTER_INIT", "router_init_documents": "ROUTER_INIT_DOCUMENTS",
                 "negative_bias": "NEGATIVE_BIAS"}
+DENSE_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME"}
 TUNE_FLAGS = {**{k: v for k, v in TRAIN_FLAGS.items() if k != "vocabulary"}, "merged": "MERGED",
               "proxy_fraction": "PROXY_FRACTION", "proxy_weight": "PROXY_WEIGHT"}
 PREEMPTED_EXIT = 143
@@ -304,6 +305,30 @@ def _cmd_eval(args) -> int:
   return 0
 
 
+def _cmd_train_dense(args) -> int:
+  from flexolmo_jax.train import pretrain
+
+  parse_run_config("train_dense", args, DENSE_FLAGS)
+  result, _ = _call_configured(pretrain.pretrain)
+  return PREEMPTED_EXIT if result.preempted else 0
+
+
+def _cmd_soup(args) -> int:
+  from flexolmo_jax.eval import baselines
+
+  print(f"model soup -> {baselines.soup(args.dense, args.out, overwrite=args.overwrite)}")
+  return 0
+
+
+def _cmd_btm(args) -> int:
+  from flexolmo_jax.eval import baselines
+
+  out = baselines.btm(args.dense, args.out, tau=args.tau, top_k=args.top_k,
+                      overwrite=args.overwrite)
+  print(f"BTM ensemble -> {out}")
+  return 0
+
+
 def _cmd_tune_router(args) -> int:
   from flexolmo_jax.train import router_tune
 
@@ -396,6 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the experts' negative biases (the reference and HF layout)")
   mrg.add_argument("--overwrite", action="store_true")
   mrg.set_defaults(fn=_cmd_merge)
+  dense = sub.add_parser("train-dense", help="baseline: the public model continued on one domain")
+  dense.add_argument("--public", help="public model directory (or pretrain run directory)")
+  dense.add_argument("--name", help="the domain's name")
+  _add_train_flags(dense)
+  dense.set_defaults(fn=_cmd_train_dense)
+  for command, fn, text in (("soup", _cmd_soup, "baseline: uniform average of dense models"),
+                            ("btm", _cmd_btm, "baseline: BTM per-token ensemble of dense models")):
+    b = sub.add_parser(command, help=text)
+    b.add_argument("--dense", action="append", required=True, help="dense model dir (repeat)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--overwrite", action="store_true")
+    if command == "btm":
+      b.add_argument("--tau", type=float, default=1.0)
+      b.add_argument("--top-k", type=int)
+    b.set_defaults(fn=fn)
   tune = sub.add_parser("tune-router",
                         help="tune the router rows of a merged model on public proxy data")
   tune.add_argument("--merged", help="merged checkpoint directory")

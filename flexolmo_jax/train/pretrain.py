@@ -38,11 +38,22 @@ def eval_tasks(data_dir: str, eval_data: Mapping[str, Sequence[str]], vocab) -> 
 def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
              eval_data: Mapping[str, Sequence[str]] | None = None, vocabulary: str = "byte",
              train: loop.TrainConfig | None = None, model: ModelConfig | None = None,
-             embedding_documents: int = 1000, rules: sharding.ShardingRules | None = None):
-  """Trains the public model; returns (TrainResult, model directory or None if preempted)."""
+             embedding_documents: int = 1000, rules: sharding.ShardingRules | None = None,
+             init_from: str | None = None, name: str = "public"):
+  """Trains the public model; returns (TrainResult, model directory or None if preempted).
+
+  With ``init_from`` (a public model) it continues that model on ``data`` instead: the dense
+  baseline of domain ``name`` (kind ``dense``, ``train-dense``); the config and vocabulary are
+  the public model's."""
   train = train or loop.TrainConfig()
   cfg = model or ModelConfig()
   rules = rules or sharding.ShardingRules()
+  anchor = None
+  if init_from is not None:
+    from flexolmo_jax.train import expert as expert_lib
+    public_path, public_manifest, cfg = expert_lib.load_public(init_from)
+    vocabulary = expert_lib.public_vocabulary(public_path, public_manifest)
+    anchor = (public_path, public_manifest)
   if cfg.is_moe:
     raise ValueError(f"pretrain trains the dense public model, but the config has experts "
                      f"{list(cfg.experts)}.")
@@ -52,16 +63,18 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   check_vocabulary(vocab, cfg, vocabulary)
   write_gin_config(output_dir)
   data_dir = os.path.join(output_dir, "data")
-  task = tasks.register_corpus("public", data, data_dir=data_dir, vocabulary=vocab)
-  evals = {**({"public": task} if tasks.has_split(task, "validation") else {}),
+  task = tasks.register_corpus(name, data, data_dir=data_dir, vocabulary=vocab)
+  evals = {**({name: task} if tasks.has_split(task, "validation") else {}),
            **eval_tasks(data_dir, eval_data or {}, vocab)}
 
   model_fn = pure_model(cfg)
   mesh = sharding.make_mesh(train.mesh)
+  initial = (model_fn.init(train.seed) if anchor is None else
+             store.load_params(anchor[0], model_fn.abstract.to_pure_dict()))
   trainer = loop.Trainer(
       train, workdir=output_dir, mesh=mesh, rules=rules,
       apply=lambda p, _, b: loop.run_on_batch(model_fn, p, b),
-      params=model_fn.init(train.seed), frozen={},
+      params=initial, frozen={},
       param_shardings=model_fn.shardings(mesh, rules), frozen_shardings={},
       stream=streams.train_stream(task, train),
       eval_streams={n: streams.eval_stream(t, train) for n, t in evals.items()},
@@ -69,6 +82,15 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   result = trainer.train()
   if result.preempted:
     return result, None
+  if anchor is not None:
+    out = os.path.join(output_dir, "model")
+    manifest = {"kind": "dense", "name": name, "config": store.config_to_json(cfg),
+                "vocabulary": anchor[1]["vocabulary"], "anchor_fingerprint": anchor[1]["fingerprint"],
+                "fingerprint": store.fingerprint(result.params),
+                "data_card": streams.data_card(name, data, result, train)}
+    store.save(out, result.params, manifest, overwrite=True)
+    print(f"dense model {name!r} -> {out}")
+    return result, out
 
   embedding = router_init.domain_embedding(
       model_fn, result.params, tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8,
