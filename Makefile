@@ -24,6 +24,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/moe_dispatch.py
 	$(PY) bench/train_step.py
+	$(PY) bench/merge.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

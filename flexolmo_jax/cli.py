@@ -92,7 +92,8 @@ def _cmd_demo(args) -> int:
       print(f"  {domain:>6}: no validation documents")
     else:
       print(f"  {domain:>6}: {public_losses[domain]:.3f} -> {loss:.3f}")
-  print("\nMerging, router tuning, evaluation and export land with issues #5-#7.")
+  print("\nmerge / tune-router / eval / baselines are commands now (README); the demo runs them "
+        "with issue #7.")
   return 0
 
 
