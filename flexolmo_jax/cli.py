@@ -274,6 +274,7 @@ def model_vocabulary(path: str):
 
   from flexolmo_jax.checkpoint import merge, store
   from flexolmo_jax.data import tasks
+  from flexolmo_jax.train import expert
 
   path = merge.resolve(merge.resolve(path, "model"), "merged")
   manifest = store.read_manifest(path)
@@ -281,8 +282,7 @@ def model_vocabulary(path: str):
     return model_vocabulary(manifest["members"][0]["path"])
   if manifest["kind"] == "merged":
     path = os.path.join(path, merge.PUBLIC_DIR)
-  spec = manifest["vocabulary"]["spec"]
-  return tasks.vocabulary_from_spec(spec if spec == "byte" else os.path.join(path, spec))
+  return tasks.vocabulary_from_spec(expert.public_vocabulary(path, manifest))
 
 
 def _cmd_eval(args) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from flexolmo_jax import sharding
-from flexolmo_jax.checkpoint import store
+from flexolmo_jax.checkpoint import merge, store
 from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names, write_gin_config
 from flexolmo_jax.data import tasks
 from flexolmo_jax.model.transformer import PureModel, pure_model
@@ -60,12 +60,7 @@ class ExpertConfig:
 
 def resolve_public(path: str) -> str:
   """A public model directory, or a pretrain output directory holding ``model/``."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Public checkpoint {path} does not exist.")
-  nested = os.path.join(path, "model")
-  if not os.path.exists(os.path.join(path, store.MANIFEST)) and os.path.isdir(nested):
-    return nested
-  return path
+  return merge.resolve(path, "model")
 
 
 def load_public(path: str) -> tuple[str, dict, ModelConfig]:

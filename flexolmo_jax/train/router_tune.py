@@ -33,6 +33,7 @@ from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import PUBLIC, write_gin_config
 from flexolmo_jax.data import sources, tasks
 from flexolmo_jax.model.transformer import pure_model
+from flexolmo_jax.train import expert as expert_lib
 from flexolmo_jax.train import loop, metrics, router_init
 
 
@@ -117,9 +118,8 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   cfg = cfg.replace(top_k=cfg.num_experts)        # all experts active
   names = cfg.experts
   embeddings = domain_embeddings(merged, names)
-  spec = manifest["vocabulary"]["spec"]
-  vocab = tasks.vocabulary_from_spec(
-      spec if spec == "byte" else os.path.join(merged, merge_lib.PUBLIC_DIR, spec))
+  vocab = tasks.vocabulary_from_spec(expert_lib.public_vocabulary(
+      os.path.join(merged, merge_lib.PUBLIC_DIR), manifest))
   write_gin_config(output_dir)
   task = tasks.register_corpus("public", data, data_dir=os.path.join(output_dir, "data"),
                                vocabulary=vocab)
