@@ -330,6 +330,16 @@ def _cmd_btm(args) -> int:
   return 0
 
 
+def _cmd_btx(args) -> int:
+  from flexolmo_jax.eval import baselines
+
+  out = baselines.btx(args.public, args.dense, args.out, top_k=args.top_k, seed=args.seed,
+                      overwrite=args.overwrite)
+  print(f"BTX-lite merge (router untrained) -> {out}\n"
+        f"next: flexolmo tune-router --merged {out} --proxy-weight 0 --data PUBLIC_DATA --out RUN")
+  return 0
+
+
 def _cmd_tune_router(args) -> int:
   from flexolmo_jax.train import router_tune
 
@@ -437,6 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
       b.add_argument("--tau", type=float, default=1.0)
       b.add_argument("--top-k", type=int)
     b.set_defaults(fn=fn)
+  bx = sub.add_parser("btx", help="baseline: BTX-lite, dense FFNs as experts of one MoE "
+                      "(then tune-router --proxy-weight 0)")
+  bx.add_argument("--public", required=True, help="the public model the dense models continue")
+  bx.add_argument("--dense", action="append", required=True, help="dense model dir (repeat)")
+  bx.add_argument("--out", required=True)
+  bx.add_argument("--top-k", type=int, help="active experts per token (default min(4, E))")
+  bx.add_argument("--seed", type=int, default=0, help="seed of the random router init")
+  bx.add_argument("--overwrite", action="store_true")
+  bx.set_defaults(fn=_cmd_btx)
   tune = sub.add_parser("tune-router",
                         help="tune the router rows of a merged model on public proxy data")
   tune.add_argument("--merged", help="merged checkpoint directory")

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from flexolmo_jax.data import flexmix_mini
+from flexolmo_jax import cli
+from flexolmo_jax.data import flexmix_mini, tasks
 from flexolmo_jax.train import expert, loop, pretrain
 from tests.helpers import tiny
 
@@ -70,3 +71,10 @@ def experts(flexmix, public, code_expert, tmp_path_factory):
     if name not in out:
       out[name] = _train_expert(name, flexmix, public, tmp_path_factory)["artifact"]
   return out
+
+
+def validation(flexmix, domains=None, seq_len=128, batch_size=8):
+  """{domain: its validation batches} of FlexMix-mini (byte vocabulary)."""
+  vocab = tasks.vocabulary_from_spec("byte")
+  return {d: list(cli.eval_batches({d: [flexmix[d]]}, vocab, "unused", seq_len, batch_size)[d])
+          for d in domains or flexmix}

@@ -88,3 +88,14 @@ def synthetic_stream(vocab_size, batch=8, length=32, seed=0):
       yield lm_batch(vocab_size, batch, length, seed * 100_003 + i)
       i += 1
   return make
+
+
+def run_cli(argv, timeout=1200):
+  """``flexolmo ARGV`` in its own process (one CPU device), as a user runs it."""
+  import os
+  import subprocess
+  import sys
+
+  return subprocess.run([sys.executable, "-m", "flexolmo_jax.cli", *argv],
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                        text=True, timeout=timeout)

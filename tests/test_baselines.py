@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from flexolmo_jax import cli
-from flexolmo_jax.checkpoint import store
+from flexolmo_jax.checkpoint import merge, store
 from flexolmo_jax.eval import baselines, perplexity
 from flexolmo_jax.train import pretrain
-from tests.fixtures import train_config
-from tests.helpers import lm_batch
+from tests.fixtures import train_config, validation
+from tests.helpers import lm_batch, run_cli
 
 
 def naive_btm(logp, positions, tau, top_k=None):
@@ -74,3 +74,61 @@ def test_dense_soup_and_btm(public, dense, flexmix, tmp_path):
     assert os.path.getsize(json_path) > 0
   with pytest.raises(ValueError, match="at least 2 dense models"):
     baselines.soup([dense["code"]], str(tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_btx_lite(public, dense, flexmix, tmp_path):
+  """Dense FFNs become experts, the rest is averaged, the router learns on public data only."""
+  out = baselines.btx(public["run"], list(dense.values()), str(tmp_path / "btx"))
+  manifest = store.read_manifest(out, "merged")
+  assert manifest["experts"] == ["public", "code", "math"]
+  assert manifest["router"]["source"] == "btx"
+  cfg, params = merge.load_merged(out)
+  assert not cfg.negative_bias and cfg.top_k == 3
+  models = {"public": perplexity.load_dense(public["model"])[1],
+            **{n: perplexity.load_dense(p)[1] for n, p in dense.items()}}
+  # Expert e's FFN is model e's, bit for bit; every other weight is the mean of the three.
+  ffn = params["blocks"]["ffn"]
+  for e, name in enumerate(manifest["experts"]):
+    for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+      np.testing.assert_array_equal(ffn[ours][:, e], models[name]["blocks"]["ffn"][theirs])
+  trunk = {k: v for k, v in params.items() if k != "blocks"}
+  trunk["blocks"] = {k: v for k, v in params["blocks"].items() if k != "ffn"}
+  for path, leaf in store.flatten(trunk).items():
+    members = [store.flatten(m)[path] for m in models.values()]
+    np.testing.assert_allclose(leaf, np.mean(np.float64(members), axis=0), rtol=1e-6, atol=1e-7,
+                               err_msg=path)
+  # Opted in to one expert, the MoE is the averaged trunk with that expert's FFN as a dense model.
+  one_cfg, one = merge.load_merged(out, experts="code")
+  dense_cfg = one_cfg.replace(experts=(), top_k=1)
+  as_dense = {**one, "blocks": {**one["blocks"], "ffn": {
+      "gate_proj": one["blocks"]["ffn"]["w_gate"][:, 0],
+      "up_proj": one["blocks"]["ffn"]["w_up"][:, 0],
+      "down_proj": one["blocks"]["ffn"]["w_down"][:, 0]}}}
+  batch = lm_batch(256, batch=2, length=32)
+  np.testing.assert_allclose(np.asarray(perplexity.model_scorer(one_cfg, one)(batch)),
+                             np.asarray(perplexity.model_scorer(dense_cfg, as_dense)(batch)),
+                             atol=2e-5)
+  # The router is trained on the public data alone (no proxy sets, no domain embeddings).
+  run = run_cli(["tune-router", "--merged", out, "--proxy-weight", "0",
+                 "--data", flexmix["public"], "--out", str(tmp_path / "tune"), "--steps", "60",
+                 "--warmup", "6", "--batch-size", "8", "--seq-len", "128", "--log-every", "30"])
+  assert run.returncode == 0, run.stderr[-3000:]
+  tuned = os.path.join(tmp_path, "tune", "merged")
+  record = store.read_manifest(tuned, "merged")["router"]
+  assert record["source"] == "tune-router" and record["proxy_segments"] == {}
+  assert record["public_sources"] == ["flexmix_public/1.0.0"]
+  data = validation(flexmix, ["public", "code", "math"])
+  before, after = perplexity.evaluate(out, data), perplexity.evaluate(tuned, data)
+  print("BTX-lite validation loss, random router -> tuned on public: "
+        + ", ".join(f"{d} {before[d]:.4f} -> {after[d]:.4f}" for d in before))
+  assert after["public"] < before["public"]
+  json_path = tmp_path / "btx.json"
+  assert cli.main(["eval", "--model", tuned, "--exclude", "math", "--data",
+                   f"code={flexmix['code']}", "--seq-len", "128", "--batch-size", "8",
+                   "--json", str(json_path)]) == 0
+  assert os.path.getsize(json_path) > 0
+  # A dense model continued from another public model is refused, naming it.
+  other = {**store.read_manifest(public["model"]), "fingerprint": "0" * 64}
+  with pytest.raises(ValueError, match=r"dense model 'code' .* was continued from public model"):
+    baselines.check_anchor(baselines.read_members(list(dense.values())), "elsewhere", other)

@@ -1,20 +1,13 @@
 """Router tuning on public proxy data: it helps, and it never opens closed data."""
 import os
-import subprocess
-import sys
 
 import pytest
 
-from flexolmo_jax import cli
 from flexolmo_jax.checkpoint import merge, store
-from flexolmo_jax.data import flexmix_mini, tasks
+from flexolmo_jax.data import flexmix_mini
 from flexolmo_jax.eval import perplexity
-
-
-def validation(flexmix, seq_len=128, batch_size=8):
-  vocab = tasks.vocabulary_from_spec("byte")
-  return {d: list(cli.eval_batches({d: [flexmix[d]]}, vocab, "unused", seq_len, batch_size)[d])
-          for d in flexmix}
+from tests.fixtures import validation
+from tests.helpers import run_cli
 
 
 @pytest.mark.slow
@@ -31,14 +24,10 @@ def test_router_tuning_lowers_the_average_loss_and_reads_no_closed_data(public, 
     for path in (os.path.dirname(flexmix[d]), os.path.join(root, "raw", f"{d}.jsonl")):
       os.rename(path, path + ".hidden")
       hidden.append(path)
-  # In its own process on one CPU device: on the 8 fake devices of the test process this step
-  # deadlocks in an XLA:CPU all-gather (see the issue note).
   try:
-    run = subprocess.run(
-        [sys.executable, "-m", "flexolmo_jax.cli", "tune-router", "--merged", untuned,
-         "--data", flexmix["public"], "--out", str(tmp_path / "tune"), "--steps", "100",
-         "--warmup", "10", "--batch-size", "8", "--seq-len", "128", "--log-every", "50"],
-        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
+    run = run_cli(["tune-router", "--merged", untuned, "--data", flexmix["public"],
+                   "--out", str(tmp_path / "tune"), "--steps", "100", "--warmup", "10",
+                   "--batch-size", "8", "--seq-len", "128", "--log-every", "50"])
   finally:
     for path in hidden:
       os.rename(path + ".hidden", path)

@@ -7,6 +7,14 @@
   negative log-likelihood of the document's tokens before t (uniform at a document's first
   token); optionally only the top-k weights are kept and renormalized. The saved ``btm``
   directory holds a manifest that names its members (paths and fingerprints), no weights.
+- **BTX-lite** (:func:`btx`): the public model and the dense models upcycled into one MoE. Each
+  model's FFN becomes an expert (the public model's is expert ``public``, a dense model's is named
+  after it); every other weight (embeddings, attention, norms, lm_head) is the uniform average over
+  all of them, public included. Router rows start from the reference's random init and there is
+  no negative bias; the router is then trained on public data only, by
+  ``flexolmo tune-router --proxy-weight 0`` (no proxy sets, so no domain embedding is needed).
+  The result is an ordinary merged checkpoint (its ``public/`` is the averaged trunk), so
+  ``flexolmo eval``, opt-in/opt-out and ``merge --exclude`` work on it unchanged.
 
 Every member must be continued from the same public model (same anchor fingerprint, config and
 vocabulary); a mismatch is refused naming the member.
@@ -23,8 +31,9 @@ import numpy as np
 
 from flexolmo_jax.checkpoint import merge as merge_lib
 from flexolmo_jax.checkpoint import store
+from flexolmo_jax.config import PUBLIC, validate_expert_names
 from flexolmo_jax.eval import perplexity
-from flexolmo_jax.train import loop
+from flexolmo_jax.train import loop, router_init
 
 
 def read_members(paths: Sequence[str]) -> list[tuple[str, dict]]:
@@ -45,6 +54,17 @@ def read_members(paths: Sequence[str]) -> list[tuple[str, dict]]:
       raise ValueError(f"Two dense models are named {manifest.get('name')!r}.")
     members.append((path, manifest))
   return members
+
+
+def check_anchor(members: Sequence[tuple[str, dict]], public_path: str,
+                 public_manifest: dict) -> None:
+  """Every member must be continued from this public model."""
+  for path, m in members:
+    if m.get("anchor_fingerprint") != public_manifest["fingerprint"]:
+      raise ValueError(
+          f"dense model {m.get('name')!r} ({path}) was continued from public model "
+          f"{str(m.get('anchor_fingerprint'))[:16]}, not from {public_path} "
+          f"({public_manifest['fingerprint'][:16]}).")
 
 
 def soup(paths: Sequence[str], out: str, overwrite: bool = False) -> str:
@@ -83,6 +103,79 @@ def btm(paths: Sequence[str], out: str, tau: float = 1.0, top_k: int | None = No
     shutil.rmtree(partial, ignore_errors=True)
     raise
   return out
+
+
+FFN = ("gate_proj", "up_proj", "down_proj")
+EXPERT_KEYS = dict(zip(FFN, merge_lib.FFN_KEYS))     # dense FFN leaf -> expert artifact leaf
+
+
+def _write_btx_parts(public_path: str, public_manifest: dict, members, work: str, seed: int
+                     ) -> tuple[str, list[str], dict[str, np.ndarray]]:
+  """The averaged trunk (a ``public`` model), one ``expert`` artifact per dense member, and the
+  random initial router rows ``<name>/router`` [L, d] (the reference's fallback init)."""
+  cfg = store.config_from_json(public_manifest["config"],
+                               os.path.join(public_path, store.MANIFEST))
+  total, ffns = None, {}
+  for path, name in [(public_path, PUBLIC)] + [(p, m["name"]) for p, m in members]:
+    _, params, _ = perplexity.load_dense(path)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    ffns[name] = {EXPERT_KEYS[k]: params["blocks"]["ffn"].pop(k).astype(np.float32) for k in FFN}
+    total = params if total is None else jax.tree.map(np.add, total, params)
+  n = 1 + len(members)
+  trunk = jax.tree.map(lambda x: (x / n).astype(np.float32), total)
+  trunk["blocks"]["ffn"] = {k: ffns[PUBLIC][EXPERT_KEYS[k]] for k in FFN}
+  fingerprint = store.fingerprint(trunk)
+  names = [m["name"] for _, m in members]
+  extra = {}
+  if public_manifest["vocabulary"]["spec"] != "byte":
+    spec = public_manifest["vocabulary"]["spec"]
+    extra[spec] = os.path.join(public_path, spec)
+  trunk_dir = store.save(os.path.join(work, PUBLIC), trunk, {
+      "kind": "public", "config": public_manifest["config"],
+      "vocabulary": public_manifest["vocabulary"], "fingerprint": fingerprint,
+      "data_card": {"baseline": "btx", "trunk": "uniform average", "members": [PUBLIC, *names],
+                    "public_fingerprint": public_manifest["fingerprint"]}}, extra_files=extra)
+  rows = {f"{name}/router": router_init.random_rows(jax.random.fold_in(jax.random.key(seed), i),
+                                                     cfg.n_layers, cfg.d_model)
+          for i, name in enumerate([PUBLIC, *names])}
+  artifacts = []
+  for path, m in members:
+    expert_cfg = cfg.replace(experts=(PUBLIC, m["name"]), top_k=2, negative_bias=False)
+    params = {**ffns[m["name"]], "router": rows[f"{m['name']}/router"]}
+    artifacts.append(store.save(os.path.join(work, "experts", m["name"]), params, {
+        "kind": "expert", "name": m["name"], "anchor_fingerprint": fingerprint,
+        "config": store.config_to_json(expert_cfg), "vocabulary": public_manifest["vocabulary"],
+        "data_card": {"baseline": "btx", "ffn_from": {"path": os.path.abspath(path),
+                                                      "fingerprint": m["fingerprint"]},
+                      "dense_data_card": m.get("data_card", {})}}))
+  return trunk_dir, artifacts, rows
+
+
+def btx(public: str, paths: Sequence[str], out: str, top_k: int | None = None, seed: int = 0,
+        overwrite: bool = False, progress=print) -> str:
+  """BTX-lite: an untuned merged checkpoint (tune its router with ``tune-router
+  --proxy-weight 0``). Peak memory is about three dense models (float64 sums + one member)."""
+  public_path, public_manifest, _ = merge_lib.read_public(public)
+  members = read_members(paths)
+  check_anchor(members, public_path, public_manifest)
+  for path, m in members:
+    if m["name"] == PUBLIC:
+      raise ValueError(f"dense model {path} is named 'public', the name of the public expert; "
+                       "retrain it under its domain's name.")
+    validate_expert_names([m["name"]])
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"{out} already exists; choose another output or overwrite.")
+  work = f"{out}.btx-parts-{os.getpid()}"
+  shutil.rmtree(work, ignore_errors=True)
+  try:
+    progress(f"btx: averaging the trunk of {1 + len(members)} models, FFNs become experts")
+    trunk, artifacts, rows = _write_btx_parts(public_path, public_manifest, members, work, seed)
+    return merge_lib.merge(trunk, artifacts, out, top_k=top_k, negative_bias=False, router=rows,
+                           router_record={"source": "btx", "init": "random", "seed": seed},
+                           overwrite=overwrite, progress=progress)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def ensemble_logprobs(logp_mbt, positions_bt, tau: float, top_k: int | None):

@@ -47,6 +47,8 @@ class RouterTuneConfig:
   def __post_init__(self):
     if not 0 < self.proxy_fraction <= 1:
       raise ValueError(f"RouterTuneConfig: proxy_fraction={self.proxy_fraction} not in (0, 1].")
+    if self.proxy_weight < 0:
+      raise ValueError(f"RouterTuneConfig: proxy_weight={self.proxy_weight} must be >= 0.")
 
 
 def domain_embeddings(merged_path: str, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -60,7 +62,8 @@ def domain_embeddings(merged_path: str, names: Sequence[str]) -> dict[str, np.nd
                           router_init.DOMAIN_EMBEDDING_FILE)
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} is missing: expert {name!r} carries no domain embedding, "
-                              "so no proxy set can be chosen for it.")
+                              "so no proxy set can be chosen for it; tune on the public data "
+                              "alone with --proxy-weight 0 (as for a BTX-lite merge).")
     with np.load(path) as f:
       out[name] = np.asarray(f["shared"], np.float32)
   return out
@@ -117,7 +120,9 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   cfg, params = merge_lib.load_merged(merged)
   cfg = cfg.replace(top_k=cfg.num_experts)        # all experts active
   names = cfg.experts
-  embeddings = domain_embeddings(merged, names)
+  # proxy_weight 0 tunes on the public data alone (the BTX-lite baseline): no proxy sets, so no
+  # domain embedding is read.
+  embeddings = domain_embeddings(merged, names) if tune.proxy_weight else None
   vocab = tasks.vocabulary_from_spec(expert_lib.public_vocabulary(
       os.path.join(merged, merge_lib.PUBLIC_DIR), manifest))
   write_gin_config(output_dir)
@@ -130,12 +135,17 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   if not batches:
     raise ValueError(f"The public data {list(data)} gave no full batch of "
                      f"{train.batch_size} x {train.seq_len} tokens.")
-  dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
-  dense_params = store.load_params(os.path.join(merged, merge_lib.PUBLIC_DIR),
-                                   pure_model(dense_cfg).abstract.to_pure_dict())
-  weights, counts = proxy_weights(dense_cfg, dense_params, batches, embeddings, tune)
-  del dense_params
-  print(f"proxy segments per domain, chosen from {len(batches)} batches of public data: {counts}")
+  if embeddings is None:
+    weights, counts = [b["decoder_loss_weights"] for b in batches], {}
+    print(f"tuning on {len(batches)} batches of public data, no proxy sets (proxy_weight 0)")
+  else:
+    dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
+    dense_params = store.load_params(os.path.join(merged, merge_lib.PUBLIC_DIR),
+                                     pure_model(dense_cfg).abstract.to_pure_dict())
+    weights, counts = proxy_weights(dense_cfg, dense_params, batches, embeddings, tune)
+    del dense_params
+    print(f"proxy segments per domain, chosen from {len(batches)} batches of public data: "
+          f"{counts}")
   stream_batches = [{**b, "decoder_loss_weights": w.astype(np.float32)}
                     for b, w in zip(batches, weights)]
 
