@@ -94,12 +94,8 @@ def _check_leaves(path: str, cfg: ModelConfig, has_bias: bool, what: str) -> Non
 def _restore_small(path: str, keys: Sequence[str], cfg: ModelConfig) -> dict[str, np.ndarray]:
   """Only the named (small) leaves of an artifact, as host numpy arrays."""
   shapes = _expected_shapes(cfg)
-  item = {k: np.zeros(shapes[k], np.float32) for k in keys}
-  return ocp.PyTreeCheckpointer().restore(
-      os.path.join(path, store.PARAMS),
-      args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
-                                  restore_args={k: ocp.RestoreArgs(restore_type=np.ndarray)
-                                                for k in keys}))
+  got = store.restore_leaves(path, {(k,): shapes[k] for k in keys})
+  return {k: got[(k,)] for k in keys}
 
 
 def read_expert(path: str, public_manifest: dict, public_cfg: ModelConfig,
@@ -302,6 +298,20 @@ def selection(all_names: Sequence[str], experts: Sequence[str] | str | None = No
   return kept
 
 
+def open_merged(path: str, experts=None, exclude=None, *, verify: bool = False
+                ) -> tuple[str, dict, ModelConfig]:
+  """(directory, manifest, config over the selected experts) of a merged checkpoint."""
+  path = resolve(path, "merged")
+  manifest = store.read_manifest(path, KIND)
+  store.verify_files(path, manifest) if verify else store.recorded_files(path, manifest)
+  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
+  names = selection(cfg.experts, experts, exclude)
+  if cfg.top_k > len(names) and cfg.top_k_policy != "clamp":
+    raise ValueError(f"top_k={cfg.top_k} is larger than the {len(names)} experts selected "
+                     f"{list(names)}; select more, or merge with --top-k-policy clamp.")
+  return path, manifest, cfg.with_experts(names)
+
+
 def load_merged(path: str, experts=None, exclude=None, *, dtype: str | None = None,
                 verify: bool = False) -> tuple[ModelConfig, dict]:
   """(config, parameters) of the model over the selected names, stacked ``[L, E, ...]``.
@@ -311,15 +321,8 @@ def load_merged(path: str, experts=None, exclude=None, *, dtype: str | None = No
   """
   from flexolmo_jax.model.transformer import pure_model
 
-  path = resolve(path, "merged")
-  manifest = store.read_manifest(path, KIND)
-  store.verify_files(path, manifest) if verify else store.recorded_files(path, manifest)
-  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
-  names = selection(cfg.experts, experts, exclude)
-  if cfg.top_k > len(names) and cfg.top_k_policy != "clamp":
-    raise ValueError(f"top_k={cfg.top_k} is larger than the {len(names)} experts selected "
-                     f"{list(names)}; select more, or merge with --top-k-policy clamp.")
-  cfg = cfg.with_experts(names)
+  path, _, cfg = open_merged(path, experts, exclude, verify=verify)
+  names = cfg.experts
   if dtype:
     cfg = cfg.replace(dtype=dtype)
   dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
@@ -340,3 +343,51 @@ def load_merged(path: str, experts=None, exclude=None, *, dtype: str | None = No
     moe["negative_bias"] = stack([rows.get(f"{n}/negative_bias", zero) for n in names])
   params = {**dense, "blocks": {**dense["blocks"], "ffn": moe}}
   return cfg, jax.tree.map(np.asarray, params)
+
+
+def save_moe(out: str, cfg: ModelConfig, params: Mapping[str, Any], *, vocabulary: dict,
+             extra_files: Mapping[str, str] | None = None, public_card: dict | None = None,
+             expert_cards: Mapping[str, dict] | None = None,
+             router_record: Mapping[str, Any] | None = None, parts: str | None = None,
+             overwrite: bool = False, progress=print) -> str:
+  """Writes a whole MoE (stacked ``[L, E, ...]`` parameters, expert 0 ``public``) as a merged
+  checkpoint: the public model (the trunk with expert 0's FFN) and one artifact per other expert,
+  then :func:`merge`. ``parts`` keeps the public model and the artifacts there
+  (``parts/public``, ``parts/experts/<name>``); by default they are temporary."""
+  if cfg.experts[0] != PUBLIC:
+    raise ValueError(f"Expert 0 must be {PUBLIC!r}, got {cfg.experts[0]!r}.")
+  validate_expert_names(cfg.experts)
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"{out} already exists; choose another output or overwrite.")
+  work = parts or f"{out}.parts-{os.getpid()}"
+  ffn = params["blocks"]["ffn"]
+  take = lambda key, e: np.asarray(ffn[key][:, e], np.float32)
+  trunk = {**params, "blocks": {**params["blocks"], "ffn": {
+      dense: take(ours, 0) for ours, dense in zip(FFN_KEYS, ("gate_proj", "up_proj", "down_proj"))}}}
+  fingerprint = store.fingerprint(trunk)
+  dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
+  try:
+    public_path = store.save(os.path.join(work, PUBLIC_DIR), trunk, {
+        "kind": "public", "config": store.config_to_json(dense_cfg), "vocabulary": vocabulary,
+        "fingerprint": fingerprint, "data_card": dict(public_card or {})},
+        extra_files=extra_files, overwrite=overwrite)
+    rows = {f"{PUBLIC}/router": take("router_embedding", 0)}
+    artifacts = []
+    for e, name in enumerate(cfg.experts[1:], start=1):
+      expert_params = {key: take(key, e) for key in FFN_KEYS}
+      expert_params["router"] = rows[f"{name}/router"] = take("router_embedding", e)
+      if cfg.negative_bias:
+        expert_params["negative_bias"] = rows[f"{name}/negative_bias"] = take("negative_bias", e)
+      expert_cfg = cfg.replace(experts=(PUBLIC, name), top_k=min(cfg.top_k, 2))
+      artifacts.append(store.save(os.path.join(work, EXPERTS_DIR, name), expert_params, {
+          "kind": "expert", "name": name, "anchor_fingerprint": fingerprint,
+          "config": store.config_to_json(expert_cfg), "vocabulary": vocabulary,
+          "public_router_fingerprint": router_fingerprint(rows[f"{PUBLIC}/router"]),
+          "data_card": dict((expert_cards or {}).get(name, {}))}, overwrite=overwrite))
+    return merge(public_path, artifacts, out, top_k=cfg.top_k, top_k_policy=cfg.top_k_policy,
+                 negative_bias=cfg.negative_bias, router=rows, router_record=router_record,
+                 overwrite=overwrite, progress=progress)
+  finally:
+    if parts is None:
+      shutil.rmtree(work, ignore_errors=True)

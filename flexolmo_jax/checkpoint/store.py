@@ -117,6 +117,11 @@ def finish(partial: str, directory: str, manifest: Mapping[str, Any],
   record = {"format": FORMAT, **manifest, FILES: files}
   with open(os.path.join(partial, MANIFEST), "w") as fh:
     json.dump(record, fh, indent=2, sort_keys=True)
+  publish(partial, directory)
+
+
+def publish(partial: str, directory: str) -> None:
+  """Renames a complete ``partial`` into place (replacing ``directory`` if it exists)."""
   if os.path.exists(directory):
     stale = f"{directory}.replaced-{os.getpid()}"
     os.rename(directory, stale)
@@ -227,3 +232,26 @@ def load_params(directory: str, target: Any = None) -> dict:
     return checkpointer.restore(path, abstract)
   except ValueError as e:
     raise ValueError(f"{path}: the saved parameters do not match the expected structure: {e}") from e
+
+
+def restore_leaves(directory: str, shapes: Mapping[tuple[str, ...], tuple[int, ...]]
+                   ) -> dict[tuple[str, ...], np.ndarray]:
+  """Only the named leaves of ``params/`` (paths as key tuples), as host numpy arrays; the rest
+  of the checkpoint is not read."""
+  item: dict = {}
+  for path, shape in shapes.items():
+    node = item
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.zeros(shape, np.float32)      # a template: calloc'd, never touched
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  out = ocp.PyTreeCheckpointer().restore(
+      os.path.join(directory, PARAMS),
+      args=ocp.args.PyTreeRestore(item=item, partial_restore=True, restore_args=restore_args))
+  result = {}
+  for path in shapes:
+    node = out
+    for key in path:
+      node = node[key]
+    result[path] = np.asarray(node)
+  return result

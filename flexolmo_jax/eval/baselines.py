@@ -10,7 +10,8 @@
 - **BTX-lite** (:func:`btx`): the public model and the dense models upcycled into one MoE. Each
   model's FFN becomes an expert (the public model's is expert ``public``, a dense model's is named
   after it); every other weight (embeddings, attention, norms, lm_head) is the uniform average over
-  all of them, public included. Router rows start from the reference's random init and there is
+  all of them, public included. Router rows start from the reference's random init (one key per
+  model, in the order given) and there is
   no negative bias; the router is then trained on public data only, by
   ``flexolmo tune-router --proxy-weight 0`` (no proxy sets, so no domain embedding is needed).
   The result is an ordinary merged checkpoint (its ``public/`` is the averaged trunk), so
@@ -105,77 +106,52 @@ def btm(paths: Sequence[str], out: str, tau: float = 1.0, top_k: int | None = No
   return out
 
 
-FFN = ("gate_proj", "up_proj", "down_proj")
-EXPERT_KEYS = dict(zip(FFN, merge_lib.FFN_KEYS))     # dense FFN leaf -> expert artifact leaf
-
-
-def _write_btx_parts(public_path: str, public_manifest: dict, members, work: str, seed: int
-                     ) -> tuple[str, list[str], dict[str, np.ndarray]]:
-  """The averaged trunk (a ``public`` model), one ``expert`` artifact per dense member, and the
-  random initial router rows ``<name>/router`` [L, d] (the reference's fallback init)."""
-  cfg = store.config_from_json(public_manifest["config"],
-                               os.path.join(public_path, store.MANIFEST))
-  total, ffns = None, {}
-  for path, name in [(public_path, PUBLIC)] + [(p, m["name"]) for p, m in members]:
-    _, params, _ = perplexity.load_dense(path)
-    params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-    ffns[name] = {EXPERT_KEYS[k]: params["blocks"]["ffn"].pop(k).astype(np.float32) for k in FFN}
-    total = params if total is None else jax.tree.map(np.add, total, params)
-  n = 1 + len(members)
-  trunk = jax.tree.map(lambda x: (x / n).astype(np.float32), total)
-  trunk["blocks"]["ffn"] = {k: ffns[PUBLIC][EXPERT_KEYS[k]] for k in FFN}
-  fingerprint = store.fingerprint(trunk)
-  names = [m["name"] for _, m in members]
-  extra = {}
-  if public_manifest["vocabulary"]["spec"] != "byte":
-    spec = public_manifest["vocabulary"]["spec"]
-    extra[spec] = os.path.join(public_path, spec)
-  trunk_dir = store.save(os.path.join(work, PUBLIC), trunk, {
-      "kind": "public", "config": public_manifest["config"],
-      "vocabulary": public_manifest["vocabulary"], "fingerprint": fingerprint,
-      "data_card": {"baseline": "btx", "trunk": "uniform average", "members": [PUBLIC, *names],
-                    "public_fingerprint": public_manifest["fingerprint"]}}, extra_files=extra)
-  rows = {f"{name}/router": router_init.random_rows(jax.random.fold_in(jax.random.key(seed), i),
-                                                     cfg.n_layers, cfg.d_model)
-          for i, name in enumerate([PUBLIC, *names])}
-  artifacts = []
-  for path, m in members:
-    expert_cfg = cfg.replace(experts=(PUBLIC, m["name"]), top_k=2, negative_bias=False)
-    params = {**ffns[m["name"]], "router": rows[f"{m['name']}/router"]}
-    artifacts.append(store.save(os.path.join(work, "experts", m["name"]), params, {
-        "kind": "expert", "name": m["name"], "anchor_fingerprint": fingerprint,
-        "config": store.config_to_json(expert_cfg), "vocabulary": public_manifest["vocabulary"],
-        "data_card": {"baseline": "btx", "ffn_from": {"path": os.path.abspath(path),
-                                                      "fingerprint": m["fingerprint"]},
-                      "dense_data_card": m.get("data_card", {})}}))
-  return trunk_dir, artifacts, rows
-
-
 def btx(public: str, paths: Sequence[str], out: str, top_k: int | None = None, seed: int = 0,
         overwrite: bool = False, progress=print) -> str:
   """BTX-lite: an untuned merged checkpoint (tune its router with ``tune-router
-  --proxy-weight 0``). Peak memory is about three dense models (float64 sums + one member)."""
-  public_path, public_manifest, _ = merge_lib.read_public(public)
+  --proxy-weight 0``). Peak memory is about three dense models plus the experts' FFNs."""
+  public_path, public_manifest, cfg = merge_lib.read_public(public)
   members = read_members(paths)
   check_anchor(members, public_path, public_manifest)
-  for path, m in members:
-    if m["name"] == PUBLIC:
-      raise ValueError(f"dense model {path} is named 'public', the name of the public expert; "
-                       "retrain it under its domain's name.")
-    validate_expert_names([m["name"]])
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(f"{out} already exists; choose another output or overwrite.")
-  work = f"{out}.btx-parts-{os.getpid()}"
-  shutil.rmtree(work, ignore_errors=True)
-  try:
-    progress(f"btx: averaging the trunk of {1 + len(members)} models, FFNs become experts")
-    trunk, artifacts, rows = _write_btx_parts(public_path, public_manifest, members, work, seed)
-    return merge_lib.merge(trunk, artifacts, out, top_k=top_k, negative_bias=False, router=rows,
-                           router_record={"source": "btx", "init": "random", "seed": seed},
-                           overwrite=overwrite, progress=progress)
-  finally:
-    shutil.rmtree(work, ignore_errors=True)
+  names = [m["name"] for _, m in members]
+  if PUBLIC in names:
+    raise ValueError(f"dense model {members[names.index(PUBLIC)][0]} is named 'public', the name "
+                     "of the public expert; retrain it under its domain's name.")
+  validate_expert_names([PUBLIC, *names])
+  progress(f"btx: averaging the trunk of {1 + len(members)} models, FFNs become experts")
+  total, ffns = None, []
+  for path in [public_path] + [p for p, _ in members]:
+    _, params, _ = perplexity.load_dense(path)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    ffns.append({ours: params["blocks"]["ffn"].pop(dense).astype(np.float32)
+                 for ours, dense in zip(merge_lib.FFN_KEYS, ("gate_proj", "up_proj", "down_proj"))})
+    total = params if total is None else jax.tree.map(np.add, total, params)
+  n = 1 + len(members)
+  params = jax.tree.map(lambda x: (x / n).astype(np.float32), total)
+  keys = jax.random.split(jax.random.key(seed), n)
+  router = np.stack([router_init.random_rows(k, cfg.n_layers, cfg.d_model) for k in keys], axis=1)
+  params["blocks"]["ffn"] = {key: np.stack([f[key] for f in ffns], axis=1)
+                             for key in merge_lib.FFN_KEYS}
+  params["blocks"]["ffn"]["router_embedding"] = router
+  del ffns, total
+  experts = (PUBLIC, *sorted(names))
+  order = [0] + [1 + names.index(name) for name in experts[1:]]
+  params["blocks"]["ffn"] = {k: v[:, order] for k, v in params["blocks"]["ffn"].items()}
+  moe_cfg = cfg.replace(experts=experts, top_k=min(merge_lib.DEFAULT_TOP_K, n)
+                        if top_k is None else top_k, top_k_policy="clamp", negative_bias=False)
+  spec = public_manifest["vocabulary"]["spec"]
+  by_name = {m["name"]: (p, m) for p, m in members}
+  return merge_lib.save_moe(
+      out, moe_cfg, params, vocabulary=public_manifest["vocabulary"],
+      extra_files=None if spec == "byte" else {spec: os.path.join(public_path, spec)},
+      public_card={"baseline": "btx", "trunk": "uniform average", "members": [PUBLIC, *names],
+                   "public_fingerprint": public_manifest["fingerprint"]},
+      expert_cards={name: {"baseline": "btx", "ffn_from": {"path": os.path.abspath(p),
+                                                            "fingerprint": m["fingerprint"]},
+                           "dense_data_card": m.get("data_card", {})}
+                    for name, (p, m) in by_name.items()},
+      router_record={"source": "btx", "init": "random", "seed": seed}, overwrite=overwrite,
+      progress=progress)
 
 
 def ensemble_logprobs(logp_mbt, positions_bt, tau: float, top_k: int | None):
