@@ -264,3 +264,47 @@ def test_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="259 ids but the model's embedding has 200 rows"):
     export.export_hf(path, str(tmp_path / "hf"), progress=lambda _: None)
   assert not any(p.startswith("hf") for p in os.listdir(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_released_flexolmo_model_is_extended_with_a_new_expert(tmp_path):
+  """import-hf --split, train-expert against the imported public model, merge into the import."""
+  from flexolmo_jax.train import expert, loop
+
+  flex = hf_checkpoint("flex_olmo", str(tmp_path / "flex"))
+  importer.import_hf(flex, str(tmp_path / "release"), split=True, vocabulary="byte",
+                     progress=lambda _: None)
+  text = tmp_path / "owner.txt"
+  with open(os.path.join(sysconfig.get_paths()["stdlib"], "shlex.py"), encoding="utf-8") as fh:
+    text.write_text(fh.read())
+  _, artifact = expert.train_expert(
+      public=str(tmp_path / "release" / "public"), name="shell", data=[str(text)],
+      output_dir=str(tmp_path / "shell"),
+      train=loop.TrainConfig(steps=4, batch_size=8, seq_len=64, warmup_steps=1, log_every=2,
+                             checkpoint_every=4, async_checkpoints=False, peak_tflops=1.0),
+      expert=expert.ExpertConfig(router_init="per_layer"))
+  released = str(tmp_path / "release" / "merged")
+  extended = merge.merge(released, [artifact], str(tmp_path / "extended"), top_k=2,
+                         progress=lambda _: None)
+  cfg, params = merge.load_merged(extended)
+  assert cfg.experts == ("public", "expert_1", "expert_2", "expert_3", "shell")
+  # The released experts are untouched; opting the new one out gives the released model back.
+  old_cfg, old = merge.load_merged(released)
+  _, without = merge.load_merged(extended, exclude="shell")
+  # (the new expert brings a negative bias; the released experts' are zero)
+  np.testing.assert_array_equal(without["blocks"]["ffn"].pop("negative_bias"), 0.0)
+  jax.tree.map(np.testing.assert_array_equal, without, old)
+  without["blocks"]["ffn"]["negative_bias"] = np.zeros((old_cfg.n_layers, 4), np.float32)
+  toks = np.random.RandomState(3).randint(3, 259, (1, 16))
+  np.testing.assert_array_equal(np.asarray(pure_model(old_cfg)(old, toks)[0]),
+                                np.asarray(pure_model(cfg.with_experts(old_cfg.experts))(
+                                    without, toks)[0]))
+  # An expert trained against another public router row is refused, naming it.
+  other = expert.train_expert(
+      public=str(tmp_path / "release" / "public"), name="shell2", data=[str(text)],
+      output_dir=str(tmp_path / "shell2"),
+      train=loop.TrainConfig(steps=2, batch_size=8, seq_len=64, warmup_steps=1, log_every=2,
+                             checkpoint_every=2, async_checkpoints=False, peak_tflops=1.0),
+      expert=expert.ExpertConfig(router_init="random"))[1]
+  with pytest.raises(ValueError, match="expert 'shell2' .* different public router row"):
+    merge.merge(released, [other], str(tmp_path / "bad"), progress=lambda _: None)

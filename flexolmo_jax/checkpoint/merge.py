@@ -189,8 +189,22 @@ def read_router(path: str) -> dict[str, np.ndarray]:
 
 def router_rows(source: Source, names: Sequence[str], negative_bias: bool) -> dict[str, np.ndarray]:
   """``<name>/router`` for every name, ``<name>/negative_bias`` for the non-public ones."""
-  if source.router is not None and all(f"{n}/router" in source.router for n in names):
+  if source.router is not None:
+    # A merged input keeps its (possibly tuned or imported) rows; an expert added to it must have
+    # trained against that model's public row.
     rows = {k: v for k, v in source.router.items() if k.split("/")[0] in names}
+    expected = router_fingerprint(source.router[f"{PUBLIC}/router"])
+    for e in source.experts:
+      if f"{e.name}/router" in rows:
+        continue
+      if e.manifest.get("public_router_fingerprint") != expected:
+        raise ValueError(
+            f"expert {e.name!r} ({e.path}) was trained against a different public router row "
+            f"than the merged model {source.public_path} uses; train it against that model's "
+            "public directory (with --router-init per_layer for an imported model).")
+      rows[f"{e.name}/router"] = e.router
+      if e.negative_bias is not None:
+        rows[f"{e.name}/negative_bias"] = e.negative_bias
   else:
     by_mode: dict[str, list[str]] = {}
     for e in source.experts:
