@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) bench/moe_dispatch.py
 	$(PY) bench/train_step.py
 	$(PY) bench/merge.py
+	$(PY) bench/export_hf.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
