@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/flexolmo demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

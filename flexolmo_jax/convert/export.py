@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -115,6 +115,17 @@ def vocabulary_files(source: Source, out_dir: str) -> tuple[int, int, int | None
   return ids
 
 
+def hf_tensors(source: Source, tmap, dtype) -> Iterator[tuple[str, np.ndarray]]:
+  """(name, contiguous tensor in ``dtype``) in plan order, one of our leaves restored at a time."""
+  cfg = source.cfg
+  for t in tmap:
+    for e in (range(cfg.num_experts) if t.per_expert else [None]):
+      leaf = source.leaf(t, e)
+      for name, piece in zip(t.names(cfg, e), leaf if t.layered else [leaf]):
+        yield name, np.ascontiguousarray(t.to_hf(piece), dtype=dtype)
+      del leaf
+
+
 def export_hf(model: str, out: str, *, experts=None, exclude=None, dtype: str = "fp32",
               shard_size: str | int = "5GB", drop_negative_bias: bool = False,
               overwrite: bool = False, progress: Callable[[str], None] = print) -> str:
@@ -134,14 +145,9 @@ def export_hf(model: str, out: str, *, experts=None, exclude=None, dtype: str = 
     progress(f"export-hf: {config['architectures'][0]} ({', '.join(cfg.experts) or 'dense'}), "
              f"{len(plan)} tensors, {writer.total_bytes / 1e6:,.1f} MB in "
              f"{len(writer.files)} file(s)")
-    start, shown = time.perf_counter(), 0.0
-    for t in tmap:
-      for e in (range(cfg.num_experts) if t.per_expert else [None]):
-        leaf = source.leaf(t, e)
-        names = t.names(cfg, e)
-        for name, piece in zip(names, leaf if t.layered else [leaf]):
-          writer.add(name, t.to_hf(piece))
-        del leaf
+    start, shown = time.perf_counter(), time.perf_counter()
+    for name, tensor in hf_tensors(source, tmap, writer.dtype):
+      writer.add(name, tensor)
       if time.perf_counter() - shown > 10:
         shown = time.perf_counter()
         progress(f"  {writer.written / 1e6:,.0f} / {writer.total_bytes / 1e6:,.0f} MB")

@@ -91,7 +91,10 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm((h, hd), ("heads", "kv"), cfg, stack=stack)
     self.k_norm = RMSNorm((kv, hd), ("heads", "kv"), cfg, stack=stack)
 
-  def __call__(self, x_btd, cos, sin, mask_b1qk):
+  def __call__(self, x_btd, cos, sin, mask_b1qk, kv=None):
+    """With ``kv = (k_cache, v_cache, index)`` ([B, S, kv_heads, head_dim] each) the new keys and
+    values are written at ``index`` and attention runs over the whole cache (``mask_b1qk`` is then
+    [B, 1, T, S]); returns ``(out, (k_cache, v_cache))``."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     x = x_btd.astype(dt)
@@ -99,6 +102,16 @@ class Attention(nnx.Module):
     k = self.k_norm(jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt)))
     v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv is not None:
+      k_cache, v_cache, index = kv
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      return self._attend(q, k.astype(dt), v.astype(dt), mask_b1qk), (k, v)
+    return self._attend(q, k, v, mask_b1qk)
+
+  def _attend(self, q, k, v, mask_b1qk):
+    cfg = self.cfg
+    dt = q.dtype
     q = sharding.constrain(q, ("batch", "length", "heads", "kv"))
     groups = cfg.n_heads // cfg.n_kv_heads
     b, t = q.shape[:2]

@@ -42,15 +42,32 @@ class Block(nnx.Module):
     self.ffn = MoE(cfg, rngs, stack=stack) if cfg.is_moe else FeedForward(cfg, rngs, stack=stack)
     self.post_feedforward_norm = RMSNorm((d,), ("embed",), cfg, stack=stack)
 
-  def __call__(self, x, cos, sin, mask, expert_index=None, top_k=None):
-    h = x + self.post_attention_norm(self.attn(x, cos, sin, mask))
+  def __call__(self, x, cos, sin, mask, expert_index=None, top_k=None, kv=None):
+    a = self.attn(x, cos, sin, mask, kv)
+    a, new_kv = a if kv is not None else (a, None)
+    h = x + self.post_attention_norm(a)
     h = sharding.constrain(h, ("batch", "length", "embed"))
     if isinstance(self.ffn, MoE):
       f, stats = self.ffn(h, expert_index, top_k)
     else:
       f, stats = self.ffn(h), None
     out = h + self.post_feedforward_norm(f)
-    return sharding.constrain(out, ("batch", "length", "embed")), (stats, h)
+    return sharding.constrain(out, ("batch", "length", "embed")), (stats, h, new_kv)
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer for decoding: ``[L, B, S, kv_heads, head_dim]``, filled up to
+  ``index`` (the next position to write)."""
+
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, dtype_of(cfg.dtype))
+    return cls(zeros, zeros, jnp.int32(0))
 
 
 class Transformer(nnx.Module):
@@ -67,44 +84,63 @@ class Transformer(nnx.Module):
                               dtype=pd)
 
   def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None,
-               experts: Sequence[str] | None = None, return_hidden: bool = False):
-    """Returns (logits [B, T, V] in fp32, ModelAux), plus with ``return_hidden`` a Hidden."""
+               experts: Sequence[str] | None = None, return_hidden: bool = False,
+               cache: KVCache | None = None):
+    """Returns (logits [B, T, V] in fp32, ModelAux), plus with ``return_hidden`` a Hidden.
+
+    With ``cache`` the tokens continue the cached sequence at ``cache.index`` (one unpacked
+    sequence per row) and the updated cache is returned last."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     expert_index, top_k = select_experts(cfg, experts)
     b, t = tokens_bt.shape
-    if positions_bt is None:
-      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids_bt is None:
-      segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    if cache is not None:
+      if positions_bt is not None or segment_ids_bt is not None:
+        raise ValueError("With a KV cache, positions follow the cache index (no packing).")
+      positions_bt = jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t))
+      keys = jnp.arange(cache.k.shape[2])
+      mask = jnp.broadcast_to(keys[None, :] <= positions_bt[0][:, None],
+                              (b, 1, t, keys.shape[0]))
+    else:
+      if positions_bt is None:
+        positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      if segment_ids_bt is None:
+        segment_ids_bt = jnp.ones((b, t), jnp.int32)
+      mask = attention_mask(segment_ids_bt)
     cos, sin = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta)
-    mask = attention_mask(segment_ids_bt)
     x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
     x = sharding.constrain(x, ("batch", "length", "embed"))
 
     graphdef, layer_state = nnx.split(self.blocks)
 
-    def layer(x, state):
-      out, (stats, h) = nnx.merge(graphdef, state)(x, cos, sin, mask, expert_index, top_k)
-      return out, (stats, h if return_hidden else None)
+    def layer(x, scanned):
+      state, kv = scanned
+      kv = None if kv is None else (*kv, cache.index)
+      out, (stats, h, new_kv) = nnx.merge(graphdef, state)(x, cos, sin, mask, expert_index,
+                                                           top_k, kv)
+      return out, (stats, h if return_hidden else None, new_kv)
 
-    if cfg.remat:
+    if cfg.remat and cache is None:
       layer = jax.checkpoint(layer)
+    scanned = (layer_state, None if cache is None else (cache.k, cache.v))
     if cfg.scan_layers:
-      x, (stats, router_inputs) = jax.lax.scan(layer, x, layer_state)
+      x, (stats, router_inputs, new_kv) = jax.lax.scan(layer, x, scanned)
     else:
       per_layer = [None] * cfg.n_layers
       for i in range(cfg.n_layers):
-        x, per_layer[i] = layer(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
-      stats, router_inputs = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        x, per_layer[i] = layer(x, jax.tree.map(lambda a, i=i: a[i], scanned))
+      stats, router_inputs, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
     h = self.final_norm(x)
     logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dt),
                         preferred_element_type=jnp.float32)
     logits = sharding.constrain(logits, ("batch", "length", "vocab"))
+    out = (logits, pool_stats(cfg, stats))
     if return_hidden:
-      return logits, pool_stats(cfg, stats), Hidden(router_inputs, h)
-    return logits, pool_stats(cfg, stats)
+      out += (Hidden(router_inputs, h),)
+    if cache is not None:
+      out += (KVCache(new_kv[0], new_kv[1], cache.index + t),)
+    return out
 
 
 class Hidden(NamedTuple):
