@@ -340,6 +340,27 @@ def _cmd_btx(args) -> int:
   return 0
 
 
+def _cmd_generate(args) -> int:
+  from flexolmo_jax.eval import generate, perplexity
+
+  cfg, params, _ = perplexity.load_model(args.model, args.experts, args.exclude)
+  vocab = model_vocabulary(args.model)
+  sampling = generate.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               seed=args.seed)
+  eos = vocab.eos_id
+  for prompt in args.prompt:
+    ids = list(vocab.encode(prompt))
+    if not ids:
+      raise ValueError("An empty prompt has no token to continue from.")
+    rows = generate.generate(cfg, params, [ids] * args.num_samples, args.max_new_tokens,
+                             sampling, eos_id=eos, pad_id=vocab.pad_id)
+    for i, row in enumerate(rows):
+      new = generate.trim(row, len(ids), eos)[len(ids):]
+      text = vocab.decode([t for t in new if t != eos])
+      print(f"--- prompt {prompt!r}, sample {i + 1}/{args.num_samples}:\n{prompt}{text}")
+  return 0
+
+
 def _cmd_export_hf(args) -> int:
   from flexolmo_jax.convert import export
 
@@ -481,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
   tune.add_argument("--proxy-weight", type=float)
   _add_train_flags(tune)
   tune.set_defaults(fn=_cmd_tune_router)
+  gen = sub.add_parser("generate", help="continue prompts with any saved model (KV cache)")
+  gen.add_argument("--model", required=True, help="public, dense or merged model directory")
+  _add_selection_flags(gen)
+  gen.add_argument("--prompt", action="append", required=True, help="text to continue (repeat)")
+  gen.add_argument("--max-new-tokens", type=int, default=64)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+  gen.add_argument("--top-k", type=int)
+  gen.add_argument("--top-p", type=float)
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--num-samples", type=int, default=1)
+  gen.set_defaults(fn=_cmd_generate)
   exh = sub.add_parser("export-hf", help="a merged (FlexOlmo) or dense (OLMo-2) model -> a "
                        "Hugging Face checkpoint")
   exh.add_argument("--model", required=True, help="merged, public or dense model directory")

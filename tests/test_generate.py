@@ -92,3 +92,29 @@ def test_filters_match_a_naive_oracle():
       assert set(np.flatnonzero(keep)) == allowed
   with pytest.raises(ValueError, match="top_p"):
     generate.Sampling(top_p=1.5)
+
+
+def test_flexolmo_generate_cli(tmp_path, capsys):
+  from flexolmo_jax import cli
+  from flexolmo_jax.checkpoint import store
+  from flexolmo_jax.data import tasks
+
+  cfg = tiny()
+  params = pure_model(cfg).init(1)
+  path = store.save(str(tmp_path / "model"), params, {
+      "kind": "public", "config": store.config_to_json(cfg),
+      "vocabulary": {"spec": "byte", **tasks.vocabulary_identity("byte")},
+      "fingerprint": store.fingerprint(params), "data_card": {}})
+  assert cli.main(["generate", "--model", path, "--prompt", "héllo", "--max-new-tokens", "12"]) == 0
+  out = capsys.readouterr().out
+  vocab = tasks.vocabulary_from_spec("byte")
+  ids = list(vocab.encode("héllo"))
+  row = generate.generate(cfg, params, [ids], 12, eos_id=1)[0]
+  new = [t for t in generate.trim(row, len(ids), 1)[len(ids):] if t != 1]
+  assert out.endswith("héllo" + vocab.decode(new) + "\n")
+  assert cli.main(["generate", "--model", path, "--prompt", "abc", "--max-new-tokens", "6",
+                   "--temperature", "1", "--top-k", "20", "--seed", "4",
+                   "--num-samples", "2"]) == 0
+  assert "sample 2/2" in capsys.readouterr().out
+  assert cli.main(["generate", "--model", path, "--prompt", "abc", "--exclude", "x"]) == 2
+  assert "apply to merged models" in capsys.readouterr().err

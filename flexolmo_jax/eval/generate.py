@@ -91,9 +91,10 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int,
   done = jnp.zeros((b,), bool)
   tokens = jnp.asarray(prompts)
   root = jax.random.key(sampling.seed)
+  rule = dataclasses.replace(sampling, seed=0)   # the seed lives in the keys, not the program
   for i in range(max_new_tokens):
     nxt, cache, done = _step(params, tokens, cache, jax.random.fold_in(root, i), done, cfg=cfg,
-                             sampling=sampling, eos_id=eos_id, pad_id=pad_id, experts=experts)
+                             sampling=rule, eos_id=eos_id, pad_id=pad_id, experts=experts)
     out[:, p + i] = np.asarray(nxt)
     tokens = nxt[:, None]
     if eos_id is not None and bool(jnp.all(done)):

@@ -55,9 +55,9 @@ def load_dense(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict, 
   return cfg, params, manifest
 
 
-def open_model(path: str, experts=None, exclude=None, dtype: str | None = None
-               ) -> tuple[Scorer, dict]:
-  """(scorer, description) for any saved model; ``experts`` / ``exclude`` opt experts in or out."""
+def load_model(path: str, experts=None, exclude=None, dtype: str | None = None
+               ) -> tuple[ModelConfig, dict, dict]:
+  """(config, params, manifest) of a public, dense or merged model (experts opted in or out)."""
   path = merge_lib.resolve(merge_lib.resolve(path, "model"), "merged")
   manifest = store.read_manifest(path)
   kind = manifest.get("kind")
@@ -65,17 +65,29 @@ def open_model(path: str, experts=None, exclude=None, dtype: str | None = None
     raise ValueError(f"--experts / --exclude apply to merged models; {path} is {kind!r}.")
   if kind == "merged":
     cfg, params = merge_lib.load_merged(path, experts, exclude, dtype=dtype)
-    return model_scorer(cfg, params), {"kind": kind, "experts": list(cfg.experts),
-                                       "top_k": cfg.top_k}
+    return cfg, params, manifest
   if kind in ("public", "dense"):
-    cfg, params, _ = load_dense(path, dtype)
-    return model_scorer(cfg, params), {"kind": kind}
-  if kind == "btm":
-    from flexolmo_jax.eval import baselines
-    return baselines.btm_scorer(path, manifest, dtype), {"kind": kind}
-  raise ValueError(f"{path}: a {kind!r} checkpoint cannot be evaluated on its own"
+    return load_dense(path, dtype)
+  raise ValueError(f"{path}: a {kind!r} checkpoint cannot be run on its own"
                    + ("; merge it with its public model first (flexolmo merge)."
                       if kind == "expert" else "."))
+
+
+def open_model(path: str, experts=None, exclude=None, dtype: str | None = None
+               ) -> tuple[Scorer, dict]:
+  """(scorer, description) for any saved model; ``experts`` / ``exclude`` opt experts in or out."""
+  path = merge_lib.resolve(merge_lib.resolve(path, "model"), "merged")
+  manifest = store.read_manifest(path)
+  if manifest.get("kind") == "btm":
+    if experts or exclude:
+      raise ValueError(f"--experts / --exclude apply to merged models; {path} is 'btm'.")
+    from flexolmo_jax.eval import baselines
+    return baselines.btm_scorer(path, manifest, dtype), {"kind": "btm"}
+  cfg, params, manifest = load_model(path, experts, exclude, dtype)
+  description = {"kind": manifest["kind"]}
+  if cfg.is_moe:
+    description.update(experts=list(cfg.experts), top_k=cfg.top_k)
+  return model_scorer(cfg, params), description
 
 
 def domain_loss(scorer: Scorer, batches: Iterable[Mapping[str, np.ndarray]],
