@@ -293,16 +293,19 @@ def _cmd_eval(args) -> int:
   data = _named_paths(args.data)
   if not data:
     raise ValueError("eval needs at least one --data NAME=PATH.")
-  batches = eval_batches(data, model_vocabulary(args.model), args.data_dir, args.seq_len,
-                         args.batch_size)
-  losses = perplexity.evaluate(args.model, batches, args.experts, args.exclude,
-                               max_batches=args.max_batches)
-  for name, loss in losses.items():
-    print(f"{name:>10}: {loss:.4f}")
-  print(f"{'average':>10}: {sum(losses.values()) / len(losses):.4f}")
+  vocab = model_vocabulary(args.model)
+  batches = eval_batches(data, vocab, args.data_dir, args.seq_len, args.batch_size)
+  stats = perplexity.evaluate_stats(args.model, batches, args.experts, args.exclude,
+                                    max_batches=args.max_batches, vocab=vocab)
+  print(f"{'domain':>10}  {'loss':>8}  {'ppl':>9}  {'bits/byte':>9}")
+  for name, s in stats.items():
+    bpb = f"{s['bits_per_byte']:.4f}" if s["bits_per_byte"] is not None else "-"
+    print(f"{name:>10}  {s['loss']:8.4f}  {s['perplexity']:9.3f}  {bpb:>9}")
+  average = sum(s["loss"] for s in stats.values()) / len(stats)
+  print(f"{'average':>10}  {average:8.4f}")
   if args.json:
     with open(args.json, "w") as fh:
-      json.dump(losses, fh, indent=2)
+      json.dump(stats, fh, indent=2)
   return 0
 
 

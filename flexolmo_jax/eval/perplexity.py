@@ -10,16 +10,19 @@ with the byte vocabulary). Models are opened by the kind their manifest names:
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import seqio
 
 from flexolmo_jax.checkpoint import merge as merge_lib
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.convert.hf import BYTE_OFFSET
 from flexolmo_jax.model.transformer import pure_model
 from flexolmo_jax.train import loop
 
@@ -90,23 +93,55 @@ def open_model(path: str, experts=None, exclude=None, dtype: str | None = None
   return model_scorer(cfg, params), description
 
 
-def domain_loss(scorer: Scorer, batches: Iterable[Mapping[str, np.ndarray]],
-                max_batches: int | None = None) -> float:
-  """Mean negative log-probability over the loss-weighted target tokens."""
+def target_bytes(vocab, targets_bt, weights_bt) -> int:
+  """UTF-8 bytes of the weighted target tokens (EOS and padding have none)."""
+  if vocab is None:
+    return 0
+  if isinstance(vocab, seqio.ByteVocabulary):
+    return int(np.sum((weights_bt > 0) & (targets_bt >= BYTE_OFFSET)
+                      & (targets_bt < BYTE_OFFSET + 256)))
+  return sum(len(vocab.decode([int(t) for t, w in zip(row, wrow) if w > 0]).encode("utf-8"))
+             for row, wrow in zip(targets_bt, weights_bt))
+
+
+def domain_stats(scorer: Scorer, batches: Iterable[Mapping[str, np.ndarray]],
+                 max_batches: int | None = None, vocab=None, name: str = "data") -> dict:
+  """{"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "bytes"} over the
+  loss-weighted target tokens (``bits_per_byte`` needs ``vocab``)."""
   nll = weight = 0.0
+  nbytes = 0
   for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
     w = np.asarray(batch["decoder_loss_weights"], np.float64)
     nll -= float(np.sum(np.asarray(scorer(batch), np.float64) * w))
     weight += float(np.sum(w))
+    nbytes += target_bytes(vocab, np.asarray(batch["decoder_target_tokens"]), w)
   if not weight:
-    raise ValueError("No validation tokens to evaluate on.")
-  return nll / weight
+    raise ValueError(f"{name}: no validation tokens to evaluate on (the validation split is "
+                     "empty).")
+  return {"loss": nll / weight, "perplexity": math.exp(min(nll / weight, 700.0)),
+          "bits_per_byte": nll / math.log(2) / nbytes if nbytes else None,
+          "tokens": int(weight), "bytes": nbytes}
+
+
+def domain_loss(scorer: Scorer, batches: Iterable[Mapping[str, np.ndarray]],
+                max_batches: int | None = None) -> float:
+  """Mean negative log-probability over the loss-weighted target tokens."""
+  return domain_stats(scorer, batches, max_batches)["loss"]
 
 
 def evaluate(path: str, data: Mapping[str, Iterable], experts=None, exclude=None,
              dtype: str | None = None, max_batches: int | None = None) -> dict[str, float]:
   """{domain: loss} for the model at ``path`` over ``data`` ({domain: batch iterable})."""
+  return {name: stats["loss"] for name, stats in
+          evaluate_stats(path, data, experts, exclude, dtype, max_batches).items()}
+
+
+def evaluate_stats(path: str, data: Mapping[str, Iterable], experts=None, exclude=None,
+                   dtype: str | None = None, max_batches: int | None = None,
+                   vocab=None) -> dict[str, dict]:
+  """{domain: domain_stats} for the model at ``path``."""
   scorer, _ = open_model(path, experts, exclude, dtype)
-  return {name: domain_loss(scorer, batches, max_batches) for name, batches in data.items()}
+  return {name: domain_stats(scorer, batches, max_batches, vocab, name)
+          for name, batches in data.items()}

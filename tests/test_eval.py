@@ -1,0 +1,139 @@
+"""The log-likelihood scorer, multiple-choice accuracy and per-domain statistics against naive
+per-example computations."""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from flexolmo_jax.data import tasks
+from flexolmo_jax.eval import generate, perplexity, scoring
+from flexolmo_jax.model.transformer import pure_model
+from tests.helpers import lm_batch, tiny
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = tiny()
+  return cfg, jax.tree.map(np.asarray, pure_model(cfg).init(3))
+
+
+def naive_score(cfg, params, context, continuation):
+  """Oracle: one unpadded example at a time."""
+  tokens = (list(context) + list(continuation))[-(cfg.max_seq_len + 1):]
+  logits, _ = pure_model(cfg)(params, np.asarray([tokens[:-1]]))
+  z = np.asarray(logits[0], np.float64)
+  logp = z - (z.max(-1, keepdims=True)
+              + np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+  k = len(continuation)
+  targets = tokens[1:][-k:]
+  rows = logp[-k:]
+  total = sum(rows[i, t] for i, t in enumerate(targets))
+  return total, all(int(np.argmax(rows[i])) == t for i, t in enumerate(targets))
+
+
+def test_scorer_matches_a_naive_loop(model):
+  cfg, params = model
+  rs = np.random.RandomState(0)
+  requests = [(rs.randint(3, 259, n).tolist(), rs.randint(3, 259, k).tolist())
+              for n, k in ((5, 1), (40, 7), (1, 3), (100, 30), (300, 4), (70, 70))]
+  prompt = [10, 20, 30, 40]
+  greedy = generate.generate(cfg, params, [prompt], 6)[0].tolist()
+  requests.append((prompt, greedy[4:]))            # the greedy continuation itself
+  got = scoring.Scorer(cfg, params, batch_size=4).score(requests)
+  for (ctx, cont), (logp, is_greedy) in zip(requests, got):
+    want, want_greedy = naive_score(cfg, params, ctx, cont)
+    assert is_greedy == want_greedy
+    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-4)
+  assert got[-1][1] and not got[0][1]
+  with pytest.raises(ValueError, match="at least one token"):
+    scoring.Scorer(cfg, params).score([([1], [])])
+
+
+def test_multiple_choice_accuracy(model, tmp_path):
+  cfg, params = model
+  vocab = tasks.vocabulary_from_spec("byte")
+  questions = [{"context": "Paris is in", "choices": [" France", " Peru", " Mars"], "answer": 0},
+               {"context": "2 + 2 =", "choices": [" 4", " five"], "answer": 1},
+               {"context": "Ünïcode", "choices": [" ok", " nö"], "answer": 1}]
+  path = tmp_path / "mc.jsonl"
+  path.write_text("\n".join(json.dumps(q) for q in questions) + "\n\n", encoding="utf-8")
+  got = scoring.multiple_choice(scoring.Scorer(cfg, params), vocab,
+                                scoring.read_multiple_choice(str(path)))
+  acc = acc_norm = 0
+  for q in questions:
+    ctx = list(vocab.encode(q["context"]))
+    s = [naive_score(cfg, params, ctx, list(vocab.encode(c)))[0] for c in q["choices"]]
+    n = [x / len(c.encode("utf-8")) for x, c in zip(s, q["choices"])]
+    acc += int(np.argmax(s)) == q["answer"]
+    acc_norm += int(np.argmax(n)) == q["answer"]
+  assert got == {"acc": acc / 3, "acc_norm": acc_norm / 3, "questions": 3}
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps(questions[0]) + "\n{\"context\": \"x\", \"choices\": [\"a\"], "
+                 "\"answer\": 0}\n")
+  with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: 'choices' must be"):
+    scoring.read_multiple_choice(str(bad))
+  bad.write_text("not json\n")
+  with pytest.raises(ValueError, match=r"bad\.jsonl, line 1: not JSON"):
+    scoring.read_multiple_choice(str(bad))
+
+
+def test_domain_stats_loss_perplexity_and_bits_per_byte(model):
+  cfg, params = model
+  vocab = tasks.vocabulary_from_spec("byte")
+  batch = lm_batch(259, batch=2, length=32)
+  batch["decoder_target_tokens"][0, 5] = 1            # an EOS target: a token, not a byte
+  scorer = perplexity.model_scorer(cfg, params)
+  stats = perplexity.domain_stats(scorer, [batch], vocab=vocab)
+  logp = np.asarray(scorer(batch), np.float64)
+  w = batch["decoder_loss_weights"]
+  nll = -np.sum(logp * w)
+  nbytes = int(np.sum((w > 0) & (batch["decoder_target_tokens"] >= 3)))
+  assert stats["tokens"] == int(w.sum()) and stats["bytes"] == nbytes < stats["tokens"]
+  assert stats["loss"] == pytest.approx(nll / w.sum(), rel=1e-12)
+  assert stats["perplexity"] == pytest.approx(math.exp(nll / w.sum()), rel=1e-12)
+  assert stats["bits_per_byte"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-12)
+  empty = {**batch, "decoder_loss_weights": np.zeros_like(w)}
+  with pytest.raises(ValueError, match="news: no validation tokens .* validation split is empty"):
+    perplexity.domain_stats(scorer, [empty], name="news")
+
+
+def naive_levenshtein(a, b):
+  d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+  for i in range(1, len(a) + 1):
+    for j in range(1, len(b) + 1):
+      d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+  return d[-1][-1]
+
+
+def test_levenshtein_matches_the_textbook_recurrence():
+  from flexolmo_jax.eval import extraction
+
+  rs = np.random.RandomState(0)
+  for _ in range(200):
+    a = rs.randint(0, 4, rs.randint(0, 25)).tolist()
+    b = rs.randint(0, 4, rs.randint(0, 25)).tolist()
+    assert extraction.levenshtein(a, b) == naive_levenshtein(a, b)
+  assert extraction.similarity([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+
+
+def test_extraction_finds_what_the_model_reproduces(model):
+  """Documents the model itself writes greedily are extracted; random ones are not."""
+  from flexolmo_jax.eval import extraction
+
+  cfg, params = model
+  rs = np.random.RandomState(1)
+  prompts = rs.randint(3, 259, (3, 16))
+  own = generate.generate(cfg, params, prompts, 48).tolist()       # 64 tokens each
+  noise = rs.randint(3, 259, (3, 64)).tolist()
+  short = [[5] * 10]
+  config = extraction.ExtractionConfig(prefix=16, total=64, samples=2, min_length=64,
+                                       temperature=0.0, top_k=None, top_p=None)
+  got = extraction.extraction(cfg, params, own + noise + short, config)
+  assert got["documents"] == 6
+  assert got["per_document"][:3] == [1.0, 1.0, 1.0]
+  assert max(got["per_document"][3:]) < 0.5
+  assert got["extracted"] == 3 and got["rate"] == 0.5
+  with pytest.raises(ValueError, match="No document has at least 64 tokens"):
+    extraction.extraction(cfg, params, short, config)
