@@ -222,7 +222,7 @@ def _named_paths(items) -> dict[str, list[str]]:
   for item in items or ():
     name, sep, path = item.partition("=")
     if not sep:
-      raise ValueError(f"--eval-data {item!r}: write NAME=PATH.")
+      raise ValueError(f"{item!r}: write NAME=PATH.")
     out.setdefault(name, []).append(path)
   return out
 
@@ -288,24 +288,36 @@ def model_vocabulary(path: str):
 def _cmd_eval(args) -> int:
   import json
 
-  from flexolmo_jax.eval import perplexity
+  from flexolmo_jax.eval import perplexity, scoring
 
-  data = _named_paths(args.data)
-  if not data:
-    raise ValueError("eval needs at least one --data NAME=PATH.")
+  data, tasks_mc = _named_paths(args.data), _named_paths(args.mc)
+  if not data and not tasks_mc:
+    raise ValueError("eval needs at least one --data NAME=PATH or --mc NAME=FILE.jsonl.")
   vocab = model_vocabulary(args.model)
-  batches = eval_batches(data, vocab, args.data_dir, args.seq_len, args.batch_size)
-  stats = perplexity.evaluate_stats(args.model, batches, args.experts, args.exclude,
-                                    max_batches=args.max_batches, vocab=vocab)
-  print(f"{'domain':>10}  {'loss':>8}  {'ppl':>9}  {'bits/byte':>9}")
-  for name, s in stats.items():
-    bpb = f"{s['bits_per_byte']:.4f}" if s["bits_per_byte"] is not None else "-"
-    print(f"{name:>10}  {s['loss']:8.4f}  {s['perplexity']:9.3f}  {bpb:>9}")
-  average = sum(s["loss"] for s in stats.values()) / len(stats)
-  print(f"{'average':>10}  {average:8.4f}")
+  report: dict = {}
+  if data:
+    batches = eval_batches(data, vocab, args.data_dir, args.seq_len, args.batch_size)
+    stats = perplexity.evaluate_stats(args.model, batches, args.experts, args.exclude,
+                                      max_batches=args.max_batches, vocab=vocab)
+    print(f"{'domain':>10}  {'loss':>8}  {'ppl':>9}  {'bits/byte':>9}")
+    for name, s in stats.items():
+      bpb = f"{s['bits_per_byte']:.4f}" if s["bits_per_byte"] is not None else "-"
+      print(f"{name:>10}  {s['loss']:8.4f}  {s['perplexity']:9.3f}  {bpb:>9}")
+    average = sum(s["loss"] for s in stats.values()) / len(stats)
+    print(f"{'average':>10}  {average:8.4f}")
+    report.update(stats)
+  if tasks_mc:
+    cfg, params, _ = perplexity.load_model(args.model, args.experts, args.exclude)
+    scorer = scoring.Scorer(cfg, params, batch_size=args.batch_size)
+    for name, paths in tasks_mc.items():
+      questions = [q for path in paths for q in scoring.read_multiple_choice(path)]
+      result = scoring.multiple_choice(scorer, vocab, questions)
+      print(f"{name:>10}  acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
+            f"({result['questions']} questions)")
+      report[name] = result
   if args.json:
     with open(args.json, "w") as fh:
-      json.dump(stats, fh, indent=2)
+      json.dump(report, fh, indent=2)
   return 0
 
 
@@ -542,11 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--model", required=True, help="public, dense, merged or btm directory")
   _add_selection_flags(ev)
   ev.add_argument("--data", action="append", help="NAME=PATH validation domain (repeat)")
+  ev.add_argument("--mc", action="append",
+                  help="NAME=FILE.jsonl multiple-choice task: {context, choices, answer} lines")
   ev.add_argument("--data-dir", default="data/eval", help="where raw paths are prepared")
   ev.add_argument("--seq-len", type=int, default=256)
   ev.add_argument("--batch-size", type=int, default=16)
   ev.add_argument("--max-batches", type=int)
-  ev.add_argument("--json", help="write the losses here")
+  ev.add_argument("--json", help="write every number here")
   ev.set_defaults(fn=_cmd_eval)
   demo = sub.add_parser("demo", help="the end-to-end demo on FlexMix-mini")
   demo.add_argument("--workdir", default="workdir")

@@ -99,3 +99,18 @@ def run_cli(argv, timeout=1200):
   return subprocess.run([sys.executable, "-m", "flexolmo_jax.cli", *argv],
                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
                         text=True, timeout=timeout)
+
+
+def save_random_public(path, cfg=None, seed=0):
+  """A randomly initialized public model saved as ``pretrain`` would (byte vocabulary)."""
+  from flexolmo_jax.checkpoint import store
+  from flexolmo_jax.data import tasks
+  from flexolmo_jax.model.transformer import pure_model
+
+  cfg = cfg or tiny()
+  params = pure_model(cfg).init(seed)
+  store.save(str(path), params, {
+      "kind": "public", "config": store.config_to_json(cfg),
+      "vocabulary": {"spec": "byte", **tasks.vocabulary_identity("byte")},
+      "fingerprint": store.fingerprint(params), "data_card": {}})
+  return str(path), cfg, params

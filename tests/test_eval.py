@@ -10,7 +10,7 @@ import pytest
 from flexolmo_jax.data import tasks
 from flexolmo_jax.eval import generate, perplexity, scoring
 from flexolmo_jax.model.transformer import pure_model
-from tests.helpers import lm_batch, tiny
+from tests.helpers import lm_batch, save_random_public, tiny
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,21 @@ def test_extraction_finds_what_the_model_reproduces(model):
   assert got["extracted"] == 3 and got["rate"] == 0.5
   with pytest.raises(ValueError, match="No document has at least 64 tokens"):
     extraction.extraction(cfg, params, short, config)
+
+
+def test_flexolmo_eval_multiple_choice_cli(tmp_path, capsys):
+  from flexolmo_jax import cli
+
+  path, cfg, params = save_random_public(tmp_path / "model", seed=2)
+  mc = tmp_path / "mc.jsonl"
+  questions = [{"context": "a b", "choices": [" c", " dd"], "answer": 0},
+               {"context": "xyz", "choices": ["1", "2", "3"], "answer": 2}]
+  mc.write_text("\n".join(json.dumps(q) for q in questions))
+  out = tmp_path / "r.json"
+  assert cli.main(["eval", "--model", path, "--mc", f"toy={mc}", "--json", str(out)]) == 0
+  want = scoring.multiple_choice(scoring.Scorer(cfg, params), tasks.vocabulary_from_spec("byte"),
+                                 questions)
+  assert json.loads(out.read_text())["toy"] == want
+  assert "toy  acc" in capsys.readouterr().out
+  assert cli.main(["eval", "--model", path, "--mc", "toy"]) == 2
+  assert "'toy': write NAME=PATH" in capsys.readouterr().err

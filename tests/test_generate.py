@@ -6,7 +6,7 @@ from flax import nnx
 
 from flexolmo_jax.eval import generate
 from flexolmo_jax.model.transformer import KVCache, Transformer, pure_model
-from tests.helpers import spread_router, tiny
+from tests.helpers import save_random_public, spread_router, tiny
 
 
 def naive_greedy(cfg, params, prompt, n):
@@ -96,15 +96,9 @@ def test_filters_match_a_naive_oracle():
 
 def test_flexolmo_generate_cli(tmp_path, capsys):
   from flexolmo_jax import cli
-  from flexolmo_jax.checkpoint import store
   from flexolmo_jax.data import tasks
 
-  cfg = tiny()
-  params = pure_model(cfg).init(1)
-  path = store.save(str(tmp_path / "model"), params, {
-      "kind": "public", "config": store.config_to_json(cfg),
-      "vocabulary": {"spec": "byte", **tasks.vocabulary_identity("byte")},
-      "fingerprint": store.fingerprint(params), "data_card": {}})
+  path, cfg, params = save_random_public(tmp_path / "model", seed=1)
   assert cli.main(["generate", "--model", path, "--prompt", "héllo", "--max-new-tokens", "12"]) == 0
   out = capsys.readouterr().out
   vocab = tasks.vocabulary_from_spec("byte")

@@ -308,3 +308,25 @@ def test_a_released_flexolmo_model_is_extended_with_a_new_expert(tmp_path):
       expert=expert.ExpertConfig(router_init="random"))[1]
   with pytest.raises(ValueError, match="expert 'shell2' .* different public router row"):
     merge.merge(released, [other], str(tmp_path / "bad"), progress=lambda _: None)
+
+
+def test_bf16_export_loads_and_imports(merged, tmp_path):
+  """bf16 tensors are the fp32 weights rounded to bf16 (as torch rounds them), and import reads
+  them back exactly."""
+  _, public = merged
+  out = export.export_hf(public, str(tmp_path / "bf16"), dtype="bf16", progress=lambda _: None)
+  assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+  fp32 = export.export_hf(public, str(tmp_path / "fp32"), progress=lambda _: None)
+  from safetensors import safe_open
+  with safe_open(os.path.join(out, SINGLE), "pt") as bf, safe_open(os.path.join(fp32, SINGLE),
+                                                                    "pt") as full:
+    for name in full.keys():
+      assert bf.get_tensor(name).dtype == torch.bfloat16
+      assert torch.equal(bf.get_tensor(name), full.get_tensor(name).to(torch.bfloat16)), name
+  back = importer.import_hf(out, str(tmp_path / "back"), progress=lambda _: None)
+  reader = TensorReader(out)
+  cfg, params = ours(back)
+  np.testing.assert_array_equal(
+      params["embed"], reader.get("model.embed_tokens.weight").astype(np.float32))
+  ref = load_hf(out)
+  assert ref.dtype == torch.float32          # loaded as asked; the weights are the bf16 values

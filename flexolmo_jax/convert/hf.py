@@ -220,7 +220,7 @@ class HFTensors:
     v = self._get(name)
     if hasattr(v, "detach"):
       v = v.detach().float().cpu().numpy()
-    return np.asarray(v)
+    return np.asarray(v, np.float32)        # bf16 / fp16 checkpoints are widened exactly
 
   def _fused_source(self, name: str) -> tuple[str, int, slice] | None:
     m = _FUSED.match(name)

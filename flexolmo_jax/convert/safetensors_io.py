@@ -90,7 +90,7 @@ class ShardedWriter:
     if index != self._shard:
       self._open(index)
     data = np.ascontiguousarray(np.asarray(array).astype(self.dtype, copy=False))
-    self._fh.write(memoryview(data).cast("B"))
+    self._fh.write(data.reshape(-1).view(np.uint8))   # raw bytes, bf16 included
     self.written += data.nbytes
 
   def close(self) -> None:
@@ -106,12 +106,55 @@ class ShardedWriter:
                   indent=2)
 
 
+class SafetensorsFile:
+  """One safetensors file read by its header: tensors come from a memory map, any dtype in
+  ``DTYPES`` (bf16 included, which numpy-only readers refuse)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+      raw = fh.read(8)
+      if len(raw) < 8:
+        raise ValueError(f"{path}: not a safetensors file (shorter than its header length).")
+      (n,) = struct.unpack("<Q", raw)
+      if n > size - 8:
+        raise ValueError(f"{path}: header length {n} exceeds the file (truncated?).")
+      try:
+        header = json.loads(fh.read(n))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the header is not JSON ({e.msg}).") from None
+    self.metadata = header.pop("__metadata__", {}) or {}
+    self.start = 8 + n
+    self.entries = header
+    for name, info in header.items():
+      begin, end = info["data_offsets"]
+      if info["dtype"] not in DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not one of "
+                         f"{sorted(DTYPES)}.")
+      want = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
+      if end - begin != want or self.start + end > size:
+        raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes for shape "
+                         f"{info['shape']} (or lies past the end of the file: truncated?).")
+    self._map = np.memmap(path, np.uint8, mode="r") if size else None
+
+  def keys(self) -> list[str]:
+    return list(self.entries)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.entries[name]["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    info = self.entries[name]
+    begin, end = info["data_offsets"]
+    raw = self._map[self.start + begin:self.start + end]
+    return np.array(raw.view(DTYPES[info["dtype"]]).reshape(info["shape"]))
+
+
 class TensorReader:
   """Reads tensors by name from a Hugging Face directory (one file or an index of shards)."""
 
   def __init__(self, directory: str):
-    from safetensors import safe_open
-
     index, single = os.path.join(directory, INDEX), os.path.join(directory, SINGLE)
     if os.path.exists(index):
       with open(index) as fh:
@@ -122,24 +165,24 @@ class TensorReader:
       raise FileNotFoundError(f"{directory} holds no {SINGLE} and no {INDEX}; safetensors "
                               "weights are required (convert .bin checkpoints first).")
     files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
-    self._handles = {}
+    self._files = {}
     for f in files:
       path = os.path.join(directory, f)
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is named by {index} but is missing.")
-      self._handles[f] = safe_open(path, framework="np")
-    self.where = weight_map or {k: SINGLE for k in self._handles[SINGLE].keys()}
+      self._files[f] = SafetensorsFile(path)
+    self.where = weight_map or {k: SINGLE for k in self._files[SINGLE].keys()}
     for name, f in self.where.items():
-      if name not in self._handles[f].keys():
+      if name not in self._files[f].entries:
         raise ValueError(f"{index} puts tensor {name!r} in {f}, which does not hold it.")
 
   def names(self) -> set[str]:
     return set(self.where)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
+    return self._files[self.where[name]].shape(name)
 
   def get(self, name: str) -> np.ndarray:
     if name not in self.where:
       raise KeyError(f"Missing tensor {name!r}.")
-    return self._handles[self.where[name]].get_tensor(name)
+    return self._files[self.where[name]].get(name)
