@@ -16,14 +16,11 @@ model's size (target < 1.5x).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 
+import benchlib
 import numpy as np
 
 from flexolmo_jax.checkpoint import merge, store
@@ -106,44 +103,31 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 """
 
 
-def child(code: str, *args: str) -> dict:
-  os.sync()   # no write-back of an earlier step competes with this one
-  done = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True,
-                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def weight_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
              if f.endswith(".safetensors"))
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--experts", type=int, default=3, help="experts besides the public one")
-  p.add_argument("--reps", type=int, default=3)
+  p = benchlib.parser(__doc__, 3, "/tmp/flexolmo_export_bench")
   p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-  p.add_argument("--workdir", default="/tmp/flexolmo_export_bench")
-  p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.build_only:
     build(args.workdir, args.experts)
     return
-  # Built in a child, so no process that is measured ever held the whole model.
-  subprocess.run([sys.executable, __file__, "--build-only", "--experts", str(args.experts),
-                  "--workdir", args.workdir], check=True)
+  benchlib.build_in_child(__file__, args)
   model = os.path.join(args.workdir, "merged")
   hf_out, ref_out = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "reference")
   export_s, ref_s, naive_s, peaks, naive_peaks = [], [], [], [], []
   for _ in range(args.reps):
-    record = child(CHILD_EXPORT, model, hf_out, args.dtype)
+    record = benchlib.run_child(CHILD_EXPORT, model, hf_out, args.dtype)
     export_s.append(record["seconds"])
     peaks.append(record["peak_rss"])
     shutil.rmtree(ref_out, ignore_errors=True)
-    ref_s.append(child(CHILD_REFERENCE, hf_out, ref_out)["seconds"])
+    ref_s.append(benchlib.run_child(CHILD_REFERENCE, hf_out, ref_out)["seconds"])
     if args.dtype == "fp32":
       shutil.rmtree(ref_out, ignore_errors=True)
-      record = child(CHILD_NAIVE, model, ref_out)
+      record = benchlib.run_child(CHILD_NAIVE, model, ref_out)
       naive_s.append(record["seconds"])
       naive_peaks.append(record["peak_rss"])
   cfg = store.config_from_json(store.read_manifest(model)["config"], model)

@@ -14,15 +14,12 @@ alternately, best of ``--reps``. Prints bytes written per second for both, their
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import time
 
+import benchlib
 import jax
 import numpy as np
 
@@ -86,10 +83,7 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 def timed_merge(public: str, experts: list[str], out: str) -> tuple[float, int]:
   """(seconds of merge.merge, the child's peak RSS in bytes) in a fresh process."""
   shutil.rmtree(out, ignore_errors=True)
-  os.sync()   # no write-back of an earlier step competes with this one
-  done = subprocess.run([sys.executable, "-c", CHILD, public, out, *experts], check=True,
-                        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  record = json.loads(done.stdout.strip().splitlines()[-1])
+  record = benchlib.run_child(CHILD, public, out, *experts)
   return record["seconds"], record["peak_rss"]
 
 
@@ -103,19 +97,11 @@ def timed_copy(sources: list[str], out: str) -> float:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--experts", type=int, default=8)
-  p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--workdir", default="/tmp/flexolmo_merge_bench")
-  p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
-  args = p.parse_args()
+  args = benchlib.parser(__doc__, 8, "/tmp/flexolmo_merge_bench").parse_args()
   if args.build_only:
     build_inputs(args.workdir, args.experts)
     return
-  # Built in a child: a forked child's peak RSS starts from its parent's, so this process
-  # never holds the inputs' arrays.
-  subprocess.run([sys.executable, __file__, "--build-only", "--experts", str(args.experts),
-                  "--workdir", args.workdir], check=True)
+  benchlib.build_in_child(__file__, args)
   public = os.path.join(args.workdir, "public")
   experts = [os.path.join(args.workdir, "experts", f"owner{i}") for i in range(args.experts)]
   out, copy_out = os.path.join(args.workdir, "merged"), os.path.join(args.workdir, "copy")
