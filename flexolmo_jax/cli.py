@@ -16,84 +16,10 @@ def _cmd_info(args) -> int:
   return 0
 
 
-DEMO_SIZES = {  # (pretrain steps, expert steps, batch size, sequence length)
-    "default": (600, 300, 16, 256),
-    "quick": (30, 20, 8, 128),
-}
-
-
-def _run_stage(argv: list[str]) -> None:
-  """One demo stage in its own process (an owner's expert never shares a process with another)."""
-  import os
-  import subprocess
-
-  print("  $ flexolmo " + " ".join(argv), flush=True)
-  code = subprocess.call([sys.executable, "-m", "flexolmo_jax.cli", *argv],
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-  if code:
-    raise ValueError(f"demo stage `flexolmo {argv[0]}` failed with exit status {code}; "
-                     "re-run `make demo` to resume it.")
-
-
 def _cmd_demo(args) -> int:
-  import json
-  import os
-  import shutil
+  from flexolmo_jax import demo
 
-  from flexolmo_jax.data import flexmix_mini
-
-  size = "quick" if args.quick else "default"
-  pre_steps, exp_steps, batch, seq = DEMO_SIZES[size]
-  if args.fresh:
-    shutil.rmtree(args.workdir, ignore_errors=True)
-  fm_dir = os.path.join(args.workdir, "flexmix_mini")
-  card_path = os.path.join(fm_dir, "flexmix_mini.json")
-  if os.path.exists(card_path):
-    with open(card_path) as fh:
-      card = json.load(fh)
-    print(f"[1/3] FlexMix-mini: reusing {fm_dir} (--fresh to rebuild)")
-  else:
-    print(f"[1/3] FlexMix-mini: building into {fm_dir}")
-    card = flexmix_mini.build(fm_dir, size)
-  for name, info in card["domains"].items():
-    print(f"  {name:>6}: {info['byte_tokens']['train']:,} train byte tokens")
-  # The prepared TFDS datasets, so every stage sees FlexMix-mini's own train/validation split.
-  raw = {d: os.path.join(fm_dir, "tfds", f"flexmix_{d}", "1.0.0") for d in card["domains"]}
-  closed = [d for d in card["domains"] if d != "public"]
-  # A domain too small to hold validation documents (quick sizes) is trained, not evaluated.
-  evaluable = [d for d in closed if card["domains"][d]["documents"]["validation"] > 0]
-  common = ["--batch-size", str(batch), "--seq-len", str(seq), "--log-every", "50"]
-
-  public_run = os.path.join(args.workdir, "public")
-  print(f"[2/3] public model: {pre_steps} steps on the public data -> {public_run}/model")
-  if os.path.exists(os.path.join(public_run, "model", "manifest.json")):
-    print("  reusing it")
-  else:
-    _run_stage(["pretrain", "--model", "tiny", "--data", raw["public"], "--out", public_run,
-                "--steps", str(pre_steps), "--warmup", str(pre_steps // 10), "--lr", "3e-3",
-                *[f"--eval-data={d}={raw[d]}" for d in evaluable], *common])
-  print(f"[3/3] experts: each owner alone, {exp_steps} steps on its own data only")
-  rows = []
-  for domain in closed:
-    run = os.path.join(args.workdir, "experts", domain)
-    if os.path.exists(os.path.join(run, "expert", "manifest.json")):
-      print(f"  {domain}: reusing {run}/expert")
-    else:
-      _run_stage(["train-expert", "--public", public_run, "--name", domain, "--data", raw[domain],
-                  "--out", run, "--steps", str(exp_steps), "--warmup", str(exp_steps // 10),
-                  "--lr", "3e-3", *common])
-    with open(os.path.join(run, "expert", "manifest.json")) as fh:
-      rows.append((domain, json.load(fh)["data_card"]["validation_loss"].get(domain)))
-  with open(os.path.join(public_run, "model", "manifest.json")) as fh:
-    public_losses = json.load(fh)["data_card"]["validation_loss"]
-  print("\nvalidation loss (nats/byte): the public model vs the public model + the domain's expert")
-  for domain, loss in rows:
-    if loss is None:
-      print(f"  {domain:>6}: no validation documents")
-    else:
-      print(f"  {domain:>6}: {public_losses[domain]:.3f} -> {loss:.3f}")
-  print("\nmerge / tune-router / eval / baselines are commands now (README); the demo runs them "
-        "with issue #7.")
+  demo.run(args.workdir, quick=args.quick, fresh=args.fresh)
   return 0
 
 

@@ -101,11 +101,10 @@ def test_packed_flexmix_batch_through_the_model_respects_segments(built):
 
 
 @pytest.mark.slow
-def test_demo_trains_public_and_experts_and_reuses_them(tmp_path, capfd):
+def test_quick_demo_end_to_end(tmp_path, capfd):
   from flexolmo_jax import cli
   workdir = str(tmp_path / "work")
   assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0
-  assert os.path.exists(os.path.join(workdir, "flexmix_mini", "flexmix_mini.json"))
   out = capfd.readouterr().out
   assert "building into" in out and "flexolmo pretrain" in out
   for domain in ("code", "prose", "legal", "math"):
@@ -118,10 +117,36 @@ def test_demo_trains_public_and_experts_and_reuses_them(tmp_path, capfd):
     assert f"tfds/flexmix_{domain}/" in gin_text
     assert not any(f"flexmix_{other}" in gin_text for other in ("public", "code", "prose", "legal",
                                                                   "math") if other != domain)
-    assert f"{domain}: " in out.split("validation loss (nats/byte)")[1]
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  assert os.path.getsize(os.path.join(workdir, "report.md")) > 0
+  losses = report["losses"]
+  methods = {"public", "soup", "btm", "btx", "flexolmo", "flexolmo (no router tuning)",
+             *(f"{m} {d}" for m in ("dense", "flexolmo without") for d in report["closed_domains"]),
+             *(f"public + {d}" for d in report["closed_domains"])}
+  assert set(losses) == methods
+  for row in losses.values():
+    assert set(row) == set(report["domains"]) | {"average"}
+    assert all(math.isfinite(v) for v in row.values())
+  # Every expert lowers its own domain's loss over the public model.
+  for d, gain in report["expert_gain"].items():
+    assert gain["public + expert"] < gain["public"], d
+  # Opting an expert out raises its own domain's loss and leaves the other closed domains near
+  # the full model. (The public validation set mixes every style, so it moves with any expert.)
+  # Not asserted yet: FlexOlmo's average beating the public model and the soup; at this size the
+  # tuned router does not send a domain's tokens to its expert (see the issue note).
+  closed = [d for d in report["closed_domains"] if d in report["domains"]]
+  for d in closed:
+    without = losses[f"flexolmo without {d}"]
+    assert without[d] > losses["flexolmo"][d], d
+    for other in closed:
+      if other != d:
+        assert abs(without[other] - losses["flexolmo"][other]) < 0.1, (d, other)
+  assert report["hf_export"]["ok"], report["hf_export"]
+  # A second run reuses every stage.
   assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0
   out = capfd.readouterr().out
   assert "reusing" in out and "$ flexolmo" not in out
+  assert json.load(open(os.path.join(workdir, "report.json")))["seconds"] == report["seconds"]
 
 
 def test_small_domains_still_get_validation_documents():
