@@ -101,26 +101,24 @@ class Demo:
         *[f"--eval-data={d}={self.raw[d]}" for d in self.evaluable if d != PUBLIC],
         *self.common], "public model")
 
-  def experts(self) -> None:
+  def per_domain(self, command: str, directory: str, artifact: str, what: str) -> None:
+    """``command`` once per closed domain, each run given the public model and its own data."""
     s = self.size
-    print(f"[3/9] experts: each owner alone, {s.expert_steps} steps on its own data only")
     for d in self.closed:
-      run = self.path("experts", d)
-      self.train(os.path.join(run, "expert"), [
-          "train-expert", "--public", self.path("public"), "--name", d, "--data", self.raw[d],
+      run = self.path(directory, d)
+      self.train(os.path.join(run, artifact), [
+          command, "--public", self.path("public"), "--name", d, "--data", self.raw[d],
           "--out", run, "--steps", str(s.expert_steps), "--warmup", str(s.expert_steps // 10),
-          "--lr", "3e-3", *self.common], f"expert {d}")
+          "--lr", "3e-3", *self.common], f"{what} {d}")
+
+  def experts(self) -> None:
+    print(f"[3/9] experts: each owner alone, {self.size.expert_steps} steps on its own data only")
+    self.per_domain("train-expert", "experts", "expert", "expert")
 
   def dense(self) -> None:
-    s = self.size
-    print(f"[4/9] baselines' dense models: the public model continued {s.expert_steps} steps on "
-          "each domain")
-    for d in self.closed:
-      run = self.path("dense", d)
-      self.train(os.path.join(run, "model"), [
-          "train-dense", "--public", self.path("public"), "--name", d, "--data", self.raw[d],
-          "--out", run, "--steps", str(s.expert_steps), "--warmup", str(s.expert_steps // 10),
-          "--lr", "3e-3", *self.common], f"dense {d}")
+    print(f"[4/9] baselines' dense models: the public model continued {self.size.expert_steps} "
+          "steps on each domain")
+    self.per_domain("train-dense", "dense", "model", "dense")
 
   # -- 5-6: combining ---------------------------------------------------------------------------
   def tune(self, merged: str, run: str, proxy_weight: float | None = None) -> str:
