@@ -46,6 +46,7 @@ DEFAULT_TOP_K = 4   # the paper's 8-expert table; quality plateaus near 4 active
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                 "max_seq_len", "rope_theta", "norm_eps", "param_dtype")
 FFN_KEYS = ("w_gate", "w_up", "w_down")
+DENSE_FFN = dict(zip(FFN_KEYS, ("gate_proj", "up_proj", "down_proj")))   # expert leaf -> dense
 
 
 @dataclasses.dataclass
@@ -187,6 +188,13 @@ def read_router(path: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in f.items()}
 
 
+def _own_rows(e: Expert) -> dict[str, np.ndarray]:
+  rows = {f"{e.name}/router": e.router}
+  if e.negative_bias is not None:
+    rows[f"{e.name}/negative_bias"] = e.negative_bias
+  return rows
+
+
 def router_rows(source: Source, names: Sequence[str], negative_bias: bool) -> dict[str, np.ndarray]:
   """``<name>/router`` for every name, ``<name>/negative_bias`` for the non-public ones."""
   if source.router is not None:
@@ -202,9 +210,7 @@ def router_rows(source: Source, names: Sequence[str], negative_bias: bool) -> di
             f"expert {e.name!r} ({e.path}) was trained against a different public router row "
             f"than the merged model {source.public_path} uses; train it against that model's "
             "public directory (with --router-init per_layer for an imported model).")
-      rows[f"{e.name}/router"] = e.router
-      if e.negative_bias is not None:
-        rows[f"{e.name}/negative_bias"] = e.negative_bias
+      rows.update(_own_rows(e))
   else:
     by_mode: dict[str, list[str]] = {}
     for e in source.experts:
@@ -224,9 +230,7 @@ def router_rows(source: Source, names: Sequence[str], negative_bias: bool) -> di
                          f"router row than {source.public_path} gives for router_init={mode!r}.")
     rows = {f"{PUBLIC}/router": np.asarray(r_pub, np.float32)}
     for e in source.experts:
-      rows[f"{e.name}/router"] = e.router
-      if e.negative_bias is not None:
-        rows[f"{e.name}/negative_bias"] = e.negative_bias
+      rows.update(_own_rows(e))
   if not negative_bias:
     rows = {k: v for k, v in rows.items() if not k.endswith("/negative_bias")}
   return rows
@@ -343,9 +347,7 @@ def load_merged(path: str, experts=None, exclude=None, *, dtype: str | None = No
   dense = store.load_params(os.path.join(path, PUBLIC_DIR),
                             pure_model(dense_cfg).abstract.to_pure_dict())
   rows = read_router(path)
-  ffn = {PUBLIC: {"w_gate": dense["blocks"]["ffn"]["gate_proj"],
-                  "w_up": dense["blocks"]["ffn"]["up_proj"],
-                  "w_down": dense["blocks"]["ffn"]["down_proj"]}}
+  ffn = {PUBLIC: {key: dense["blocks"]["ffn"][DENSE_FFN[key]] for key in FFN_KEYS}}
   shapes = _expected_shapes(cfg)
   for name in names[1:] if names[0] == PUBLIC else names:
     ffn[name] = _restore_small(os.path.join(path, EXPERTS_DIR, name), FFN_KEYS, cfg)
@@ -378,7 +380,7 @@ def save_moe(out: str, cfg: ModelConfig, params: Mapping[str, Any], *, vocabular
   ffn = params["blocks"]["ffn"]
   take = lambda key, e: np.asarray(ffn[key][:, e], np.float32)
   trunk = {**params, "blocks": {**params["blocks"], "ffn": {
-      dense: take(ours, 0) for ours, dense in zip(FFN_KEYS, ("gate_proj", "up_proj", "down_proj"))}}}
+      DENSE_FFN[key]: take(key, 0) for key in FFN_KEYS}}}
   fingerprint = store.fingerprint(trunk)
   dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
   try:

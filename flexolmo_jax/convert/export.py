@@ -77,9 +77,8 @@ class Source:
       return np.stack([self.rows[f"{n}/router"] for n in self.cfg.experts], axis=1)
     if t.per_expert:
       name = self.cfg.experts[expert]
-      dense_key = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}[t.ours[-1]]
       if name == PUBLIC:
-        path, leaf = self.trunk, ("blocks", "ffn", dense_key)
+        path, leaf = self.trunk, ("blocks", "ffn", merge_lib.DENSE_FFN[t.ours[-1]])
       else:
         path, leaf = os.path.join(self.path, merge_lib.EXPERTS_DIR, name), (t.ours[-1],)
       return store.restore_leaves(path, {leaf: shape()})[leaf]

@@ -123,8 +123,8 @@ def btx(public: str, paths: Sequence[str], out: str, top_k: int | None = None, s
   for path in [public_path] + [p for p, _ in members]:
     _, params, _ = perplexity.load_dense(path)
     params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-    ffns.append({ours: params["blocks"]["ffn"].pop(dense).astype(np.float32)
-                 for ours, dense in zip(merge_lib.FFN_KEYS, ("gate_proj", "up_proj", "down_proj"))})
+    ffns.append({key: params["blocks"]["ffn"].pop(dense).astype(np.float32)
+                 for key, dense in merge_lib.DENSE_FFN.items()})
     total = params if total is None else jax.tree.map(np.add, total, params)
   n = 1 + len(members)
   params = jax.tree.map(lambda x: (x / n).astype(np.float32), total)
