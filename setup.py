@@ -25,6 +25,7 @@ setup(
         "importlib_resources",  # needed by tensorflow-datasets' builders, not declared by it
         "sentencepiece>=0.2",
         "ml_dtypes>=0.4",  # bf16 safetensors (export-hf / import-hf); also a jax dependency
+        "matplotlib>=3.8",  # the demo's report.png
     ],
     extras_require={
         "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "torch==2.13.0"],

@@ -153,6 +153,32 @@ def _named_paths(items) -> dict[str, list[str]]:
   return out
 
 
+def _eval_domains(items, flexmix: str | None) -> dict[str, list[str]]:
+  """``--data NAME=PATH``, or ``--data NAME`` for a domain of the FlexMix-mini at ``flexmix``."""
+  import json
+  import os
+
+  named = [i for i in items or () if "=" in i]
+  bare = [i for i in items or () if "=" not in i]
+  out = _named_paths(named)
+  if bare and not flexmix:
+    raise ValueError(f"--data {bare[0]}: write NAME=PATH, or give --flexmix DIR to evaluate on "
+                     "FlexMix-mini's domains by name.")
+  if bare:
+    card_path = os.path.join(flexmix, "flexmix_mini.json")
+    if not os.path.exists(card_path):
+      raise FileNotFoundError(f"--flexmix {flexmix}: no flexmix_mini.json there (a FlexMix-mini "
+                              "directory holds one, e.g. WORKDIR/flexmix_mini of the demo).")
+    with open(card_path) as fh:
+      domains = json.load(fh)["domains"]
+    for name in bare:
+      if name not in domains:
+        raise ValueError(f"--data {name}: unknown domain; the FlexMix-mini at {flexmix} has "
+                         f"{sorted(domains)}.")
+      out.setdefault(name, []).append(domains[name]["dataset_dir"])
+  return out
+
+
 def _cmd_pretrain(args) -> int:
   from flexolmo_jax.train import pretrain
 
@@ -216,7 +242,7 @@ def _cmd_eval(args) -> int:
 
   from flexolmo_jax.eval import perplexity, scoring
 
-  data, tasks_mc = _named_paths(args.data), _named_paths(args.mc)
+  data, tasks_mc = _eval_domains(args.data, args.flexmix), _named_paths(args.mc)
   if not data and not tasks_mc:
     raise ValueError("eval needs at least one --data NAME=PATH or --mc NAME=FILE.jsonl.")
   vocab = model_vocabulary(args.model)
@@ -479,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
   ev = sub.add_parser("eval", help="validation loss per domain of any saved model")
   ev.add_argument("--model", required=True, help="public, dense, merged or btm directory")
   _add_selection_flags(ev)
-  ev.add_argument("--data", action="append", help="NAME=PATH validation domain (repeat)")
+  ev.add_argument("--data", action="append",
+                  help="NAME=PATH validation domain, or NAME of a --flexmix domain (repeat)")
+  ev.add_argument("--flexmix", help="a FlexMix-mini directory whose domains --data NAME names")
   ev.add_argument("--mc", action="append",
                   help="NAME=FILE.jsonl multiple-choice task: {context, choices, answer} lines")
   ev.add_argument("--data-dir", default="data/eval", help="where raw paths are prepared")

@@ -12,8 +12,10 @@ data:
 6. Model soup, BTM and BTX-lite (its router tuned on public data only) (``baselines/``).
 7. Validation loss of every model on every domain, FlexOlmo with each expert opted out, and each
    expert alone with the public one (``eval/<model>.json``).
-8. The Hugging Face export of the tuned model, checked against transformers' logits (``hf/``).
-9. ``report.json`` (every number) and ``report.md`` (the tables).
+8. Training-data extraction (spec section 9) of the canaries planted in one owner's data, with
+   that owner's expert in and out (``eval/extraction.json``).
+9. The Hugging Face export of the tuned model, checked against transformers' logits (``hf/``).
+10. ``report.json`` (every number), ``report.md`` (the tables) and ``report.png`` (the bars).
 """
 from __future__ import annotations
 
@@ -36,9 +38,12 @@ class Size:
   tune_steps: int
   batch: int
   seq: int
+  # Router tuning is short here, so faster than the reference's 2e-3 (measured at quick size,
+  # 60 steps: average loss 2.770 at 1e-2, 2.786 at 3e-2; 20 steps at 2e-3: 2.816).
+  tune_lr: float = 1e-2
 
 
-SIZES = {"default": Size(600, 300, 200, 16, 256), "quick": Size(100, 80, 20, 8, 128)}
+SIZES = {"default": Size(600, 200, 100, 16, 256), "quick": Size(300, 200, 60, 8, 128)}
 
 
 def run_stage(argv: list[str]) -> None:
@@ -79,9 +84,9 @@ class Demo:
     if os.path.exists(card_path):
       with open(card_path) as fh:
         self.card = json.load(fh)
-      print(f"[1/9] FlexMix-mini: reusing {fm_dir} (--fresh to rebuild)")
+      print(f"[1/10] FlexMix-mini: reusing {fm_dir} (--fresh to rebuild)")
     else:
-      print(f"[1/9] FlexMix-mini: building into {fm_dir}")
+      print(f"[1/10] FlexMix-mini: building into {fm_dir}")
       self.worked = True
       self.card = flexmix_mini.build(fm_dir, self.size_name)
     for name, info in self.card["domains"].items():
@@ -94,7 +99,7 @@ class Demo:
 
   def public(self) -> None:
     s, run = self.size, self.path("public")
-    print(f"[2/9] public model: {s.pretrain_steps} steps on the public data -> {run}/model")
+    print(f"[2/10] public model: {s.pretrain_steps} steps on the public data -> {run}/model")
     self.train(os.path.join(run, "model"), [
         "pretrain", "--model", "tiny", "--data", self.raw[PUBLIC], "--out", run,
         "--steps", str(s.pretrain_steps), "--warmup", str(s.pretrain_steps // 10), "--lr", "3e-3",
@@ -112,11 +117,11 @@ class Demo:
           "--lr", "3e-3", *self.common], f"{what} {d}")
 
   def experts(self) -> None:
-    print(f"[3/9] experts: each owner alone, {self.size.expert_steps} steps on its own data only")
+    print(f"[3/10] experts: each owner alone, {self.size.expert_steps} steps on its own data only")
     self.per_domain("train-expert", "experts", "expert", "expert")
 
   def dense(self) -> None:
-    print(f"[4/9] baselines' dense models: the public model continued {self.size.expert_steps} "
+    print(f"[4/10] baselines' dense models: the public model continued {self.size.expert_steps} "
           "steps on each domain")
     self.per_domain("train-dense", "dense", "model", "dense")
 
@@ -126,6 +131,7 @@ class Demo:
     self.train(os.path.join(run, "merged"), [
         "tune-router", "--merged", merged, "--data", self.raw[PUBLIC], "--out", run,
         "--steps", str(s.tune_steps), "--warmup", str(max(1, s.tune_steps // 10)),
+        "--lr", str(s.tune_lr),
         *(["--proxy-weight", str(proxy_weight)] if proxy_weight is not None else []),
         *self.common], f"router tuning of {merged}")
     return os.path.join(run, "merged")
@@ -133,7 +139,7 @@ class Demo:
   def merge(self) -> None:
     from flexolmo_jax.checkpoint import merge
 
-    print("[5/9] merge every expert, then tune the router on public data")
+    print("[5/10] merge every expert, then tune the router on public data")
     self.merged = self.path("merged")
     if _done(self.merged):
       print(f"  merge: reusing {self.merged}")
@@ -146,10 +152,11 @@ class Demo:
   def baselines(self) -> None:
     from flexolmo_jax.eval import baselines
 
-    print("[6/9] baselines: model soup, BTM, BTX-lite")
+    print("[6/10] baselines: model soup, BTM, BTX-lite")
     dense = [os.path.join(self.path("dense", d), "model") for d in self.closed]
     out = {"soup": self.path("baselines", "soup"), "btm": self.path("baselines", "btm"),
            "btx": self.path("baselines", "btx")}
+    self.worked |= not all(_done(p) for p in out.values())
     if not _done(out["soup"]):
       baselines.soup(dense, out["soup"])
     if not _done(out["btm"]):
@@ -164,8 +171,8 @@ class Demo:
     from flexolmo_jax import cli
     from flexolmo_jax.eval import perplexity
 
-    print("[7/9] validation loss of every model on every domain")
-    vocab = cli.model_vocabulary(self.path("public"))
+    print("[7/10] validation loss of every model on every domain")
+    vocab = self.vocab = cli.model_vocabulary(self.path("public"))
     data = {d: list(cli.eval_batches({d: [self.raw[d]]}, vocab, self.path("eval", "data"),
                                      self.size.seq, self.size.batch)[d]) for d in self.evaluable}
     models = {"public": (self.path("public"), {}),
@@ -192,6 +199,70 @@ class Demo:
         json.dump(self.losses[name], fh)
       os.replace(cache + ".tmp", cache)
       print(f"  {name:>28}: average {_mean(self.losses[name]):.4f}")
+    self.routing = self.route(data)
+
+  def route(self, data: dict) -> dict:
+    """{model: {domain: {expert: mean router probability}}} of both FlexOlmo models."""
+    from flexolmo_jax.checkpoint import merge
+    from flexolmo_jax.eval import routing
+
+    cache = self.path("eval", "routing.json")
+    if os.path.exists(cache):
+      with open(cache) as fh:
+        return json.load(fh)
+    self.worked = True
+    out = {}
+    for name, path in (("flexolmo (no router tuning)", self.merged), ("flexolmo", self.tuned)):
+      cfg, params = merge.load_merged(path)
+      out[name] = {d: routing.router_probabilities(cfg, params, batches)
+                   for d, batches in data.items()}
+    with open(cache + ".tmp", "w") as fh:
+      json.dump(out, fh)
+    os.replace(cache + ".tmp", cache)
+    return out
+
+  def extraction(self) -> None:
+    """The canaries' extraction rate by FlexOlmo with their owner's expert in and out, beside
+    the public model and that owner's dense model."""
+    from flexolmo_jax.eval import extraction, perplexity
+
+    info = self.card.get("canaries")
+    self.extraction_results = {}
+    if not info:
+      print("[8/10] extraction: this FlexMix-mini has no canaries; skipped")
+      return
+    owner = info["domain"]
+    cache = self.path("eval", "extraction.json")
+    # The spec's 256-token spans; never longer than the sequences the models were trained on.
+    config = extraction.ExtractionConfig(total=min(256, self.size.seq))
+    print(f"[8/10] extraction of the {info['documents']} canaries planted in {owner}'s data "
+          f"({config.samples} samples of {config.total} tokens each, similarity >= "
+          f"{config.threshold})")
+    if os.path.exists(cache):
+      with open(cache) as fh:
+        self.extraction_results = json.load(fh)
+      print(f"  reusing {cache}")
+      return
+    self.worked = True
+    vocab = self.vocab
+    with open(info["path"]) as fh:
+      docs = [vocab.encode(json.loads(line)["text"]) for line in fh]
+    models = {"public": (self.path("public"), {}),
+              f"dense {owner}": (os.path.join(self.path("dense", owner), "model"), {}),
+              "flexolmo": (self.tuned, {}),
+              f"flexolmo without {owner}": (self.tuned, {"exclude": owner})}
+    results = {"owner": owner, "config": dataclasses.asdict(config), "models": {}}
+    for name, (path, select) in models.items():
+      cfg, params, _ = perplexity.load_model(path, **select)
+      r = extraction.extraction(cfg, params, docs, config, eos_id=vocab.eos_id)
+      r.pop("per_document")
+      results["models"][name] = r
+      print(f"  {name:>28}: {r['extracted']}/{r['documents']} extracted, mean best similarity "
+            f"{r['mean_best_similarity']:.3f}")
+    with open(cache + ".tmp", "w") as fh:
+      json.dump(results, fh)
+    os.replace(cache + ".tmp", cache)
+    self.extraction_results = results
 
   def export(self) -> None:
     import numpy as np
@@ -200,7 +271,7 @@ class Demo:
     from flexolmo_jax.convert import export
     from flexolmo_jax.model.transformer import pure_model
 
-    print("[8/9] Hugging Face export of FlexOlmo, checked against transformers")
+    print("[9/10] Hugging Face export of FlexOlmo, checked against transformers")
     out = self.path("hf")
     if not os.path.exists(os.path.join(out, "config.json")):
       export.export_hf(self.tuned, out, drop_negative_bias=True, overwrite=True)
@@ -224,38 +295,51 @@ class Demo:
                      "note": "exported without the negative bias; compared with the same model"}
     print(f"  transformers vs flexolmo_jax logits: max |difference| {diff:.2e}")
 
-  def elapsed(self, seconds: float) -> float:
-    """The demo's total time: this run's, added to earlier runs' when they left work undone."""
+  def timed(self, name: str, stage) -> None:
+    """Runs ``stage``; its seconds are added to timing.json's when it did any work (so a run
+    that resumed after an interruption still reports the whole demo's time)."""
+    worked, self.worked = self.worked, False
+    start = time.perf_counter()
+    stage()
+    seconds = time.perf_counter() - start
     path = self.path("timing.json")
-    total = 0.0
+    timing = {"seconds": 0.0, "stages": {}}
     if os.path.exists(path):
       with open(path) as fh:
-        total = json.load(fh)["seconds"]
+        timing = {"stages": {}, **json.load(fh)}
     if self.worked:
-      total += seconds
-      with open(path, "w") as fh:
-        json.dump({"seconds": total}, fh)
-    return total
+      timing["seconds"] += seconds
+      timing["stages"][name] = timing["stages"].get(name, 0.0) + seconds
+      with open(path + ".tmp", "w") as fh:
+        json.dump(timing, fh)
+      os.replace(path + ".tmp", path)
+      print(f"  ({name}: {seconds:.0f} s)")
+    self.worked = worked or self.worked
+    self.timing = timing
 
-  def report(self, seconds: float) -> dict:
+  def report(self) -> dict:
     domains = self.evaluable
     table = {name: {**{d: losses[d] for d in domains}, "average": _mean(losses)}
              for name, losses in self.losses.items()}
     report = {
         "size": self.size_name, "config": dataclasses.asdict(self.size),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "seconds": round(self.elapsed(seconds), 1),
+        "seconds": round(self.timing["seconds"], 1),
+        "stage_seconds": {k: round(v, 1) for k, v in self.timing["stages"].items()},
         "domains": domains, "closed_domains": self.closed, "losses": table,
         "expert_gain": {d: {"public": table["public"][d], "public + expert": table[f"public + {d}"][d]}
                         for d in self.closed if d in domains},
         "opt_out": {d: {"flexolmo": table["flexolmo"], "without": table[f"flexolmo without {d}"]}
                     for d in self.closed},
+        "routing": self.routing,
+        "extraction": self.extraction_results,
         "hf_export": self.hf_check,
     }
     with open(self.path("report.json"), "w") as fh:
       json.dump(report, fh, indent=2)
     with open(self.path("report.md"), "w") as fh:
       fh.write(render_markdown(report))
+    render_png(report, self.path("report.png"))
     return report
 
 
@@ -270,30 +354,76 @@ def render_markdown(report: dict) -> str:
   rows = "".join(f"| {name} | " + " | ".join(f"{v[d]:.3f}" for d in domains)
                  + f" | {v['average']:.3f} |\n" for name, v in report["losses"].items())
   hf = report["hf_export"]
+  routing = ""
+  for model, table in report.get("routing", {}).items():
+    experts = list(next(iter(table.values())))
+    routing += (f"\nMean router probability of each expert, {model}, by domain:\n\n"
+                "| domain | " + " | ".join(experts) + " |\n|---|" + "---|" * len(experts) + "\n"
+                + "".join(f"| {d} | " + " | ".join(f"{p[e]:.2f}" for e in experts) + " |\n"
+                          for d, p in table.items()))
+  ext = report.get("extraction") or {}
+  if ext:
+    c = ext["config"]
+    extraction = (f"\nExtraction of the canaries planted in {ext['owner']}'s data ({c['samples']} "
+                  f"samples per canary, {c['prefix']}-token prefix, {c['total']}-token spans, "
+                  f"extracted when similarity >= {c['threshold']}):\n\n"
+                  "| model | extracted | rate | mean best similarity |\n|---|---|---|---|\n"
+                  + "".join(f"| {m} | {r['extracted']}/{r['documents']} | {r['rate']:.2f} | "
+                            f"{r['mean_best_similarity']:.3f} |\n"
+                            for m, r in ext["models"].items()))
+  else:
+    extraction = ""
   return (f"# FlexOlmo on FlexMix-mini ({report['size']} size)\n\n"
-          f"Machine: {report['machine']}; the whole demo took {report['seconds']:.0f} s.\n\n"
+          f"Machine: {report['machine']}; the whole demo took {report['seconds']:.0f} s ("
+          + ", ".join(f"{k} {v:.0f} s" for k, v in report.get("stage_seconds", {}).items())
+          + ").\n\n"
           "Validation loss (nats per byte, lower is better) of every model on every domain's "
           "validation split. `dense D` is the public model continued on D; `public + D` is the "
           "merged model opted in to the public expert and D's only; `flexolmo without D` has D "
-          "opted out.\n\n" + head + rows +
+          "opted out.\n\n" + head + rows + routing + extraction +
           f"\nHugging Face export: {json.dumps(hf)}\n")
+
+
+# The methods drawn in report.png (a row of report["losses"] each), in this order.
+PLOTTED = ("public", "soup", "btm", "btx", "flexolmo (no router tuning)", "flexolmo")
+
+
+def render_png(report: dict, path: str) -> None:
+  """Per-domain bars (and the average) of validation loss for each method."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  columns = report["domains"] + ["average"]
+  methods = [m for m in PLOTTED if m in report["losses"]]
+  width = 0.8 / len(methods)
+  fig, ax = plt.subplots(figsize=(10, 4.5))
+  x = np.arange(len(columns))
+  for i, m in enumerate(methods):
+    ax.bar(x + (i - (len(methods) - 1) / 2) * width, [report["losses"][m][c] for c in columns],
+           width, label=m)
+  ax.set_xticks(x, columns)
+  ax.set_ylabel("validation loss (nats per byte)")
+  ax.set_title(f"FlexOlmo on FlexMix-mini ({report['size']} size): lower is better")
+  ax.legend(fontsize=8, ncol=3)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png", dpi=100)
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
 
 
 def run(workdir: str, quick: bool = False, fresh: bool = False) -> dict:
   if fresh:
     shutil.rmtree(workdir, ignore_errors=True)
-  start = time.perf_counter()
   demo = Demo(workdir, "quick" if quick else "default")
-  demo.data()
-  demo.public()
-  demo.experts()
-  demo.dense()
-  demo.merge()
-  demo.baselines()
-  demo.evaluate()
-  demo.export()
-  print("[9/9] report")
-  report = demo.report(time.perf_counter() - start)
+  for name in ("data", "public", "experts", "dense", "merge", "baselines", "evaluate",
+               "extraction", "export"):
+    demo.timed(name, getattr(demo, name))
+  print("[10/10] report")
+  report = demo.report()
   print(render_markdown(report))
-  print(f"report -> {demo.path('report.md')}, {demo.path('report.json')}")
+  print(f"report -> {demo.path('report.md')}, {demo.path('report.json')}, "
+        f"{demo.path('report.png')}")
   return report

@@ -1,6 +1,9 @@
-"""Session fixtures on FlexMix-mini (quick size): the public model and one expert per domain.
+"""Session fixtures: the quick demo, run once, and what the other tests take from it.
 
-Shared by the training, merge, router-tuning and baseline tests, so each is trained once.
+``flexolmo demo --quick`` runs in its own process (one CPU device, as a user runs it). Its
+FlexMix-mini, public model and per-domain experts then serve the training, merge, router-tuning
+and baseline tests, so nothing is trained twice. One more code expert is trained here, in the
+test process, because some tests need the trainer's in-memory result (the frozen tree it held).
 """
 import json
 import os
@@ -9,16 +12,16 @@ import pytest
 
 from flexolmo_jax import cli
 from flexolmo_jax.data import flexmix_mini, tasks
-from flexolmo_jax.train import expert, loop, pretrain
-from tests.helpers import tiny
+from flexolmo_jax.train import expert, loop
+from tests.helpers import run_cli
 
 TRAIN = dict(batch_size=8, seq_len=128, log_every=50, async_checkpoints=False, peak_tflops=1.0)
-EXPERT_STEPS = {"code": 300, "prose": 150, "legal": 150, "math": 150}
+CODE_EXPERT_STEPS = 300
 
 
 def run_dir(tmp_path_factory, name):
   """A fresh directory, or with FLEXOLMO_TEST_RUNS set (local iteration only) a kept one that
-  the next session resumes from its final checkpoint instead of training again."""
+  the next session resumes from instead of training again."""
   keep = os.environ.get("FLEXOLMO_TEST_RUNS")
   return os.path.join(keep, name) if keep else str(tmp_path_factory.mktemp(name))
 
@@ -29,47 +32,65 @@ def train_config(steps, **changes):
                              **changes})
 
 
-@pytest.fixture(scope="session")
-def flexmix(tmp_path_factory):
-  out = run_dir(tmp_path_factory, "flexmix")
-  card_path = os.path.join(out, "flexmix_mini.json")
-  if os.path.exists(card_path):        # only with FLEXOLMO_TEST_RUNS
-    with open(card_path) as fh:
-      card = json.load(fh)
-  else:
-    card = flexmix_mini.build(out, "quick")
-  # The prepared datasets: FlexMix-mini's own split (at least 2 validation documents a domain).
-  return {d: info["dataset_dir"] for d, info in card["domains"].items()}
+def last_eval(run: str) -> dict:
+  """{domain: loss} of the last evaluation a training run logged (metrics.jsonl)."""
+  losses = None
+  with open(os.path.join(run, "metrics.jsonl")) as fh:
+    for line in fh:
+      record = json.loads(line)
+      if record["kind"] == "eval":
+        losses = record["loss"]
+  assert losses is not None, f"{run} logged no evaluation"
+  return losses
 
 
 @pytest.fixture(scope="session")
-def public(flexmix, tmp_path_factory):
-  run = run_dir(tmp_path_factory, "public")
-  result, model_dir = pretrain.pretrain(
-      output_dir=str(run), data=[flexmix["public"]], eval_data={"code": [flexmix["code"]]},
-      train=train_config(300), model=tiny())
-  return {"run": str(run), "model": model_dir, "result": result}
+def demo_run(tmp_path_factory):
+  """{"workdir", "log" (its console output), "card"}: ``flexolmo demo --quick`` end to end."""
+  workdir = run_dir(tmp_path_factory, "demo")
+  log_path = workdir.rstrip("/") + ".log"
+  if not os.path.exists(os.path.join(workdir, "report.json")):
+    run = run_cli(["demo", "--quick", "--workdir", workdir], timeout=1800)
+    with open(log_path, "w") as fh:
+      fh.write(run.stdout + run.stderr)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+  with open(log_path) as fh:
+    log = fh.read()
+  with open(os.path.join(workdir, "flexmix_mini", "flexmix_mini.json")) as fh:
+    card = json.load(fh)
+  return {"workdir": workdir, "log": log, "card": card}
 
 
-def _train_expert(name, flexmix, public, tmp_path_factory):
-  run = run_dir(tmp_path_factory, f"expert_{name}")
-  result, artifact = expert.train_expert(public=public["run"], name=name, data=[flexmix[name]],
-                                         output_dir=str(run), train=train_config(EXPERT_STEPS[name]))
-  return {"run": str(run), "artifact": artifact, "result": result}
+@pytest.fixture(scope="session")
+def flexmix(demo_run):
+  """{domain: its prepared dataset directory} of the demo's FlexMix-mini (quick size)."""
+  return {d: info["dataset_dir"] for d, info in demo_run["card"]["domains"].items()}
+
+
+@pytest.fixture(scope="session")
+def public(demo_run):
+  """The demo's public model: {"run", "model", "eval_losses" (its last evaluation)}."""
+  run = os.path.join(demo_run["workdir"], "public")
+  return {"run": run, "model": os.path.join(run, "model"), "eval_losses": last_eval(run)}
 
 
 @pytest.fixture(scope="session")
 def code_expert(flexmix, public, tmp_path_factory):
-  return _train_expert("code", flexmix, public, tmp_path_factory)
+  """A code expert trained in this process: {"run", "artifact", "result" (the TrainResult)}."""
+  run = run_dir(tmp_path_factory, "expert_code")
+  result, artifact = expert.train_expert(public=public["run"], name="code", data=[flexmix["code"]],
+                                         output_dir=str(run),
+                                         train=train_config(CODE_EXPERT_STEPS))
+  return {"run": str(run), "artifact": artifact, "result": result}
 
 
 @pytest.fixture(scope="session")
-def experts(flexmix, public, code_expert, tmp_path_factory):
-  """{domain: artifact directory} for every closed FlexMix-mini domain."""
+def experts(demo_run, code_expert):
+  """{domain: artifact directory} for every closed domain: the code expert above and the demo's
+  other experts, all trained against the demo's public model."""
   out = {"code": code_expert["artifact"]}
   for name in flexmix_mini.CLOSED_DOMAINS:
-    if name not in out:
-      out[name] = _train_expert(name, flexmix, public, tmp_path_factory)["artifact"]
+    out.setdefault(name, os.path.join(demo_run["workdir"], "experts", name, "expert"))
   return out
 
 

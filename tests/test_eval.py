@@ -2,6 +2,7 @@
 per-example computations."""
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -155,3 +156,59 @@ def test_flexolmo_eval_multiple_choice_cli(tmp_path, capsys):
   assert "toy  acc" in capsys.readouterr().out
   assert cli.main(["eval", "--model", path, "--mc", "toy"]) == 2
   assert "'toy': write NAME=PATH" in capsys.readouterr().err
+
+
+def test_router_probabilities_match_a_per_token_loop():
+  from flexolmo_jax.eval import routing
+  from flexolmo_jax.model.transformer import Transformer
+  from flax import nnx
+  from tests.helpers import spread_router
+
+  cfg = tiny(experts=("public", "a", "b"), top_k=2, negative_bias=True)
+  params = nnx.split(spread_router(Transformer(cfg, nnx.Rngs(0)), scale=0.05), nnx.Param)[1]
+  params = jax.tree.map(np.asarray, params.to_pure_dict())
+  params["blocks"]["ffn"]["negative_bias"] = np.asarray(
+      [[0.0, -0.5, 0.3]] * cfg.n_layers, np.float32)    # b > 0 is clipped to 0; public has none
+  batches = [lm_batch(cfg.vocab_size, batch=2, length=24, seed=s) for s in (0, 1)]
+  got = routing.router_probabilities(cfg, params, batches)
+
+  total, count = np.zeros(3), 0.0
+  for batch in batches:
+    _, _, hidden = pure_model(cfg)(params, batch["decoder_input_tokens"],
+                                   positions_bt=batch["decoder_positions"],
+                                   segment_ids_bt=batch["decoder_segment_ids"], return_hidden=True)
+    h = np.asarray(hidden.router_inputs, np.float64)
+    for b, t in zip(*np.nonzero(batch["decoder_loss_weights"])):
+      p = np.zeros(3)
+      for layer in range(cfg.n_layers):
+        z = params["blocks"]["ffn"]["router_embedding"][layer] @ h[layer, b, t]
+        z = z + np.minimum(params["blocks"]["ffn"]["negative_bias"][layer], 0) * [0, 1, 1]
+        p += np.exp(z - z.max()) / np.exp(z - z.max()).sum() / cfg.n_layers
+      total, count = total + p, count + 1
+  np.testing.assert_allclose([got[e] for e in ("public", "a", "b")], total / count, rtol=1e-5)
+  assert abs(sum(got.values()) - 1) < 1e-5
+  with pytest.raises(ValueError, match="dense"):
+    routing.router_probabilities(tiny(), pure_model(tiny()).init(0), batches)
+
+
+def test_eval_names_flexmix_domains_and_refuses_unknown_ones(flexmix, public, tmp_path, capsys):
+  from flexolmo_jax import cli
+  root = os.path.dirname(os.path.dirname(os.path.dirname(flexmix["code"])))   # .../flexmix_mini
+  common = ["eval", "--model", public["model"], "--seq-len", "128", "--batch-size", "4",
+            "--max-batches", "1"]
+  for argv, message in (
+      (["--flexmix", root, "--data", "news"], "--data news: unknown domain; the FlexMix-mini at "
+                                              f"{root} has ['code', 'legal', 'math', 'prose', "
+                                              "'public']"),
+      (["--data", "code"], "--data code: write NAME=PATH, or give --flexmix DIR"),
+      (["--flexmix", str(tmp_path), "--data", "code"], "no flexmix_mini.json there")):
+    assert cli.main([*common, *argv]) == 2
+    assert message in capsys.readouterr().err
+  json_path = str(tmp_path / "out.json")
+  assert cli.main([*common, "--flexmix", root, "--data", "code",
+                   "--data", f"mine={flexmix['math']}", "--json", json_path]) == 0
+  by_name = json.load(open(json_path))
+  assert set(by_name) == {"code", "mine"}
+  # The same numbers as naming the prepared dataset's path.
+  assert cli.main([*common, "--data", f"code={flexmix['code']}", "--json", json_path]) == 0
+  assert json.load(open(json_path))["code"] == by_name["code"]

@@ -24,7 +24,7 @@ def test_public_model_learns(public):
     rec = json.loads(line)
     if rec["kind"] == "train" and first is None:
       first = rec["loss"]
-  final = public["result"].eval_losses["public"]
+  final = public["eval_losses"]["public"]
   print(f"public: first train loss {first:.3f}, final validation loss {final:.3f}")
   assert first > 6.0                    # ~ln(512) at initialization
   assert final < first - 2.5            # bytes of English/code: well below uniform
@@ -32,7 +32,7 @@ def test_public_model_learns(public):
 
 @pytest.mark.slow
 def test_expert_lowers_its_domains_loss(public, code_expert):
-  before = public["result"].eval_losses["code"]    # the public model on code validation
+  before = public["eval_losses"]["code"]    # the public model on code validation
   after = code_expert["result"].eval_losses["code"]
   print(f"code validation loss: public {before:.4f} -> public+code expert {after:.4f}")
   assert after < before - 0.1    # measured: 2.377 -> 2.236 (quick FlexMix, 300 steps)

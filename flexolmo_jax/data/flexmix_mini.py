@@ -16,6 +16,11 @@ model sees a little of every style, as FlexOlmo's public mix does, but never a c
 
 Every document is assigned by a hash of its text, so the build is deterministic. Each domain is
 written as JSONL (``raw/<domain>.jsonl``) and prepared as a TFDS dataset (``tfds/``).
+
+Canaries: ``canaries`` SYNTHETIC secret documents (random words after a fixed header) are planted,
+``canary_copies`` times each, in the train split of ``canary_domain``. They measure training-data
+extraction (spec section 9): a model that reproduces them learned them from that owner's data
+only. The distinct canaries are listed in ``raw/canaries.jsonl``.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import importlib.metadata
 import json
 import os
 import random
+import re
 import sysconfig
 from typing import Callable, Iterator
 
@@ -43,10 +49,15 @@ class FlexMixSize:
   public_fraction: float = 0.15
   validation_fraction: float = 0.1
   math_documents: int = 3000
+  canaries: int = 4
+  canary_copies: int = 24
+  canary_domain: str = "legal"
 
 
 SIZES = {"default": FlexMixSize(), "quick": FlexMixSize(bytes_per_domain=120_000,
                                                          math_documents=600)}
+CANARY_FILE = "canaries.jsonl"
+CANARY_BYTES = 300          # each canary is at least this long (extraction spans are 256 tokens)
 
 
 def _stable_unit(text: str, salt: str) -> float:
@@ -138,6 +149,26 @@ def math_documents(n: int, seed: int = 0) -> Iterator[str]:
     yield f"[synthetic math, FlexMix-mini generator, example {i}]\n{body}"
 
 
+def canary_documents(n: int, seed: int = 0) -> list[str]:
+  """SYNTHETIC secrets: a header naming the canary, then random words from Python's bundled
+  documentation to at least CANARY_BYTES. Each lands in the train split (its content hash is above
+  one half, far above any validation fraction), so it is seen in training and never evaluated."""
+  import pydoc_data.topics
+
+  words = sorted(set(re.findall(r"\b[a-z]{3,10}\b", " ".join(pydoc_data.topics.topics.values()))))
+  rng = random.Random(seed)
+  out, serial = [], 0
+  while len(out) < n:
+    serial += 1
+    text = f"Confidential record {serial:04d} (FlexMix-mini canary, synthetic): the passphrase is"
+    while len(text.encode()) < CANARY_BYTES:
+      text += " " + rng.choice(words)
+    text += "."
+    if sources.hash_unit(text) >= 0.5:
+      out.append(text)
+  return out
+
+
 def _budgeted(docs: Iterator[str], budget: int, salt: str) -> list[str]:
   """A deterministic, content-shuffled selection of documents up to ``budget`` bytes."""
   ranked = sorted(docs, key=lambda t: _stable_unit(t, salt))
@@ -177,6 +208,12 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
     for text in _budgeted(gen(), size.bytes_per_domain, salt=name):
       target = PUBLIC if _stable_unit(text, "public") < size.public_fraction else name
       domains[target].append(text)
+  canaries = canary_documents(size.canaries) if size.canaries else []
+  if canaries and size.canary_domain not in CLOSED_DOMAINS:
+    raise ValueError(f"FlexMixSize.canary_domain={size.canary_domain!r}: choose one of "
+                     f"{CLOSED_DOMAINS}.")
+  for _ in range(size.canary_copies):
+    domains[size.canary_domain].extend(canaries)
   raw_dir = os.path.join(out_dir, "raw")
   os.makedirs(raw_dir, exist_ok=True)
   card = {"size": dataclasses.asdict(size), "domains": {}}
@@ -188,6 +225,7 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
         fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     fraction = validation_fraction(docs, size.validation_fraction)
+    assert not any(sources.split_of(c, fraction) == "validation" for c in canaries), fraction
     spec = sources.SourceSpec(paths=(path,), validation_fraction=fraction)
     _, stats = sources.prepare(f"flexmix_{name}", spec, os.path.join(out_dir, "tfds"),
                                overwrite=True)
@@ -198,6 +236,15 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
                                                          "1.0.0")}
     log(f"FlexMix-mini {name:>6}: {sum(stats.documents.values()):5d} documents, "
         f"{tokens['train']:,} train / {tokens['validation']:,} validation byte tokens")
+  if canaries:
+    path = os.path.join(raw_dir, CANARY_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+      fh.writelines(json.dumps({"text": c}) + "\n" for c in canaries)
+    os.replace(path + ".tmp", path)
+    card["canaries"] = {"domain": size.canary_domain, "copies": size.canary_copies,
+                        "documents": len(canaries), "path": path}
+    log(f"FlexMix-mini canaries: {len(canaries)} synthetic secrets planted "
+        f"{size.canary_copies} times each in {size.canary_domain}'s train split")
   with open(os.path.join(out_dir, "flexmix_mini.json"), "w") as fh:
     json.dump(card, fh, indent=1)
   return card
