@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.config import PUBLIC, ModelConfig
+from flexolmo_jax.model.moe import route
 from flexolmo_jax.model.transformer import pure_model
 
 
@@ -22,7 +23,7 @@ def router_probabilities(cfg: ModelConfig, params, batches: Iterable[Mapping[str
   if not cfg.is_moe:
     raise ValueError("router_probabilities needs a mixture-of-experts model; this one is dense.")
   model = pure_model(cfg)
-  bias_mask = jnp.asarray([name != PUBLIC for name in cfg.experts])
+  bias_mask = tuple(name != PUBLIC for name in cfg.experts)
 
   @jax.jit
   def mass(params, batch):
@@ -30,14 +31,14 @@ def router_probabilities(cfg: ModelConfig, params, batches: Iterable[Mapping[str
                          positions_bt=batch.get("decoder_positions"),
                          segment_ids_bt=batch.get("decoder_segment_ids"), return_hidden=True)
     ffn = params["blocks"]["ffn"]
-    logits = jnp.einsum("lbtd,led->lbte", hidden.router_inputs.astype(jnp.float32),
-                        ffn["router_embedding"].astype(jnp.float32))
-    if "negative_bias" in ffn:
-      bias = jnp.where(bias_mask, jnp.minimum(ffn["negative_bias"], 0.0), 0.0)   # [L, E]
-      logits = logits + bias[:, None, None, :]
-    probs = jax.nn.softmax(logits, axis=-1).mean(axis=0)                      # [B, T, E]
-    w = batch["decoder_loss_weights"].astype(jnp.float32)
-    return jnp.einsum("bte,bt->e", probs, w), jnp.sum(w)
+    h = hidden.router_inputs                                                  # [L, B, T, d]
+    l, b, t, d = h.shape
+    # The MoE layer's own routing (negative bias included), one layer at a time.
+    per_layer = lambda x, rows, bias: route(x, rows, 1, bias, bias_mask).probs_te
+    probs = jax.vmap(per_layer)(h.reshape(l, b * t, d), ffn["router_embedding"],
+                                ffn.get("negative_bias")).mean(axis=0)        # [B*T, E]
+    w = batch["decoder_loss_weights"].astype(jnp.float32).reshape(-1)
+    return probs.T @ w, jnp.sum(w)
 
   total, count = np.zeros(cfg.num_experts), 0.0
   for batch in batches:
