@@ -76,7 +76,8 @@ EXPERT_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME", "top_k": "TOP
                 "negative_bias": "NEGATIVE_BIAS"}
 DENSE_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME"}
 TUNE_FLAGS = {**{k: v for k, v in TRAIN_FLAGS.items() if k != "vocabulary"}, "merged": "MERGED",
-              "proxy_fraction": "PROXY_FRACTION", "proxy_weight": "PROXY_WEIGHT"}
+              "proxy_fraction": "PROXY_FRACTION", "proxy_weight": "PROXY_WEIGHT",
+              "expert_dropout": "EXPERT_DROPOUT"}
 PREEMPTED_EXIT = 143
 
 
@@ -467,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
   tune.add_argument("--merged", help="merged checkpoint directory")
   tune.add_argument("--proxy-fraction", type=float)
   tune.add_argument("--proxy-weight", type=float)
+  tune.add_argument("--expert-dropout", type=float,
+                    help="chance each training sequence leaves each non-public expert out, so "
+                         "the router learns to do without any owner (default 0, as the paper)")
   _add_train_flags(tune)
   tune.set_defaults(fn=_cmd_tune_router)
   gen = sub.add_parser("generate", help="continue prompts with any saved model (KV cache)")

@@ -41,9 +41,13 @@ class Size:
   # Router tuning is short here, so faster than the reference's 2e-3 (measured at quick size,
   # 60 steps: average loss 2.770 at 1e-2, 2.786 at 3e-2; 20 steps at 2e-3: 2.816).
   tune_lr: float = 1e-2
+  # Expert dropout in router tuning (router_tune.py; not in the paper). Measured at quick size:
+  # opting math out gave math 1.816 (public 1.361) after 60 steps without it, 1.476 after 200
+  # steps with 0.5; the full model's average went 2.136 -> 2.121.
+  tune_dropout: float = 0.5
 
 
-SIZES = {"default": Size(600, 200, 100, 16, 256), "quick": Size(300, 200, 60, 8, 128)}
+SIZES = {"default": Size(600, 200, 200, 16, 256), "quick": Size(300, 200, 200, 8, 128)}
 
 
 def run_stage(argv: list[str]) -> None:
@@ -126,12 +130,13 @@ class Demo:
     self.per_domain("train-dense", "dense", "model", "dense")
 
   # -- 5-6: combining ---------------------------------------------------------------------------
-  def tune(self, merged: str, run: str, proxy_weight: float | None = None) -> str:
+  def tune(self, merged: str, run: str, proxy_weight: float | None = None,
+           expert_dropout: float = 0.0) -> str:
     s = self.size
     self.train(os.path.join(run, "merged"), [
         "tune-router", "--merged", merged, "--data", self.raw[PUBLIC], "--out", run,
         "--steps", str(s.tune_steps), "--warmup", str(max(1, s.tune_steps // 10)),
-        "--lr", str(s.tune_lr),
+        "--lr", str(s.tune_lr), "--expert-dropout", str(expert_dropout),
         *(["--proxy-weight", str(proxy_weight)] if proxy_weight is not None else []),
         *self.common], f"router tuning of {merged}")
     return os.path.join(run, "merged")
@@ -147,7 +152,7 @@ class Demo:
       self.worked = True
       merge.merge(self.path("public"), [self.path("experts", d) for d in self.closed],
                   self.merged, top_k=1 + len(self.closed))
-    self.tuned = self.tune(self.merged, self.path("tuned"))
+    self.tuned = self.tune(self.merged, self.path("tuned"), expert_dropout=self.size.tune_dropout)
 
   def baselines(self) -> None:
     from flexolmo_jax.eval import baselines
@@ -256,9 +261,10 @@ class Demo:
       cfg, params, _ = perplexity.load_model(path, **select)
       r = extraction.extraction(cfg, params, docs, config, eos_id=vocab.eos_id)
       r.pop("per_document")
+      r["canary_loss"] = extraction.document_loss(cfg, params, docs, config.total)
       results["models"][name] = r
       print(f"  {name:>28}: {r['extracted']}/{r['documents']} extracted, mean best similarity "
-            f"{r['mean_best_similarity']:.3f}")
+            f"{r['mean_best_similarity']:.3f}, canary loss {r['canary_loss']:.3f}")
     with open(cache + ".tmp", "w") as fh:
       json.dump(results, fh)
     os.replace(cache + ".tmp", cache)
@@ -366,10 +372,12 @@ def render_markdown(report: dict) -> str:
     c = ext["config"]
     extraction = (f"\nExtraction of the canaries planted in {ext['owner']}'s data ({c['samples']} "
                   f"samples per canary, {c['prefix']}-token prefix, {c['total']}-token spans, "
-                  f"extracted when similarity >= {c['threshold']}):\n\n"
-                  "| model | extracted | rate | mean best similarity |\n|---|---|---|---|\n"
+                  f"extracted when similarity >= {c['threshold']}; canary loss: teacher-forced, "
+                  "nats per token):\n\n"
+                  "| model | extracted | rate | mean best similarity | canary loss |\n"
+                  "|---|---|---|---|---|\n"
                   + "".join(f"| {m} | {r['extracted']}/{r['documents']} | {r['rate']:.2f} | "
-                            f"{r['mean_best_similarity']:.3f} |\n"
+                            f"{r['mean_best_similarity']:.3f} | {r.get('canary_loss', float('nan')):.3f} |\n"
                             for m, r in ext["models"].items()))
   else:
     extraction = ""

@@ -140,6 +140,25 @@ def test_extraction_finds_what_the_model_reproduces(model):
     extraction.extraction(cfg, params, short, config)
 
 
+def test_document_loss_matches_one_document_at_a_time(model):
+  """Teacher-forced loss of documents of unequal length, batched with padding, equals a loop
+  over each document alone through the model's own log-softmax."""
+  from flexolmo_jax.eval import extraction
+  from flexolmo_jax.model.transformer import pure_model
+
+  cfg, params = model
+  rs = np.random.RandomState(2)
+  docs = [rs.randint(3, 259, n).tolist() for n in (40, 17, 64)]
+  nll = count = 0.0
+  for d in docs:
+    d = d[:32]
+    logits = np.asarray(pure_model(cfg)(params, np.asarray([d[:-1]]))[0][0], np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll -= np.sum(logits[np.arange(len(d) - 1), d[1:]] - logz)
+    count += len(d) - 1
+  assert extraction.document_loss(cfg, params, docs, 32) == pytest.approx(nll / count, rel=1e-5)
+
+
 def test_flexolmo_eval_multiple_choice_cli(tmp_path, capsys):
   from flexolmo_jax import cli
 

@@ -8,8 +8,12 @@ import pytest
 
 from flexolmo_jax.data import flexmix_mini, sources
 
-# Loss tolerance (nats per byte) of the opt-out claims at quick size.
+# Loss tolerances (nats per byte) of the opt-out claims at quick size: the other domains stay
+# within OPT_OUT_TOLERANCE of the full model; the opted-out domain comes back to within
+# OPT_OUT_PUBLIC_TOLERANCE of the public model (measured 0.115 at most, for math; the math
+# expert's own gain is 0.5).
 OPT_OUT_TOLERANCE = 0.1
+OPT_OUT_PUBLIC_TOLERANCE = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +142,14 @@ def test_quick_demo_end_to_end(demo_run, capfd):
   # FlexOlmo's average over all domains beats the public model and the model soup.
   assert losses["flexolmo"]["average"] < losses["public"]["average"]
   assert losses["flexolmo"]["average"] < losses["soup"]["average"]
-  # Opting X out raises X's loss and leaves the other closed domains near the full model's.
-  # Not asserted: X's loss coming back near the public model's. It does for code, prose and legal
-  # (measured within 0.07) but not for math (1.816 against the public model's 1.361): the other
-  # experts, mixed into math tokens once the math expert is gone, are far worse than the public
-  # FFN there (`public + code` scores 2.480 on math). See the issue note.
+  # Opting X out raises X's loss back to within OPT_OUT_PUBLIC_TOLERANCE of the public model's,
+  # and leaves the other closed domains near the full model's. (Math needs the demo's expert
+  # dropout in router tuning: without it, math came back to 1.816 against public's 1.361.)
   closed = [d for d in report["closed_domains"] if d in report["domains"]]
   for d in closed:
     without = losses[f"flexolmo without {d}"]
     assert without[d] > losses["flexolmo"][d], d
+    assert abs(without[d] - losses["public"][d]) < OPT_OUT_PUBLIC_TOLERANCE, d
     for other in closed:
       if other != d:
         assert abs(without[other] - losses["flexolmo"][other]) < OPT_OUT_TOLERANCE, (d, other)
@@ -155,14 +158,20 @@ def test_quick_demo_end_to_end(demo_run, capfd):
     for d, probs in table.items():
       assert abs(sum(probs.values()) - 1) < 1e-4, d
   # The extraction evaluation ran on every planted canary, with their owner's expert in and out.
-  # Not asserted: a higher rate with it in. The tiny model memorizes none of them at this size
-  # (0 of 4 extracted by every model, best similarity about 0.40; see the issue note).
+  # What the owner's expert memorized leaves with it: FlexOlmo's canary loss and best sample
+  # similarity are better with the expert in than out. The rate itself (similarity >= 0.9) is
+  # reported but not compared: no tiny model reaches 0.9 on any canary (see the issue note).
   ext = report["extraction"]
   owner = ext["owner"]
-  assert set(ext["models"]) == {"public", f"dense {owner}", "flexolmo", f"flexolmo without {owner}"}
-  for result in ext["models"].values():
+  models = ext["models"]
+  assert set(models) == {"public", f"dense {owner}", "flexolmo", f"flexolmo without {owner}"}
+  for result in models.values():
     assert result["documents"] == demo_run["card"]["canaries"]["documents"]
     assert 0 <= result["rate"] <= 1 and 0 < result["mean_best_similarity"] <= 1
+  inside, outside = models["flexolmo"], models[f"flexolmo without {owner}"]
+  assert inside["rate"] >= outside["rate"]
+  assert inside["canary_loss"] < outside["canary_loss"] - 1.0
+  assert inside["mean_best_similarity"] > outside["mean_best_similarity"]
   assert report["hf_export"]["ok"], report["hf_export"]
   # A second run reuses every stage.
   assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0

@@ -181,3 +181,24 @@ def test_layers_are_scanned_into_one_compiled_body():
   two, thirty_two = program_size(2, True), program_size(32, True)
   assert thirty_two <= 1.02 * two, (two, thirty_two)
   assert program_size(8, False) > 3 * two   # unrolled layers would grow with depth
+
+
+def test_expert_keep_mask_equals_opting_out_per_sequence():
+  """Router tuning's expert dropout: a row that drops expert "b" computes exactly what the
+  model with "b" opted out computes, in every layer; the other rows are untouched."""
+  cfg = tiny(experts=("public", "a", "b", "c"), top_k=4, negative_bias=True,
+             top_k_policy="clamp")
+  model = spread_router(Transformer(cfg, nnx.Rngs(0)))
+  model.blocks.ffn.negative_bias[...] = jnp.full((cfg.n_layers, 4), -0.5)
+  toks = tokens(cfg, batch=3, length=16)
+  keep = np.ones((3, 16, 4), bool)
+  keep[1, :, 2] = False                     # row 1 without "b"
+  keep[2, :, 1:] = False                    # row 2 with public alone
+  out = model(toks, expert_keep_bte=jnp.asarray(keep))[0]
+  np.testing.assert_allclose(out[0], model(toks)[0][0], atol=1e-6, rtol=0)
+  np.testing.assert_allclose(out[1], model(toks, experts=("public", "a", "c"))[0][1],
+                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out[2], model(toks, experts=("public",))[0][2], atol=1e-5, rtol=0)
+  assert not np.allclose(out[1], out[0], atol=1e-3)
+  with pytest.raises(ValueError, match=r"expected \(3, 16, 4\)"):
+    model(toks, expert_keep_bte=jnp.asarray(keep[..., :3]))

@@ -17,10 +17,14 @@ model sees a little of every style, as FlexOlmo's public mix does, but never a c
 Every document is assigned by a hash of its text, so the build is deterministic. Each domain is
 written as JSONL (``raw/<domain>.jsonl``) and prepared as a TFDS dataset (``tfds/``).
 
-Canaries: ``canaries`` SYNTHETIC secret documents (random words after a fixed header) are planted,
-``canary_copies`` times each, in the train split of ``canary_domain``. They measure training-data
-extraction (spec section 9): a model that reproduces them learned them from that owner's data
-only. The distinct canaries are listed in ``raw/canaries.jsonl``.
+Canaries: ``canaries`` SYNTHETIC secret documents are planted, ``canary_copies`` times each, in the
+train split of ``canary_domain``. They measure training-data extraction (spec section 9): a model
+that reproduces them learned them from that owner's data only. The distinct canaries are listed in
+``raw/canaries.jsonl``. Each is a header, then a secret cycle (a random order of
+CANARY_CYCLE symbols that no other canary uses) repeated: memorizing one is a table of
+CANARY_CYCLE successors, within reach of the tiny models, which cannot continue a cycle in context
+(measured: the public model's loss on them is 4.9 nats per byte, the legal expert's 1.6). Random
+words, tried first, were not memorized at all by a 2-layer expert (2.6 vs 2.8).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import json
 import os
 import random
 import re
+import string
 import sysconfig
 from typing import Callable, Iterator
 
@@ -57,7 +62,9 @@ class FlexMixSize:
 SIZES = {"default": FlexMixSize(), "quick": FlexMixSize(bytes_per_domain=120_000,
                                                          math_documents=600)}
 CANARY_FILE = "canaries.jsonl"
-CANARY_BYTES = 300          # each canary is at least this long (extraction spans are 256 tokens)
+CANARY_BYTES = 300          # each canary is this long (extraction spans are 256 tokens)
+CANARY_CYCLE = 12           # symbols in each canary's secret cycle
+CANARY_SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
 
 
 def _stable_unit(text: str, salt: str) -> float:
@@ -150,20 +157,22 @@ def math_documents(n: int, seed: int = 0) -> Iterator[str]:
 
 
 def canary_documents(n: int, seed: int = 0) -> list[str]:
-  """SYNTHETIC secrets: a header naming the canary, then random words from Python's bundled
-  documentation to at least CANARY_BYTES. Each lands in the train split (its content hash is above
-  one half, far above any validation fraction), so it is seen in training and never evaluated."""
-  import pydoc_data.topics
-
-  words = sorted(set(re.findall(r"\b[a-z]{3,10}\b", " ".join(pydoc_data.topics.topics.values()))))
+  """SYNTHETIC secrets: a header naming the canary, then its own secret cycle of CANARY_CYCLE
+  symbols (disjoint from every other canary's) repeated to CANARY_BYTES. Each lands in the train
+  split (its content hash is above one half, far above any validation fraction), so it is seen in
+  training and never evaluated."""
+  if n * CANARY_CYCLE > len(CANARY_SYMBOLS):
+    raise ValueError(f"FlexMixSize.canaries={n}: at most {len(CANARY_SYMBOLS) // CANARY_CYCLE} "
+                     f"canaries have disjoint {CANARY_CYCLE}-symbol secrets.")
   rng = random.Random(seed)
   out, serial = [], 0
   while len(out) < n:
     serial += 1
-    text = f"Confidential record {serial:04d} (FlexMix-mini canary, synthetic): the passphrase is"
-    while len(text.encode()) < CANARY_BYTES:
-      text += " " + rng.choice(words)
-    text += "."
+    own = list(CANARY_SYMBOLS[len(out) * CANARY_CYCLE:(len(out) + 1) * CANARY_CYCLE])
+    rng.shuffle(own)
+    text = f"Confidential record {serial:04d} (FlexMix-mini canary, synthetic): the passphrase is "
+    text += "".join(own) * (CANARY_BYTES // CANARY_CYCLE)
+    text = text[:CANARY_BYTES - 1] + "."
     if sources.hash_unit(text) >= 0.5:
       out.append(text)
   return out

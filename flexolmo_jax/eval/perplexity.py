@@ -10,6 +10,7 @@ with the byte vocabulary). Models are opened by the kind their manifest names:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Iterable, Mapping
@@ -21,7 +22,7 @@ import seqio
 
 from flexolmo_jax.checkpoint import merge as merge_lib
 from flexolmo_jax.checkpoint import store
-from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.config import PUBLIC, ModelConfig
 from flexolmo_jax.convert.hf import BYTE_OFFSET
 from flexolmo_jax.model.transformer import pure_model
 from flexolmo_jax.train import loop
@@ -34,15 +35,42 @@ def target_logprobs(logits_btv, targets_bt):
   return jnp.take_along_axis(logits_btv, targets_bt[..., None], -1)[..., 0] - logz
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _score(cfg: ModelConfig, params, batch):
+  logits, _ = loop.run_on_batch(pure_model(cfg), params, batch)
+  return target_logprobs(logits, batch["decoder_target_tokens"])
+
+
+def program_config(cfg: ModelConfig) -> ModelConfig:
+  """``cfg`` with the non-public experts renamed by position: models that differ only in which
+  owners they hold (an opt-out, ``public + X``) share one compiled program."""
+  if not cfg.is_moe:
+    return cfg
+  return cfg.replace(experts=tuple(n if n == PUBLIC else f"expert_{i}"
+                                   for i, n in enumerate(cfg.experts)))
+
+
+def padded_rows(score: Callable[[Mapping[str, np.ndarray]], jax.Array]) -> Scorer:
+  """A scorer that pads short batches (the last of a split) to the widest seen so far, with zero
+  loss weight, and cuts the result back: every batch of an evaluation runs one program."""
+  widest = 0
+
+  def scorer(batch):
+    nonlocal widest
+    rows = len(batch["decoder_target_tokens"])
+    widest = max(widest, rows)
+    if rows < widest:
+      batch = {k: np.concatenate([v, np.zeros((widest - rows, *v.shape[1:]), v.dtype)])
+               for k, v in ((k, np.asarray(v)) for k, v in batch.items())}
+    return score(batch)[:rows]
+
+  return scorer
+
+
 def model_scorer(cfg: ModelConfig, params) -> Scorer:
-  model = pure_model(cfg)
-
-  @jax.jit
-  def score(params, batch):
-    logits, _ = loop.run_on_batch(model, params, batch)
-    return target_logprobs(logits, batch["decoder_target_tokens"])
-
-  return lambda batch: score(params, batch)
+  """Target log-probs of the model; models of equal shape reuse one compiled program."""
+  key = program_config(cfg)
+  return padded_rows(lambda batch: _score(key, params, batch))
 
 
 def load_dense(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict, dict]:

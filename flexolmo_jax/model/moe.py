@@ -35,11 +35,16 @@ class MoEStats(NamedTuple):
   dropped_fraction: jax.Array   # share of assignments the dispatch did not compute
 
 
-def route(x_td, router_ed, top_k: int, negative_bias_e=None, bias_mask_e=None) -> Routing:
+def route(x_td, router_ed, top_k: int, negative_bias_e=None, bias_mask_e=None,
+          keep_te=None) -> Routing:
+  """``keep_te`` (bool, optional) drops expert e for token t: its logit becomes -inf, so the
+  softmax is the one over the kept experts, exactly as if the dropped ones were opted out."""
   logits = jnp.einsum("td,ed->te", x_td.astype(jnp.float32), router_ed.astype(jnp.float32))
   if negative_bias_e is not None:
     bias = jnp.minimum(negative_bias_e.astype(jnp.float32), 0.0)
     logits = logits + jnp.where(jnp.asarray(bias_mask_e), bias, 0.0)
+  if keep_te is not None:
+    logits = jnp.where(keep_te, logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
   weights, experts = jax.lax.top_k(probs, top_k)
   return Routing(weights, experts.astype(jnp.int32), logits, probs)
@@ -68,8 +73,11 @@ class MoE(nnx.Module):
     self.w_down = make_param(rngs, (e, f, d), ("expert", "mlp", "embed"), std=std, dtype=pd,
                              stack=stack)
 
-  def __call__(self, x_btd, expert_index: Sequence[int] | None = None, top_k: int | None = None):
-    """Routes and runs the experts; ``expert_index`` (static) selects a subset in model order."""
+  def __call__(self, x_btd, expert_index: Sequence[int] | None = None, top_k: int | None = None,
+               keep_bte=None):
+    """Routes and runs the experts; ``expert_index`` (static) selects a subset in model order;
+    ``keep_bte`` (traced bool over the model's experts) drops experts per token (router tuning's
+    expert dropout)."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     names = cfg.experts
@@ -83,11 +91,13 @@ class MoE(nnx.Module):
       index = jnp.asarray(expert_index, jnp.int32)
       params = {k: jnp.take(v, index, axis=0) for k, v in params.items()}
       names = tuple(names[i] for i in expert_index)
+      keep_bte = None if keep_bte is None else jnp.take(keep_bte, index, axis=-1)
     k = cfg.top_k if top_k is None else top_k
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     bias_mask = tuple(name != PUBLIC for name in names)
-    routing = route(x_td, params["router"], k, params.get("bias"), bias_mask)
+    keep_te = None if keep_bte is None else keep_bte.reshape(b * t, len(names))
+    routing = route(x_td, params["router"], k, params.get("bias"), bias_mask, keep_te)
     y_td, dstats = dispatch_lib.dispatch(
         cfg.dispatch, x_td.astype(dt), routing.weights_tk, routing.experts_tk,
         params["w_gate"].astype(dt), params["w_up"].astype(dt), params["w_down"].astype(dt),

@@ -42,13 +42,13 @@ class Block(nnx.Module):
     self.ffn = MoE(cfg, rngs, stack=stack) if cfg.is_moe else FeedForward(cfg, rngs, stack=stack)
     self.post_feedforward_norm = RMSNorm((d,), ("embed",), cfg, stack=stack)
 
-  def __call__(self, x, cos, sin, mask, expert_index=None, top_k=None, kv=None):
+  def __call__(self, x, cos, sin, mask, expert_index=None, top_k=None, kv=None, keep=None):
     a = self.attn(x, cos, sin, mask, kv)
     a, new_kv = a if kv is not None else (a, None)
     h = x + self.post_attention_norm(a)
     h = sharding.constrain(h, ("batch", "length", "embed"))
     if isinstance(self.ffn, MoE):
-      f, stats = self.ffn(h, expert_index, top_k)
+      f, stats = self.ffn(h, expert_index, top_k, keep)
     else:
       f, stats = self.ffn(h), None
     out = h + self.post_feedforward_norm(f)
@@ -85,15 +85,20 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None,
                experts: Sequence[str] | None = None, return_hidden: bool = False,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, expert_keep_bte=None):
     """Returns (logits [B, T, V] in fp32, ModelAux), plus with ``return_hidden`` a Hidden.
 
     With ``cache`` the tokens continue the cached sequence at ``cache.index`` (one unpacked
-    sequence per row) and the updated cache is returned last."""
+    sequence per row) and the updated cache is returned last. ``expert_keep_bte`` (bool
+    [B, T, E] over ``cfg.experts``) drops experts per token in every layer (see moe.route)."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     expert_index, top_k = select_experts(cfg, experts)
     b, t = tokens_bt.shape
+    if expert_keep_bte is not None and (not cfg.is_moe or expert_keep_bte.shape != (
+        b, t, cfg.num_experts)):
+      raise ValueError(f"expert_keep_bte has shape {expert_keep_bte.shape}; expected "
+                       f"{(b, t, cfg.num_experts)} for experts {cfg.experts}.")
     if cache is not None:
       if positions_bt is not None or segment_ids_bt is not None:
         raise ValueError("With a KV cache, positions follow the cache index (no packing).")
@@ -117,7 +122,7 @@ class Transformer(nnx.Module):
       state, kv = scanned
       kv = None if kv is None else (*kv, cache.index)
       out, (stats, h, new_kv) = nnx.merge(graphdef, state)(x, cos, sin, mask, expert_index,
-                                                           top_k, kv)
+                                                           top_k, kv, expert_keep_bte)
       return out, (stats, h if return_hidden else None, new_kv)
 
     if cfg.remat and cache is None:

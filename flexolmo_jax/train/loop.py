@@ -42,6 +42,9 @@ BATCH_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_
               "decoder_positions", "decoder_loss_weights")
 # Settings that define the data stream and the step: a resume must not change them.
 STREAM_KEYS = ("batch_size", "seq_len", "grad_accum", "seed")
+# Keys a stream may add to its batches (leading dims [B, T] like the others): router tuning's
+# per-token expert dropout mask.
+OPTIONAL_BATCH_KEYS = ("expert_keep",)
 
 
 @gin.configurable(module="flexolmo")
@@ -209,7 +212,7 @@ class Trainer:
   def _device_batch(self, batch: Mapping[str, np.ndarray]):
     rows = self.cfg.batch_size // jax.process_count()
     out = {}
-    for key in BATCH_KEYS:
+    for key in BATCH_KEYS + tuple(k for k in OPTIONAL_BATCH_KEYS if k in batch):
       x = np.asarray(batch[key])
       if x.shape[0] < rows:   # a short final eval batch: padded rows carry no loss weight
         x = np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])

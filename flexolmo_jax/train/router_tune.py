@@ -14,6 +14,12 @@ embeddings) next to the public one (``public_embedding.npz``).
 3. The result is a new merged checkpoint (``<out>/merged``) with the tuned ``router.npz`` and
    ``top_k`` = E, the setting it was tuned for; the experts' files are copied unchanged.
 
+**Expert dropout** (``expert_dropout`` > 0; not in the paper, off by default): each training
+sequence opts every non-public expert out with that probability (the same softmax as a real
+opt-out, see ``moe.route``), so the router learns mixtures in which any owner may be missing.
+Measured reason in the demo (issue #7): without it, opting an expert out sent its domain's tokens
+to the other owners' experts, which are worse there than the public FFN.
+
 Reference settings (7B): lr 2e-3, 100 warm-up steps, weight decay 0.1.
 """
 from __future__ import annotations
@@ -43,8 +49,11 @@ class RouterTuneConfig:
   proxy_fraction: float = 0.1     # share of the public segments kept per domain (at most)
   proxy_weight: float = 4.0       # extra loss weight of a proxy segment
   max_batches: int = 1000         # public batches scored and kept in memory for tuning
+  expert_dropout: float = 0.0     # per sequence, the chance each non-public expert is left out
 
   def __post_init__(self):
+    if not 0 <= self.expert_dropout < 1:
+      raise ValueError(f"RouterTuneConfig: expert_dropout={self.expert_dropout} not in [0, 1).")
     if not 0 < self.proxy_fraction <= 1:
       raise ValueError(f"RouterTuneConfig: proxy_fraction={self.proxy_fraction} not in (0, 1].")
     if self.proxy_weight < 0:
@@ -105,6 +114,15 @@ def proxy_weights(dense_cfg, dense_params, batches, embeddings, cfg: RouterTuneC
   return weights, counts
 
 
+def expert_keep(names: Sequence[str], shape: tuple[int, int], dropout: float, seed) -> np.ndarray:
+  """[B, T, E] bool: per sequence, each non-public expert kept with probability 1 - dropout
+  (deterministic in ``seed``, so a resumed run sees the same masks)."""
+  rng = np.random.default_rng(seed)
+  keep = rng.random((shape[0], len(names))) >= dropout
+  keep[:, [n == PUBLIC for n in names]] = True
+  return np.broadcast_to(keep[:, None, :], (*shape, len(names)))
+
+
 @gin.configurable(module="flexolmo")
 def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
                 output_dir: str = gin.REQUIRED, train: loop.TrainConfig | None = None,
@@ -150,7 +168,12 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
                     for b, w in zip(batches, weights)]
 
   def stream(start):
-    return (stream_batches[i % len(stream_batches)] for i in itertools.count(start))
+    for i in itertools.count(start):
+      batch = stream_batches[i % len(stream_batches)]
+      if tune.expert_dropout:
+        batch = {**batch, "expert_keep": expert_keep(names, batch["decoder_input_tokens"].shape,
+                                                     tune.expert_dropout, (train.seed, i))}
+      yield batch
 
   moe = pure_model(cfg)
   ffn = params["blocks"]["ffn"]
@@ -161,7 +184,7 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   def apply(p, fz, batch):
     full = {**fz, "blocks": {**fz["blocks"], "ffn": {**fz["blocks"]["ffn"],
                                                      "router_embedding": p["router"]}}}
-    return loop.run_on_batch(moe, full, batch)
+    return loop.run_on_batch(moe, full, batch, expert_keep_bte=batch.get("expert_keep"))
 
   mesh = sharding.make_mesh(train.mesh)
   all_shardings = moe.shardings(mesh, rules)
