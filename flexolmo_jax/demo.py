@@ -228,7 +228,7 @@ class Demo:
 
   def extraction(self) -> None:
     """The canaries' extraction rate by FlexOlmo with their owner's expert in and out, beside
-    the public model and that owner's dense model."""
+    the public model, that owner's dense model, and its expert alone with the public one."""
     from flexolmo_jax.eval import extraction, perplexity
 
     info = self.card.get("canaries")
@@ -254,6 +254,7 @@ class Demo:
       docs = [vocab.encode(json.loads(line)["text"]) for line in fh]
     models = {"public": (self.path("public"), {}),
               f"dense {owner}": (os.path.join(self.path("dense", owner), "model"), {}),
+              f"public + {owner}": (self.merged, {"experts": f"{PUBLIC},{owner}"}),
               "flexolmo": (self.tuned, {}),
               f"flexolmo without {owner}": (self.tuned, {"exclude": owner})}
     results = {"owner": owner, "config": dataclasses.asdict(config), "models": {}}
