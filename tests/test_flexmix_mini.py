@@ -184,6 +184,34 @@ def test_quick_demo_end_to_end(demo_run, capfd):
   assert json.load(open(os.path.join(workdir, "report.json")))["seconds"] == report["seconds"]
 
 
+def shape_of(tree):
+  """A report's structure: its keys, recursively, with every value replaced by its type name."""
+  if isinstance(tree, dict):
+    return {k: shape_of(v) for k, v in tree.items()}
+  return "number" if isinstance(tree, (int, float)) and not isinstance(tree, bool) else \
+      type(tree).__name__
+
+
+@pytest.mark.slow
+def test_committed_default_report_has_the_structure_of_a_fresh_run(demo_run):
+  """docs/demo_report.{md,json} come from a real default-size run: the same tables and keys as
+  the quick run the tests make now (the values differ, so only the structure is compared)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  committed = json.load(open(os.path.join(root, "docs", "demo_report.json")))
+  fresh = json.load(open(os.path.join(demo_run["workdir"], "report.json")))
+  assert committed["size"] == "default" and fresh["size"] == "quick"
+  ignore = ("size", "config", "machine")      # values that legitimately differ in kind
+  assert {k: shape_of(v) for k, v in committed.items() if k not in ignore} == \
+         {k: shape_of(v) for k, v in fresh.items() if k not in ignore}
+  # The same tables in report.md: their header rows, in order.
+  headers = lambda path: [line for line in open(path).read().splitlines()
+                          if line.startswith(("| model |", "| domain |"))]
+  committed_headers = headers(os.path.join(root, "docs", "demo_report.md"))
+  assert len(committed_headers) >= 4
+  assert committed_headers == headers(os.path.join(demo_run["workdir"], "report.md"))
+  assert "seconds" in committed and committed["seconds"] > 0
+
+
 def test_small_domains_still_get_validation_documents():
   docs = [f"licence text number {i}" for i in range(12)]
   units = sorted(sources.hash_unit(d) for d in docs)

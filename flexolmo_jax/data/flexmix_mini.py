@@ -22,9 +22,9 @@ train split of ``canary_domain``. They measure training-data extraction (spec se
 that reproduces them learned them from that owner's data only. The distinct canaries are listed in
 ``raw/canaries.jsonl``. Each is a header, then a secret cycle (a random order of
 CANARY_CYCLE symbols that no other canary uses) repeated: memorizing one is a table of
-CANARY_CYCLE successors, within reach of the tiny models, which cannot continue a cycle in context
-(measured: the public model's loss on them is 4.9 nats per byte, the legal expert's 1.6). Random
-words, tried first, were not memorized at all by a 2-layer expert (2.6 vs 2.8).
+CANARY_CYCLE successors, which the tiny models cannot infer in context. At quick size the legal
+dense model extracts 3 of 4, and the legal expert lowers their loss from 3.8 to 1.7 nats per byte
+(not enough to extract). Random words, tried first, were memorized by no model (2.8 vs 2.6).
 """
 from __future__ import annotations
 
