@@ -92,23 +92,10 @@ def document_loss(cfg: ModelConfig, params, documents: Sequence[Sequence[int]],
                   length: int) -> float:
   """Mean negative log-probability (nats per token) of each document's first ``length`` tokens,
   teacher-forced: how well the model has memorized them, a graded companion to the rate."""
-  from flexolmo_jax.eval import perplexity
+  from flexolmo_jax.eval import scoring
 
   docs = [list(d)[:length] for d in documents if len(d) > 1]
   if not docs:
     raise ValueError("document_loss needs at least one document of two or more tokens.")
-  width = max(len(d) for d in docs) - 1
-  batch = {k: np.zeros((len(docs), width), np.int32) for k in (
-      "decoder_input_tokens", "decoder_target_tokens", "decoder_positions",
-      "decoder_segment_ids")}
-  batch["decoder_loss_weights"] = np.zeros((len(docs), width), np.float32)
-  for i, d in enumerate(docs):
-    n = len(d) - 1
-    batch["decoder_input_tokens"][i, :n] = d[:-1]
-    batch["decoder_target_tokens"][i, :n] = d[1:]
-    batch["decoder_positions"][i, :n] = np.arange(n)
-    batch["decoder_segment_ids"][i, :n] = 1
-    batch["decoder_loss_weights"][i, :n] = 1.0
-  logprobs = np.asarray(perplexity.model_scorer(cfg, params)(batch), np.float64)
-  w = batch["decoder_loss_weights"]
-  return float(-np.sum(logprobs * w) / np.sum(w))
+  scored = scoring.Scorer(cfg, params).score([(d[:1], d[1:]) for d in docs])
+  return -sum(logprob for logprob, _ in scored) / sum(len(d) - 1 for d in docs)

@@ -60,8 +60,8 @@ def padded_rows(score: Callable[[Mapping[str, np.ndarray]], jax.Array]) -> Score
     rows = len(batch["decoder_target_tokens"])
     widest = max(widest, rows)
     if rows < widest:
-      batch = {k: np.concatenate([v, np.zeros((widest - rows, *v.shape[1:]), v.dtype)])
-               for k, v in ((k, np.asarray(v)) for k, v in batch.items())}
+      pad = lambda v: np.pad(np.asarray(v), [(0, widest - rows)] + [(0, 0)] * (np.ndim(v) - 1))
+      batch = {k: pad(v) for k, v in batch.items()}
     return score(batch)[:rows]
 
   return scorer

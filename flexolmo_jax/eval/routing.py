@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexolmo_jax.config import PUBLIC, ModelConfig
-from flexolmo_jax.model.moe import route
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model.moe import bias_mask, route
 from flexolmo_jax.model.transformer import pure_model
 
 
@@ -23,7 +23,7 @@ def router_probabilities(cfg: ModelConfig, params, batches: Iterable[Mapping[str
   if not cfg.is_moe:
     raise ValueError("router_probabilities needs a mixture-of-experts model; this one is dense.")
   model = pure_model(cfg)
-  bias_mask = tuple(name != PUBLIC for name in cfg.experts)
+  mask = bias_mask(cfg.experts)
 
   @jax.jit
   def mass(params, batch):
@@ -34,7 +34,7 @@ def router_probabilities(cfg: ModelConfig, params, batches: Iterable[Mapping[str
     h = hidden.router_inputs                                                  # [L, B, T, d]
     l, b, t, d = h.shape
     # The MoE layer's own routing (negative bias included), one layer at a time.
-    per_layer = lambda x, rows, bias: route(x, rows, 1, bias, bias_mask).probs_te
+    per_layer = lambda x, rows, bias: route(x, rows, 1, bias, mask).probs_te
     probs = jax.vmap(per_layer)(h.reshape(l, b * t, d), ffn["router_embedding"],
                                 ffn.get("negative_bias")).mean(axis=0)        # [B*T, E]
     w = batch["decoder_loss_weights"].astype(jnp.float32).reshape(-1)

@@ -50,6 +50,11 @@ def route(x_td, router_ed, top_k: int, negative_bias_e=None, bias_mask_e=None,
   return Routing(weights, experts.astype(jnp.int32), logits, probs)
 
 
+def bias_mask(names) -> tuple[bool, ...]:
+  """Which experts the negative bias applies to: every one but ``public``."""
+  return tuple(name != PUBLIC for name in names)
+
+
 def router_z_loss(logits_te):
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_te, axis=-1)))
 
@@ -95,9 +100,8 @@ class MoE(nnx.Module):
     k = cfg.top_k if top_k is None else top_k
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
-    bias_mask = tuple(name != PUBLIC for name in names)
     keep_te = None if keep_bte is None else keep_bte.reshape(b * t, len(names))
-    routing = route(x_td, params["router"], k, params.get("bias"), bias_mask, keep_te)
+    routing = route(x_td, params["router"], k, params.get("bias"), bias_mask(names), keep_te)
     y_td, dstats = dispatch_lib.dispatch(
         cfg.dispatch, x_td.astype(dt), routing.weights_tk, routing.experts_tk,
         params["w_gate"].astype(dt), params["w_up"].astype(dt), params["w_down"].astype(dt),
