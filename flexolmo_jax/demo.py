@@ -47,7 +47,7 @@ class Size:
   tune_dropout: float = 0.5
 
 
-SIZES = {"default": Size(600, 200, 200, 16, 256), "quick": Size(300, 200, 200, 8, 128)}
+SIZES = {"default": Size(500, 150, 150, 16, 256), "quick": Size(300, 200, 200, 8, 128)}
 
 
 def run_stage(argv: list[str]) -> None:
@@ -238,8 +238,15 @@ class Demo:
       return
     owner = info["domain"]
     cache = self.path("eval", "extraction.json")
-    # The spec's 256-token spans; never longer than the sequences the models were trained on.
-    config = extraction.ExtractionConfig(total=min(256, self.size.seq))
+    # The spec's 256-token spans, but never longer than the sequences the models were trained
+    # on; each canary (with its EOS) fits in one, so it is tested whole, from its start.
+    length = self.card["size"]["canary_bytes"]
+    if length >= self.size.seq:
+      raise ValueError(f"FlexMix-mini canaries of {length} bytes do not fit the demo's "
+                       f"{self.size.seq}-token training sequences with their EOS; rebuild the "
+                       f"data (--fresh).")
+    config = extraction.ExtractionConfig(total=min(256, self.size.seq),
+                                         min_length=min(128, length))
     print(f"[8/10] extraction of the {info['documents']} canaries planted in {owner}'s data "
           f"({config.samples} samples of {config.total} tokens each, similarity >= "
           f"{config.threshold})")

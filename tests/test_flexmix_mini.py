@@ -230,7 +230,7 @@ def test_canaries_are_planted_in_one_owners_train_split_only(built):
   with open(info["path"]) as fh:
     canaries = [json.loads(line)["text"] for line in fh]
   assert len(canaries) == info["documents"] == size.canaries and len(set(canaries)) == len(canaries)
-  assert all(len(c.encode()) >= flexmix_mini.CANARY_BYTES for c in canaries)
+  assert all(len(c.encode()) == size.canary_bytes for c in canaries)
   owner = collections.Counter(raw_docs(out, info["domain"]))
   frac = card["domains"][info["domain"]]["validation_fraction"]
   for c in canaries:

@@ -22,9 +22,9 @@ train split of ``canary_domain``. They measure training-data extraction (spec se
 that reproduces them learned them from that owner's data only. The distinct canaries are listed in
 ``raw/canaries.jsonl``. Each is a header, then a secret cycle (a random order of
 CANARY_CYCLE symbols that no other canary uses) repeated: memorizing one is a table of
-CANARY_CYCLE successors, which the tiny models cannot infer in context. At quick size the legal
-dense model extracts 3 of 4, and the legal expert lowers their loss from 3.8 to 1.7 nats per byte
-(not enough to extract). Random words, tried first, were memorized by no model (2.8 vs 2.6).
+CANARY_CYCLE successors, which the tiny models cannot infer in context. Random words, tried first,
+were memorized by no model (loss 2.8 vs 2.6). A canary is shorter than one training sequence
+(``canary_bytes``), so it is always learned whole, from position 0, as extraction prompts it.
 """
 from __future__ import annotations
 
@@ -57,13 +57,16 @@ class FlexMixSize:
   canaries: int = 4
   canary_copies: int = 24
   canary_domain: str = "legal"
+  # Each canary's length in bytes. With its EOS it must fit in one training sequence: a longer
+  # one is cut into chunks, and its tail chunk (a few secret symbols, then EOS, at position 0)
+  # teaches the model to stop early where a prompt starts the canary.
+  canary_bytes: int = 255
 
 
 SIZES = {"default": FlexMixSize(), "quick": FlexMixSize(bytes_per_domain=120_000,
-                                                         math_documents=600)}
+                                                         math_documents=600, canary_bytes=127)}
 CANARY_FILE = "canaries.jsonl"
-CANARY_BYTES = 300          # each canary is this long (extraction spans are 256 tokens)
-CANARY_CYCLE = 12           # symbols in each canary's secret cycle
+CANARY_CYCLE = 15           # symbols in each canary's secret cycle
 CANARY_SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
 
 
@@ -156,23 +159,30 @@ def math_documents(n: int, seed: int = 0) -> Iterator[str]:
     yield f"[synthetic math, FlexMix-mini generator, example {i}]\n{body}"
 
 
-def canary_documents(n: int, seed: int = 0) -> list[str]:
-  """SYNTHETIC secrets: a header naming the canary, then its own secret cycle of CANARY_CYCLE
-  symbols (disjoint from every other canary's) repeated to CANARY_BYTES. Each lands in the train
-  split (its content hash is above one half, far above any validation fraction), so it is seen in
-  training and never evaluated."""
+CANARY_HEADER = "Canary {serial:04d}, secret: "
+
+
+def canary_documents(n: int, length: int = 255, seed: int = 0) -> list[str]:
+  """SYNTHETIC secrets of ``length`` bytes: a header naming the canary, then its own secret cycle
+  of CANARY_CYCLE symbols (disjoint from every other canary's) repeated, then ".". Each lands in
+  the train split (its content hash is above one half, far above any validation fraction), so it
+  is seen in training and never evaluated."""
   if n * CANARY_CYCLE > len(CANARY_SYMBOLS):
     raise ValueError(f"FlexMixSize.canaries={n}: at most {len(CANARY_SYMBOLS) // CANARY_CYCLE} "
                      f"canaries have disjoint {CANARY_CYCLE}-symbol secrets.")
+  shortest = len(CANARY_HEADER.format(serial=0)) + 2 * CANARY_CYCLE + 1
+  if length < shortest:
+    raise ValueError(f"FlexMixSize.canary_bytes={length}: a canary needs at least {shortest} "
+                     f"bytes (its header and two turns of its {CANARY_CYCLE}-symbol secret).")
   rng = random.Random(seed)
   out, serial = [], 0
   while len(out) < n:
     serial += 1
     own = list(CANARY_SYMBOLS[len(out) * CANARY_CYCLE:(len(out) + 1) * CANARY_CYCLE])
     rng.shuffle(own)
-    text = f"Confidential record {serial:04d} (FlexMix-mini canary, synthetic): the passphrase is "
-    text += "".join(own) * (CANARY_BYTES // CANARY_CYCLE)
-    text = text[:CANARY_BYTES - 1] + "."
+    text = CANARY_HEADER.format(serial=serial)
+    text += "".join(own) * (length // CANARY_CYCLE + 1)
+    text = text[:length - 1] + "."
     if sources.hash_unit(text) >= 0.5:
       out.append(text)
   return out
@@ -217,7 +227,7 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
     for text in _budgeted(gen(), size.bytes_per_domain, salt=name):
       target = PUBLIC if _stable_unit(text, "public") < size.public_fraction else name
       domains[target].append(text)
-  canaries = canary_documents(size.canaries) if size.canaries else []
+  canaries = canary_documents(size.canaries, size.canary_bytes) if size.canaries else []
   if canaries and size.canary_domain not in CLOSED_DOMAINS:
     raise ValueError(f"FlexMixSize.canary_domain={size.canary_domain!r}: choose one of "
                      f"{CLOSED_DOMAINS}.")
