@@ -108,6 +108,33 @@ def split_gin_flags(argv):
   return rest, bindings
 
 
+DISTRIBUTED_FLAGS = {"--coordinator": "coordinator", "--num-processes": "num_processes",
+                     "--process-id": "process_id"}
+
+
+# Sub-commands whose data, checkpoint and report paths are multi-host safe (per-host shards,
+# process 0 alone writing manifests): none yet, so a multi-process start is refused up front.
+MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset()
+
+
+def split_distributed_flags(argv):
+  """Takes ``--coordinator HOST:PORT``, ``--num-processes N`` and ``--process-id I`` (or their
+  ``--flag=value`` forms) from anywhere on the command line: they belong to every sub-command."""
+  rest, found, i = [], {}, 0
+  while i < len(argv):
+    flag, sep, value = argv[i].partition("=")
+    if flag in DISTRIBUTED_FLAGS:
+      if not sep:
+        if i + 1 >= len(argv):
+          raise ValueError(f"{flag} needs a value.")
+        i, value = i + 1, argv[i + 1]
+      found[DISTRIBUTED_FLAGS[flag]] = value
+    else:
+      rest.append(argv[i])
+    i += 1
+  return rest, found
+
+
 def parse_run_config(run: str, args, flags: dict[str, str], model: str | None = None) -> None:
   """Parses model preset + runs/<run>.gin + --gin-file + flags + --gin. bindings (later wins)."""
   import os
@@ -381,7 +408,11 @@ def _add_selection_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="flexolmo", description=__doc__)
+  p = argparse.ArgumentParser(
+      prog="flexolmo", description=__doc__,
+      epilog="Multi-host: every sub-command takes --coordinator HOST:PORT --num-processes N "
+             "--process-id I (or FLEXOLMO_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID; SLURM, Open MPI "
+             "and TPU VMs are detected), see flexolmo_jax/distributed.py and launch/.")
   sub = p.add_subparsers(dest="command", required=True)
   info = sub.add_parser("info", help="print a model preset and its parameter counts")
   info.add_argument("--model", default="tiny", help="preset name (gin_configs/models) or gin file")
@@ -532,12 +563,22 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     argv, gin_bindings = split_gin_flags(argv)
+    argv, multi = split_distributed_flags(argv)
   except ValueError as e:
     print(f"flexolmo: error: {e}", file=sys.stderr)
     return 2
   args = build_parser().parse_args(argv)
   args.gin_bindings = gin_bindings
   try:
+    from flexolmo_jax import distributed
+
+    topology = distributed.detect(**multi)
+    if topology.multi_process and args.command not in MULTI_PROCESS_COMMANDS:
+      raise ValueError(
+          f"`flexolmo {args.command}` runs as one process for now ({topology.source} asked for "
+          f"{topology.num_processes}); multi-host data, checkpoint and report paths are not "
+          "finished (flexolmo_jax/distributed.py starts the runtime).")
+    distributed.initialize(topology)
     return args.fn(args)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"flexolmo {args.command}: error: {e}", file=sys.stderr)
