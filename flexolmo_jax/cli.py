@@ -19,7 +19,7 @@ def _cmd_info(args) -> int:
 def _cmd_demo(args) -> int:
   from flexolmo_jax import demo
 
-  demo.run(args.workdir, quick=args.quick, fresh=args.fresh)
+  demo.run(args.workdir, quick=args.quick, fresh=args.fresh, seed=args.seed)
   return 0
 
 
@@ -113,8 +113,9 @@ DISTRIBUTED_FLAGS = {"--coordinator": "coordinator", "--num-processes": "num_pro
 
 
 # Sub-commands whose data, checkpoint and report paths are multi-host safe (per-host shards,
-# process 0 alone writing manifests): none yet, so a multi-process start is refused up front.
-MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset()
+# process 0 alone writing manifests), proven by tests/test_multihost.py; the others refuse a
+# multi-process start up front.
+MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset({"pretrain"})
 
 
 def split_distributed_flags(argv):
@@ -555,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--workdir", default="workdir")
   demo.add_argument("--quick", action="store_true", help="small sizes (for tests)")
   demo.add_argument("--fresh", action="store_true", help="delete the workdir, rebuild every stage")
+  demo.add_argument("--seed", type=int, default=0,
+                    help="seed of every training stage (a finished stage is reused whatever it was)")
   demo.set_defaults(fn=_cmd_demo)
   return p
 

@@ -212,6 +212,10 @@ def load_model_config(name_or_path: str, overrides: Sequence[str] = (), **change
 
 def write_gin_config(output_dir: str) -> None:
   """Writes the resolved gin configuration into ``output_dir/config.gin`` (next to its results)."""
+  import jax
+
+  if jax.process_index():   # process 0 writes it
+    return
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, "config.gin"), "w") as fh:
     fh.write(gin.config_str())

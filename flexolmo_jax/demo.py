@@ -65,12 +65,14 @@ def _done(path: str) -> bool:
 
 
 class Demo:
-  def __init__(self, workdir: str, size: str):
-    self.workdir, self.size_name, self.size = workdir, size, SIZES[size]
+  def __init__(self, workdir: str, size: str, seed: int = 0):
+    self.workdir, self.size_name, self.size, self.seed = workdir, size, SIZES[size], seed
     self.path = lambda *p: os.path.join(workdir, *p)
     s = self.size
     self.worked = False      # did this run do any work (else every stage was reused)
-    self.common = ["--batch-size", str(s.batch), "--seq-len", str(s.seq), "--log-every", "50"]
+    # The seed of every training stage (model init, data order, router init, expert dropout).
+    self.common = ["--batch-size", str(s.batch), "--seq-len", str(s.seq), "--log-every", "50",
+                   "--seed", str(seed)]
 
   def train(self, out: str, argv: list[str], what: str) -> None:
     if _done(out):
@@ -336,7 +338,7 @@ class Demo:
     table = {name: {**{d: losses[d] for d in domains}, "average": _mean(losses)}
              for name, losses in self.losses.items()}
     report = {
-        "size": self.size_name, "config": dataclasses.asdict(self.size),
+        "size": self.size_name, "config": dataclasses.asdict(self.size), "seed": self.seed,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "seconds": round(self.timing["seconds"], 1),
         "stage_seconds": {k: round(v, 1) for k, v in self.timing["stages"].items()},
@@ -430,10 +432,10 @@ def render_png(report: dict, path: str) -> None:
   os.replace(path + ".tmp.png", path)
 
 
-def run(workdir: str, quick: bool = False, fresh: bool = False) -> dict:
+def run(workdir: str, quick: bool = False, fresh: bool = False, seed: int = 0) -> dict:
   if fresh:
     shutil.rmtree(workdir, ignore_errors=True)
-  demo = Demo(workdir, "quick" if quick else "default")
+  demo = Demo(workdir, "quick" if quick else "default", seed)
   for name in ("data", "public", "experts", "dense", "merge", "baselines", "evaluate",
                "extraction", "export"):
     demo.timed(name, getattr(demo, name))

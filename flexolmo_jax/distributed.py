@@ -106,8 +106,11 @@ def initialize(topology: Topology, *, timeout_s: int = 300) -> Topology:
     return _STARTED or topology
   import jax
 
-  try:   # only the CPU backend reads it
+  try:   # only the CPU backend reads these
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # With asynchronous dispatch, a CPU process's device threads can sit in collectives of two
+    # different programs and wait for each other for ever (seen with 8 fake devices in tests).
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   except (AttributeError, ValueError):   # a JAX without the option
     pass
   kwargs = {"initialization_timeout": timeout_s}

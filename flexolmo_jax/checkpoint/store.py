@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flexolmo_jax import distributed
 from flexolmo_jax.config import ModelConfig
 
 FORMAT = "flexolmo_jax/1"
@@ -46,10 +47,22 @@ def fingerprint(params: Mapping[str, Any]) -> str:
   """sha256 over every leaf's path, dtype, shape and bytes (one leaf on the host at a time)."""
   digest = hashlib.sha256()
   for path, leaf in sorted(flatten(params).items()):
-    value = np.asarray(jax.device_get(leaf))
+    value = host_value(leaf)
     digest.update(f"{path}|{value.dtype.str}|{value.shape}\n".encode())
     digest.update(np.ascontiguousarray(value).tobytes())
   return digest.hexdigest()
+
+
+def host_value(leaf) -> np.ndarray:
+  """The whole of ``leaf`` as a numpy array on this host; a leaf sharded over several processes
+  is gathered (a collective: every process must call this for the same leaves, in order)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    if leaf.is_fully_replicated:
+      return np.asarray(leaf.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+  return np.asarray(jax.device_get(leaf))
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -82,42 +95,53 @@ def config_from_json(data: Mapping[str, Any], where: str) -> ModelConfig:
 
 def save(directory: str, params: Mapping[str, Any], manifest: Mapping[str, Any], *,
          overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> str:
-  """Writes params + manifest (+ extra files copied in) to ``directory`` atomically."""
+  """Writes params + manifest (+ extra files copied in) to ``directory`` atomically.
+
+  With several processes every one calls it (Orbax writes each its own shards); process 0
+  alone copies the extra files, writes the manifest and renames the directory into place."""
   directory, partial = begin(directory, overwrite)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(partial, PARAMS), params)
   checkpointer.wait_until_finished()
-  for name, source in (extra_files or {}).items():
-    shutil.copyfile(source, os.path.join(partial, name))
+  distributed.sync(f"store.save {partial}")
+  if distributed.is_leader():
+    for name, source in (extra_files or {}).items():
+      shutil.copyfile(source, os.path.join(partial, name))
   finish(partial, directory, manifest)
   return directory
 
 
 def begin(directory: str, overwrite: bool) -> tuple[str, str]:
-  """(absolute directory, empty ``<directory>.partial-<pid>`` to write into)."""
+  """(absolute directory, empty ``<directory>.partial-<pid>`` to write into); with several
+  processes, process 0's pid names the one directory they all write into."""
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f"{directory} already exists; choose another output or overwrite.")
-  partial = f"{directory}.partial-{os.getpid()}"
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
+  partial = f"{directory}.partial-{distributed.broadcast_from_leader(os.getpid())}"
+  if distributed.is_leader():
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+  distributed.sync(f"store.begin {partial}")
   return directory, partial
 
 
 def finish(partial: str, directory: str, manifest: Mapping[str, Any],
            known: Mapping[str, Mapping[str, int]] | None = None) -> None:
   """Records the files of ``partial`` in its manifest (``known`` records are trusted, the rest
-  are read), writes the manifest last, and renames ``partial`` into place."""
+  are read), writes the manifest last, and renames ``partial`` into place (process 0; the
+  others wait until it is there)."""
   if manifest.get("kind") not in KINDS:
     raise ValueError(f"manifest kind {manifest.get('kind')!r} is not one of {KINDS}.")
-  known = dict(known or {})
-  files = {rel: known.get(rel) or {"bytes": os.path.getsize(os.path.join(partial, rel)),
-                                   "crc32": _crc32(os.path.join(partial, rel))}
-           for rel in _walk(partial)}
-  record = {"format": FORMAT, **manifest, FILES: files}
-  with open(os.path.join(partial, MANIFEST), "w") as fh:
-    json.dump(record, fh, indent=2, sort_keys=True)
-  publish(partial, directory)
+  if distributed.is_leader():
+    known = dict(known or {})
+    files = {rel: known.get(rel) or {"bytes": os.path.getsize(os.path.join(partial, rel)),
+                                     "crc32": _crc32(os.path.join(partial, rel))}
+             for rel in _walk(partial)}
+    record = {"format": FORMAT, **manifest, FILES: files}
+    with open(os.path.join(partial, MANIFEST), "w") as fh:
+      json.dump(record, fh, indent=2, sort_keys=True)
+    publish(partial, directory)
+  distributed.sync(f"store.finish {directory}")
 
 
 def publish(partial: str, directory: str) -> None:
@@ -221,8 +245,9 @@ def load_params(directory: str, target: Any = None) -> dict:
   path = os.path.join(os.path.abspath(directory), PARAMS)
   checkpointer = ocp.StandardCheckpointer()
   try:
-    if target is None:
-      return checkpointer.restore(path)
+    if target is None:   # whatever topology saved it: every leaf on the first local device
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                            dict(checkpointer.metadata(path).item_metadata))
     # A leaf without a sharding lands on the first local device, whatever topology saved it
     # (a model trained on many devices loads on one).
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -178,7 +178,8 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
   task = tasks.register_corpus(name, data, data_dir=data_dir, vocabulary=vocab)
   r_pub, r_own, owner_embedding = router_rows(
       ecfg.router_init, public_path, manifest, public_cfg, dense, anchor,
-      tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8, seed=train.seed, num_epochs=1),
+      tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8, seed=train.seed, num_epochs=1,
+                       shard_index=0, num_shards=1),   # the same rows on every host
       ecfg.router_init_documents, train.seed)
   frozen = {"anchor": anchor, "public_router": jnp.asarray(r_pub, jnp.float32)}
   params = initial_expert(anchor, r_own, ecfg)

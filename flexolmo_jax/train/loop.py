@@ -19,6 +19,7 @@ equal those of an uninterrupted run. SIGTERM (preemption) saves at the end of th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import signal
 import threading
@@ -33,7 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flexolmo_jax import sharding
+from flexolmo_jax import distributed, sharding
 from flexolmo_jax.config import MeshConfig
 from flexolmo_jax.train import metrics as metrics_lib
 from flexolmo_jax.train import optim
@@ -41,7 +42,7 @@ from flexolmo_jax.train import optim
 BATCH_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
               "decoder_positions", "decoder_loss_weights")
 # Settings that define the data stream and the step: a resume must not change them.
-STREAM_KEYS = ("batch_size", "seq_len", "grad_accum", "seed")
+STREAM_KEYS = ("batch_size", "seq_len", "grad_accum", "seed", "data_shards")
 # Keys a stream may add to its batches (leading dims [B, T] like the others): router tuning's
 # per-token expert dropout mask.
 OPTIONAL_BATCH_KEYS = ("expert_keep",)
@@ -72,6 +73,9 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
   seed: int = 0
+  # The training stream is read as this many shards (0: one per host); fix it to keep a run's
+  # batches the same on another number of hosts (streams.train_stream).
+  data_shards: int = 0
   peak_tflops: float = 0.0      # per device; 0: measure the matmul peak of this machine
   mesh: MeshConfig = MeshConfig(data=-1)
 
@@ -80,9 +84,18 @@ class TrainConfig:
                  "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 1.")
+    if self.data_shards < 0:
+      raise ValueError(f"TrainConfig: data_shards={self.data_shards} must be >= 0.")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"TrainConfig: batch_size={self.batch_size} is not divisible by "
                        f"grad_accum={self.grad_accum}.")
+
+
+def stream_settings(cfg: TrainConfig) -> dict:
+  """The STREAM_KEYS of ``cfg`` as this run uses them (``data_shards`` 0 is the host count;
+  checkpoints from before it existed were single-host, hence 1)."""
+  return {**{k: getattr(cfg, k) for k in STREAM_KEYS},
+          "data_shards": cfg.data_shards or jax.process_count()}
 
 
 class TrainState(NamedTuple):
@@ -220,14 +233,25 @@ class Trainer:
     return out
 
   def evaluate(self, params=None) -> dict[str, float]:
-    """Mean validation loss per domain (every batch of each stream, up to ``eval_batches``)."""
+    """Mean validation loss per domain (every batch of each stream, up to ``eval_batches``).
+
+    With several hosts, each reads its own shard of a split, so their batch counts can differ:
+    they agree on the largest and the shorter ones add batches that carry no loss weight (every
+    host must run every step of a collective program)."""
     params = self.state.params if params is None else params
     losses = {}
     for name, make in self.eval_streams.items():
+      batches = list(itertools.islice(make(), self.cfg.eval_batches))
+      count = distributed.agree_max(len(batches))
+      if len(batches) < count:
+        if not batches:
+          raise ValueError(f"Validation data {name!r} gave this host (process "
+                           f"{jax.process_index()}) no batch while another host has {count}; "
+                           "give it more validation documents or use fewer hosts.")
+        empty = {k: v[:0] for k, v in batches[0].items()}
+        batches += [empty] * (count - len(batches))
       total = np.zeros(2)
-      for i, batch in enumerate(make()):
-        if i >= self.cfg.eval_batches:
-          break
+      for batch in batches:
         total += np.asarray(self._eval_fn(params, self.frozen, self._device_batch(batch)))
       losses[name] = float(total[0] / max(total[1], 1.0))
     return losses
@@ -257,8 +281,8 @@ class Trainer:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     meta = restored["meta"]
-    changed = {k: (meta["train_config"][k], getattr(self.cfg, k)) for k in STREAM_KEYS
-               if meta["train_config"].get(k) != getattr(self.cfg, k)}
+    saved, now = {"data_shards": 1, **meta["train_config"]}, stream_settings(self.cfg)
+    changed = {k: (saved.get(k), now[k]) for k in STREAM_KEYS if saved.get(k) != now[k]}
     if changed:
       raise ValueError(
           f"Cannot resume from {manager.directory / str(step)}: {changed} (saved, now) define the "
@@ -292,7 +316,7 @@ class Trainer:
     def meta_now(step):
       return {"step": step, "data_position": step, "rng": rng.tolist(),
               "tokens_seen": tokens_seen, "documents_seen": docs_seen,
-              "train_config": {k: getattr(cfg, k) for k in STREAM_KEYS}}
+              "train_config": stream_settings(cfg)}
 
     try:
       batches = self.stream(start)
@@ -324,7 +348,7 @@ class Trainer:
         if cfg.eval_every and step % cfg.eval_every == 0 and self.eval_streams:
           eval_losses = self.evaluate()
           writer.write(step, {"loss": eval_losses}, kind="eval")
-        if self._stop.is_set():
+        if self._stop_requested():
           self._save(manager, meta_now(step), force=True)
           writer.console(step, {"kind": "preempted", "saved": f"checkpoint {step}"})
           preempted = True
@@ -360,6 +384,12 @@ class Trainer:
       if self.flops_per_token:
         rec["mfu"] = tps * self.flops_per_token / peak
     return rec
+
+  def _stop_requested(self) -> bool:
+    """SIGTERM reached this process, or (several hosts) any of them: all stop at the same step."""
+    if jax.process_count() == 1:
+      return self._stop.is_set()
+    return bool(distributed.agree_max(int(self._stop.is_set())))
 
   def _install_sigterm(self):
     if threading.current_thread() is not threading.main_thread():

@@ -10,6 +10,7 @@ import os
 from typing import Mapping, Sequence
 
 import gin
+import jax
 import numpy as np
 
 from flexolmo_jax import sharding
@@ -94,14 +95,16 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
 
   embedding = router_init.domain_embedding(
       model_fn, result.params, tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8,
-                                                shuffle=True, seed=train.seed, num_epochs=1),
+                                                shuffle=True, seed=train.seed, num_epochs=1,
+                                                shard_index=0, num_shards=1),   # same on every host
       embedding_documents)
   out = os.path.join(output_dir, "model")
   extra = {}
   if vocabulary != "byte":
     extra["vocabulary.model"] = vocabulary
   emb_path = os.path.join(output_dir, EMBEDDING_FILE)
-  np.savez(emb_path, **embedding)
+  if jax.process_index() == 0:
+    np.savez(emb_path, **embedding)
   extra[EMBEDDING_FILE] = emb_path
   manifest = {
       "kind": "public", "config": store.config_to_json(cfg),

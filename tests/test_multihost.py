@@ -1,0 +1,91 @@
+"""Multi-host training (issue #8): two processes on localhost, each with 4 CPU devices and
+``jax.distributed.initialize``, against one process with 8 devices reading the same shards."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flexolmo_jax.checkpoint import store
+from tests.test_loop import train_losses
+from tests.test_resume import corpus
+
+STEPS = 5
+TIMEOUT_S = 300
+
+
+def command(data, out, steps, *extra):
+  return [sys.executable, "-m", "flexolmo_jax.cli", "pretrain", "--model", "tiny",
+          "--data", str(data), "--out", str(out), "--steps", str(steps), "--batch-size", "8",
+          "--seq-len", "64", "--log-every", "1", "--checkpoint-every", str(STEPS), "--warmup", "2",
+          "--gin.flexolmo.TrainConfig.peak_tflops=1.0",
+          "--gin.flexolmo.TrainConfig.data_shards=2",
+          "--gin.flexolmo.pretrain.embedding_documents=8", *extra]
+
+
+def env(devices):
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_all(commands, devices):
+  """Starts every command, waits for all (bounded), kills what is left; returns their outputs."""
+  procs = [subprocess.Popen(c, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for c in commands]
+  try:
+    outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path):
+  data = tmp_path / "public.jsonl"
+  corpus(data)
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  port = free_port()
+  run_all([command(data, single, STEPS)], devices=8)
+  outs = run_all([command(data, multi, STEPS, "--coordinator", f"localhost:{port}",
+                          "--num-processes", "2", "--process-id", str(i)) for i in range(2)],
+                 devices=4)
+  # Both processes ran as one 8-device program; process 0 alone logs (and writes metrics).
+  assert f"[train {STEPS}/{STEPS}]" in outs[0] and "[train" not in outs[1]
+  one, two = train_losses(single), train_losses(multi)
+  assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                             rtol=2e-6, atol=0)
+  assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+  # The multi-host model restores in this single process: its recorded fingerprint is the one
+  # of the bytes on disk, and it equals the single-process model's up to float reassociation.
+  mine = store.load_params(single / "model")
+  theirs = store.load_params(multi / "model")
+  manifest = store.read_manifest(multi / "model", "public")
+  assert manifest["fingerprint"] == store.fingerprint(theirs)
+  for path, leaf in store.flatten(mine).items():
+    np.testing.assert_allclose(store.flatten(theirs)[path], leaf, rtol=1e-5, atol=1e-6,
+                               err_msg=path)
+  with open(multi / "metrics.jsonl") as fh:
+    assert all(json.loads(line)["step"] <= STEPS for line in fh)
+  # Its training checkpoint resumes in one process, on another host count (the stream is the
+  # same 2 shards): step 6 there equals step 6 of the single-process run resumed the same way.
+  shutil.rmtree(multi / "model")
+  shutil.rmtree(single / "model")
+  run_all([command(data, single, STEPS + 1), command(data, multi, STEPS + 1)], devices=8)
+  one, two = train_losses(single), train_losses(multi)
+  np.testing.assert_allclose(two[STEPS + 1], one[STEPS + 1], rtol=2e-6, atol=0)
