@@ -16,6 +16,19 @@ def _cmd_info(args) -> int:
   return 0
 
 
+def launch_lib_engines():
+  from flexolmo_jax import launch
+
+  return launch.ENGINES
+
+
+def _cmd_launch(args) -> int:
+  from flexolmo_jax import launch
+
+  launch.launch(launch.job_from_args(args, args.run_args), dry_run=args.dry_run)
+  return 0
+
+
 def _cmd_demo(args) -> int:
   from flexolmo_jax import demo
 
@@ -115,7 +128,7 @@ DISTRIBUTED_FLAGS = {"--coordinator": "coordinator", "--num-processes": "num_pro
 # Sub-commands whose data, checkpoint and report paths are multi-host safe (per-host shards,
 # process 0 alone writing manifests), proven by tests/test_multihost.py; the others refuse a
 # multi-process start up front.
-MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset({"pretrain"})
+MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset({"pretrain", "train-expert"})
 
 
 def split_distributed_flags(argv):
@@ -552,6 +565,28 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--max-batches", type=int)
   ev.add_argument("--json", help="write every number here")
   ev.set_defaults(fn=_cmd_eval)
+  la = sub.add_parser(
+      "launch", help="fill a launch/ template (SLURM, JobSet, xpk, local) for one run",
+      description="flexolmo launch ENGINE --run RUN [options] [--dry-run] -- RUN'S OWN FLAGS "
+                  "(e.g. -- --gin-file my_experiment.gin --out gs://bucket/run)")
+  la.add_argument("engine", choices=launch_lib_engines())
+  la.add_argument("--run", required=True, help="the flexolmo sub-command the job runs")
+  la.add_argument("--nodes", type=int, default=1)
+  la.add_argument("--procs-per-node", type=int, default=1,
+                  help="1: one process drives every device of its node; or one per GPU")
+  la.add_argument("--gpus-per-node", type=int, default=0)
+  la.add_argument("--name", help="job name (default flexolmo-RUN)")
+  la.add_argument("--image", default="flexolmo-jax:latest", help="container image (k8s, xpk)")
+  la.add_argument("--executable", default="flexolmo", help="how the job starts the CLI")
+  la.add_argument("--time", default="24:00:00", help="SLURM time limit")
+  la.add_argument("--partition", help="SLURM partition")
+  la.add_argument("--workdir", default=".", help="directory the SLURM job runs in")
+  la.add_argument("--service-account", default="default", help="Kubernetes service account")
+  la.add_argument("--cluster", default="CLUSTER", help="xpk cluster")
+  la.add_argument("--tpu-type", help="xpk on TPU, e.g. v5p-256")
+  la.add_argument("--device-type", default="h100-80gb-8", help="xpk on GPU")
+  la.add_argument("--dry-run", action="store_true", help="print the filled job, submit nothing")
+  la.set_defaults(fn=_cmd_launch)
   demo = sub.add_parser("demo", help="the end-to-end demo on FlexMix-mini")
   demo.add_argument("--workdir", default="workdir")
   demo.add_argument("--quick", action="store_true", help="small sizes (for tests)")
@@ -564,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  run_args: list[str] = []
+  if argv[:1] == ["launch"] and "--" in argv:   # the launched run's flags, kept verbatim
+    cut = argv.index("--")
+    argv, run_args = argv[:cut], argv[cut + 1:]
   try:
     argv, gin_bindings = split_gin_flags(argv)
     argv, multi = split_distributed_flags(argv)
@@ -572,6 +611,7 @@ def main(argv=None) -> int:
     return 2
   args = build_parser().parse_args(argv)
   args.gin_bindings = gin_bindings
+  args.run_args = run_args
   try:
     from flexolmo_jax import distributed
 

@@ -18,13 +18,18 @@ STEPS = 5
 TIMEOUT_S = 300
 
 
-def command(data, out, steps, *extra):
-  return [sys.executable, "-m", "flexolmo_jax.cli", "pretrain", "--model", "tiny",
+def command(data, out, steps, *extra, run=("pretrain", "--model", "tiny")):
+  return [sys.executable, "-m", "flexolmo_jax.cli", *run,
           "--data", str(data), "--out", str(out), "--steps", str(steps), "--batch-size", "8",
           "--seq-len", "64", "--log-every", "1", "--checkpoint-every", str(STEPS), "--warmup", "2",
           "--gin.flexolmo.TrainConfig.peak_tflops=1.0",
           "--gin.flexolmo.TrainConfig.data_shards=2",
-          "--gin.flexolmo.pretrain.embedding_documents=8", *extra]
+          *(["--gin.flexolmo.pretrain.embedding_documents=8"] if run[0] == "pretrain" else []),
+          *extra]
+
+
+def distributed_flags(port, i):
+  return ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
 
 
 def env(devices):
@@ -61,8 +66,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
   single, multi = tmp_path / "single", tmp_path / "multi"
   port = free_port()
   run_all([command(data, single, STEPS)], devices=8)
-  outs = run_all([command(data, multi, STEPS, "--coordinator", f"localhost:{port}",
-                          "--num-processes", "2", "--process-id", str(i)) for i in range(2)],
+  outs = run_all([command(data, multi, STEPS, *distributed_flags(port, i)) for i in range(2)],
                  devices=4)
   # Both processes ran as one 8-device program; process 0 alone logs (and writes metrics).
   assert f"[train {STEPS}/{STEPS}]" in outs[0] and "[train" not in outs[1]
@@ -89,3 +93,28 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
   run_all([command(data, single, STEPS + 1), command(data, multi, STEPS + 1)], devices=8)
   one, two = train_losses(single), train_losses(multi)
   np.testing.assert_allclose(two[STEPS + 1], one[STEPS + 1], rtol=2e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_two_processes_train_an_expert_like_one(tmp_path):
+  """An owner's expert on 2 hosts: the same losses and artifact as on one host of 8 devices."""
+  data = tmp_path / "public.jsonl"
+  corpus(data)
+  run_all([command(data, tmp_path / "public", 2)], devices=1)
+  expert = ("train-expert", "--public", str(tmp_path / "public"), "--name", "owner",
+            "--gin.ROUTER_INIT_DOCUMENTS=8")
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  run_all([command(data, single, STEPS, run=expert)], devices=8)
+  port = free_port()
+  run_all([command(data, multi, STEPS, *distributed_flags(port, i), run=expert)
+           for i in range(2)], devices=4)
+  one, two = train_losses(single), train_losses(multi)
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                             rtol=2e-6, atol=0)
+  mine, theirs = (store.read_manifest(d / "expert", "expert") for d in (single, multi))
+  assert theirs["anchor_fingerprint"] == mine["anchor_fingerprint"]
+  assert theirs["public_router_fingerprint"] == mine["public_router_fingerprint"]
+  assert os.path.exists(multi / "expert" / "domain_embedding.npz")
+  a, b = store.load_params(single / "expert"), store.load_params(multi / "expert")
+  for path, leaf in store.flatten(a).items():
+    np.testing.assert_allclose(store.flatten(b)[path], leaf, rtol=1e-5, atol=1e-6, err_msg=path)

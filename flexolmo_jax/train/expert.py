@@ -209,7 +209,8 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
                                      expert_config=dataclasses.asdict(ecfg)),
   }
   emb_path = os.path.join(output_dir, router_init.DOMAIN_EMBEDDING_FILE)
-  np.savez(emb_path, **owner_embedding)
+  if jax.process_index() == 0:   # store.save copies it in from process 0
+    np.savez(emb_path, **owner_embedding)
   store.save(out, result.params, artifact, overwrite=True,
              extra_files={router_init.DOMAIN_EMBEDDING_FILE: emb_path})
   print(f"expert {name!r} -> {out}")

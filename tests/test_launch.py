@@ -1,0 +1,108 @@
+"""launch/ (issue #8): the rendered SLURM script runs on this machine with srun replaced by the
+local launcher; the JobSet parses and names the image, command and process count."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from flexolmo_jax import cli, launch
+from flexolmo_jax.checkpoint import store
+from tests.test_loop import train_losses
+from tests.test_resume import corpus
+
+LOCAL = os.path.join(launch.LAUNCH_DIR, "local", "multiprocess.sh")
+
+
+def render(capsys, *argv):
+  assert cli.main(["launch", *argv]) == 0
+  return capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_slurm_script_runs_two_processes_with_the_local_launcher(tmp_path, capsys):
+  data = tmp_path / "public.jsonl"
+  corpus(data)
+  gin_file = tmp_path / "experiment.gin"
+  gin_file.write_text("STEPS = 3\nBATCH_SIZE = 8\nSEQ_LEN = 64\nWARMUP_STEPS = 1\n"
+                      "flexolmo.TrainConfig.peak_tflops = 1.0\n"
+                      "flexolmo.pretrain.embedding_documents = 8\n")
+  script = render(capsys, "slurm", "--run", "pretrain", "--nodes", "2", "--workdir", str(tmp_path),
+                  "--executable", f"{sys.executable} -m flexolmo_jax.cli", "--dry-run", "--",
+                  "--gin-file", str(gin_file), "--data", str(data), "--out", str(tmp_path / "run"),
+                  "--log-every", "1")
+  assert "#SBATCH --nodes=2" in script and "srun --ntasks=2 " in script
+  local = script.replace("srun ", f"{shlex.quote(LOCAL)} ")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.run(["bash", "-c", local], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  # One run of 2 processes x 2 devices: process 0 logged 3 steps, the model was published once.
+  assert sorted(train_losses(tmp_path / "run")) == [1, 2, 3]
+  assert proc.stderr.count("[train 3/3]") == 1
+  manifest = store.read_manifest(tmp_path / "run" / "model", "public")
+  assert manifest["data_card"]["train_config"]["batch_size"] == 8
+  assert not [p for p in os.listdir(tmp_path / "run") if ".partial-" in p]
+
+
+def test_the_local_launcher_stops_every_process_when_one_fails(tmp_path):
+  marker = tmp_path / "survivor"
+  cmd = (f"{shlex.quote(LOCAL)} --ntasks=3 bash -c "
+         f"'if [ $FLEXOLMO_PROCESS_ID = 1 ]; then exit 7; fi; sleep 30; touch {marker}'")
+  proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=20)
+  assert proc.returncode == 7 and not marker.exists()
+
+
+def test_the_jobset_parses_and_names_image_command_and_processes(capsys):
+  text = render(capsys, "k8s", "--run", "pretrain", "--nodes", "4", "--gpus-per-node", "8",
+                "--image", "ghcr.io/acme/flexolmo:1.2", "--name", "public-7b", "--dry-run", "--",
+                "--model", "olmo2_7b", "--out", "gs://bucket/public")
+  jobset = yaml.safe_load(text)
+  assert jobset["kind"] == "JobSet" and jobset["metadata"]["name"] == "public-7b"
+  assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+  job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+  assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"] == 4
+  container = job["template"]["spec"]["containers"][0]
+  assert container["image"] == "ghcr.io/acme/flexolmo:1.2"
+  assert container["command"] == ["flexolmo", "pretrain", "--model", "olmo2_7b", "--out",
+                                  "gs://bucket/public"]
+  assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+  env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+  assert env["FLEXOLMO_NUM_PROCESSES"] == "4"
+  assert env["FLEXOLMO_COORDINATOR"] == "public-7b-workers-0-0.public-7b:1234"
+  assert "job-completion-index" in json.dumps(env["FLEXOLMO_PROCESS_ID"])
+
+
+def test_xpk_commands_for_tpu_and_gpu(capsys):
+  tpu = render(capsys, "xpk", "--run", "pretrain", "--tpu-type", "v5p-256", "--cluster", "c1",
+               "--dry-run", "--", "--model", "olmo2_7b")
+  argv = shlex.split(tpu)
+  assert argv[:3] == ["xpk", "workload", "create"] and argv[argv.index("--tpu-type") + 1] == "v5p-256"
+  assert argv[argv.index("--command") + 1] == "flexolmo pretrain --model olmo2_7b"
+  gpu = shlex.split(render(capsys, "xpk", "--run", "pretrain", "--nodes", "2", "--dry-run"))
+  command = gpu[gpu.index("--command") + 1]
+  assert gpu[gpu.index("--num-nodes") + 1] == "2"
+  assert "FLEXOLMO_NUM_PROCESSES=2" in command and "$JOB_COMPLETION_INDEX" in command
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["slurm", "--run", "merge", "--nodes", "2"], "`flexolmo merge` runs as one process for now"),
+    (["slurm", "--run", "nonsense"], "--run 'nonsense' is not one of"),
+    (["k8s", "--run", "pretrain", "--name", "Bad_Name"], "job name 'Bad_Name'"),
+    (["slurm", "--run", "pretrain", "--", "--gin-file", "/nonexistent.gin"],
+     "gin file '/nonexistent.gin' does not exist"),
+    (["slurm", "--run", "pretrain", "--nodes", "0"], "--nodes=0 must be >= 1"),
+])
+def test_bad_launches_are_refused_by_name(argv, message, capsys):
+  assert cli.main(["launch", *argv, "--dry-run"] if "--" not in argv else
+                  ["launch", *argv[:argv.index("--")], "--dry-run", *argv[argv.index("--"):]]) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_a_template_placeholder_without_a_value_is_named():
+  with pytest.raises(ValueError, match=r"job.sbatch: no value for placeholder\(s\) \['FOO'\]"):
+    launch.fill("x {{FOO}} {{RUN}}", {"RUN": "pretrain"}, "job.sbatch")
