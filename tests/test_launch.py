@@ -106,3 +106,11 @@ def test_bad_launches_are_refused_by_name(argv, message, capsys):
 def test_a_template_placeholder_without_a_value_is_named():
   with pytest.raises(ValueError, match=r"job.sbatch: no value for placeholder\(s\) \['FOO'\]"):
     launch.fill("x {{FOO}} {{RUN}}", {"RUN": "pretrain"}, "job.sbatch")
+
+
+def test_every_launchable_run_is_a_cli_command():
+  import argparse
+
+  sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+  assert set(launch.RUNS) <= set(sub.choices)
+  assert cli.MULTI_PROCESS_COMMANDS <= set(launch.RUNS)

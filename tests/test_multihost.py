@@ -96,8 +96,9 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
 
 
 @pytest.mark.slow
-def test_two_processes_train_an_expert_like_one(tmp_path):
-  """An owner's expert on 2 hosts: the same losses and artifact as on one host of 8 devices."""
+def test_two_processes_train_an_expert_and_a_dense_model_like_one(tmp_path):
+  """An owner's expert (and a dense continuation) on 2 hosts: the same losses and artifact as on
+  one host of 8 devices."""
   data = tmp_path / "public.jsonl"
   corpus(data)
   run_all([command(data, tmp_path / "public", 2)], devices=1)
@@ -118,3 +119,14 @@ def test_two_processes_train_an_expert_like_one(tmp_path):
   a, b = store.load_params(single / "expert"), store.load_params(multi / "expert")
   for path, leaf in store.flatten(a).items():
     np.testing.assert_allclose(store.flatten(b)[path], leaf, rtol=1e-5, atol=1e-6, err_msg=path)
+  # The baselines' dense model (the public model continued on the owner's data) likewise.
+  dense = ("train-dense", "--public", str(tmp_path / "public"), "--name", "owner")
+  run_all([command(data, tmp_path / "dense1", STEPS, run=dense)], devices=8)
+  port = free_port()
+  run_all([command(data, tmp_path / "dense2", STEPS, *distributed_flags(port, i), run=dense)
+           for i in range(2)], devices=4)
+  one, two = train_losses(tmp_path / "dense1"), train_losses(tmp_path / "dense2")
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                             rtol=2e-6, atol=0)
+  assert (store.read_manifest(tmp_path / "dense2" / "model", "dense")["anchor_fingerprint"]
+          == mine["anchor_fingerprint"])

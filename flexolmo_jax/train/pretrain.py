@@ -70,13 +70,16 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
 
   model_fn = pure_model(cfg)
   mesh = sharding.make_mesh(train.mesh)
-  initial = (model_fn.init(train.seed) if anchor is None else
-             store.load_params(anchor[0], model_fn.abstract.to_pure_dict()))
+  shardings = model_fn.shardings(mesh, rules)
+  initial = (model_fn.init(train.seed) if anchor is None else   # restored onto the mesh
+             store.load_params(anchor[0], jax.tree.map(
+                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                 model_fn.abstract.to_pure_dict(), shardings)))
   trainer = loop.Trainer(
       train, workdir=output_dir, mesh=mesh, rules=rules,
       apply=lambda p, _, b: loop.run_on_batch(model_fn, p, b),
       params=initial, frozen={},
-      param_shardings=model_fn.shardings(mesh, rules), frozen_shardings={},
+      param_shardings=shardings, frozen_shardings={},
       stream=streams.train_stream(task, train),
       eval_streams={n: streams.eval_stream(t, train) for n, t in evals.items()},
       flops_per_token=metrics.flops_per_token(cfg, train.seq_len))
