@@ -128,7 +128,8 @@ DISTRIBUTED_FLAGS = {"--coordinator": "coordinator", "--num-processes": "num_pro
 # Sub-commands whose data, checkpoint and report paths are multi-host safe (per-host shards,
 # process 0 alone writing manifests), proven by tests/test_multihost.py; the others refuse a
 # multi-process start up front.
-MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset({"pretrain", "train-expert", "train-dense"})
+MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset({"pretrain", "train-expert", "train-dense",
+                                                    "tune-router"})
 
 
 def split_distributed_flags(argv):

@@ -130,3 +130,19 @@ def test_two_processes_train_an_expert_and_a_dense_model_like_one(tmp_path):
                              rtol=2e-6, atol=0)
   assert (store.read_manifest(tmp_path / "dense2" / "model", "dense")["anchor_fingerprint"]
           == mine["anchor_fingerprint"])
+  # Router tuning of the merged model, with expert dropout: the same losses and router rows.
+  from flexolmo_jax.checkpoint import merge
+
+  merge.merge(str(tmp_path / "public"), [str(single / "expert")], str(tmp_path / "merged"))
+  tune = ("tune-router", "--merged", str(tmp_path / "merged"), "--expert-dropout", "0.5")
+  run_all([command(data, tmp_path / "tune1", STEPS, run=tune)], devices=8)
+  port = free_port()
+  run_all([command(data, tmp_path / "tune2", STEPS, *distributed_flags(port, i), run=tune)
+           for i in range(2)], devices=4)
+  one, two = train_losses(tmp_path / "tune1"), train_losses(tmp_path / "tune2")
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                             rtol=2e-6, atol=0)
+  rows1, rows2 = (merge.read_router(str(tmp_path / d / "merged")) for d in ("tune1", "tune2"))
+  assert sorted(rows1) == sorted(rows2)
+  for key in rows1:
+    np.testing.assert_allclose(rows2[key], rows1[key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flexolmo_jax import distributed
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names
 from flexolmo_jax.train import router_init
@@ -276,14 +277,16 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
       for rel, info in store.recorded_files(path, manifest).items():
         jobs.append((os.path.join(path, rel), os.path.join(partial, rel_dir, rel), info))
         known[os.path.join(rel_dir, rel)] = info
-      os.makedirs(os.path.join(partial, rel_dir), exist_ok=True)
-      shutil.copyfile(os.path.join(path, store.MANIFEST),
-                      os.path.join(partial, rel_dir, store.MANIFEST))
-    total = sum(j[2]["bytes"] for j in jobs)
-    progress(f"merge: {len(names)} experts {list(names)}, copying and checking "
-             f"{total / 1e6:,.1f} MB")
-    store.copy_checked(jobs)
-    np.savez(os.path.join(partial, ROUTER_FILE), **rows)
+    if distributed.is_leader():   # with several processes (router tuning), process 0 writes
+      for rel_dir, path, _ in inputs:
+        os.makedirs(os.path.join(partial, rel_dir), exist_ok=True)
+        shutil.copyfile(os.path.join(path, store.MANIFEST),
+                        os.path.join(partial, rel_dir, store.MANIFEST))
+      total = sum(j[2]["bytes"] for j in jobs)
+      progress(f"merge: {len(names)} experts {list(names)}, copying and checking "
+               f"{total / 1e6:,.1f} MB")
+      store.copy_checked(jobs)
+      np.savez(os.path.join(partial, ROUTER_FILE), **rows)
     manifest = {
         "kind": KIND, "config": store.config_to_json(cfg), "experts": list(names),
         "vocabulary": source.public_manifest["vocabulary"],

@@ -40,7 +40,7 @@ from flexolmo_jax.config import PUBLIC, write_gin_config
 from flexolmo_jax.data import sources, tasks
 from flexolmo_jax.model.transformer import pure_model
 from flexolmo_jax.train import expert as expert_lib
-from flexolmo_jax.train import loop, metrics, router_init
+from flexolmo_jax.train import loop, metrics, router_init, streams
 
 
 @gin.configurable(module="flexolmo")
@@ -146,8 +146,10 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   write_gin_config(output_dir)
   task = tasks.register_corpus("public", data, data_dir=os.path.join(output_dir, "data"),
                                vocabulary=vocab)
+  # Every process reads the same global batches (the tuning set is small) and scores them the
+  # same way; each then feeds its own rows of every batch to the step (``stream``).
   full = (b for b in tasks.lm_batches(task, seq_len=train.seq_len, batch_size=train.batch_size,
-                                      seed=train.seed, num_epochs=1)
+                                      seed=train.seed, num_epochs=1, shard_index=0, num_shards=1)
           if len(b["decoder_input_tokens"]) == train.batch_size)
   batches = list(itertools.islice(full, tune.max_batches))
   if not batches:
@@ -167,13 +169,16 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   stream_batches = [{**b, "decoder_loss_weights": w.astype(np.float32)}
                     for b, w in zip(batches, weights)]
 
+  rows = streams.host_batch_size(train.batch_size)
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+
   def stream(start):
     for i in itertools.count(start):
       batch = stream_batches[i % len(stream_batches)]
       if tune.expert_dropout:
         batch = {**batch, "expert_keep": expert_keep(names, batch["decoder_input_tokens"].shape,
                                                      tune.expert_dropout, (train.seed, i))}
-      yield batch
+      yield {k: v[mine] for k, v in batch.items()}
 
   moe = pure_model(cfg)
   ffn = params["blocks"]["ffn"]
@@ -199,7 +204,7 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   result = trainer.train()
   if result.preempted:
     return result, None
-  tuned = np.asarray(jax.device_get(result.params["router"]))       # [L, E, d]
+  tuned = store.host_value(result.params["router"])                 # [L, E, d]
   rows = {k: v for k, v in merge_lib.read_router(merged).items() if k.endswith("/negative_bias")}
   rows.update({f"{n}/router": tuned[:, e] for e, n in enumerate(names)})
   record = {"source": "tune-router", "proxy_segments": counts,
