@@ -1,8 +1,6 @@
 """Multi-host training (issue #8): two processes on localhost, each with 4 CPU devices and
 ``jax.distributed.initialize``, against one process with 8 devices reading the same shards."""
-import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -43,10 +41,11 @@ def free_port():
     return s.getsockname()[1]
 
 
-def run_all(commands, devices):
-  """Starts every command, waits for all (bounded), kills what is left; returns their outputs."""
+def run_all(jobs):
+  """Starts every (command, devices) at once, waits for all (bounded), kills what is left;
+  returns their outputs."""
   procs = [subprocess.Popen(c, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for c in commands]
+                            text=True) for c, devices in jobs]
   try:
     outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
   finally:
@@ -59,89 +58,77 @@ def run_all(commands, devices):
   return outs
 
 
+def one_and_two(data, one, two, steps, run):
+  """The same run in 1 process of 8 devices (into ``one``) and, at the same time, in 2 processes
+  of 4 (into ``two``); returns (their train losses, the outputs of the 2 processes)."""
+  port = free_port()
+  outs = run_all([(command(data, one, steps, run=run), 8),
+                  *[(command(data, two, steps, *distributed_flags(port, i), run=run), 4)
+                    for i in range(2)]])
+  a, b = train_losses(one), train_losses(two)
+  assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)],
+                             rtol=2e-6, atol=0)
+  return outs[1:]
+
+
+def assert_same_params(dir_one, dir_two):
+  a, b = store.load_params(dir_one), store.load_params(dir_two)
+  for path, leaf in store.flatten(a).items():
+    np.testing.assert_allclose(store.flatten(b)[path], leaf, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+PRETRAIN = ("pretrain", "--model", "tiny")
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path):
   data = tmp_path / "public.jsonl"
   corpus(data)
   single, multi = tmp_path / "single", tmp_path / "multi"
-  port = free_port()
-  run_all([command(data, single, STEPS)], devices=8)
-  outs = run_all([command(data, multi, STEPS, *distributed_flags(port, i)) for i in range(2)],
-                 devices=4)
-  # Both processes ran as one 8-device program; process 0 alone logs (and writes metrics).
+  outs = one_and_two(data, single, multi, STEPS, PRETRAIN)
+  # The 2 processes ran as one 8-device program; process 0 alone logs (and writes metrics).
   assert f"[train {STEPS}/{STEPS}]" in outs[0] and "[train" not in outs[1]
-  one, two = train_losses(single), train_losses(multi)
-  assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
-                             rtol=2e-6, atol=0)
   assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
   # The multi-host model restores in this single process: its recorded fingerprint is the one
   # of the bytes on disk, and it equals the single-process model's up to float reassociation.
-  mine = store.load_params(single / "model")
-  theirs = store.load_params(multi / "model")
   manifest = store.read_manifest(multi / "model", "public")
-  assert manifest["fingerprint"] == store.fingerprint(theirs)
-  for path, leaf in store.flatten(mine).items():
-    np.testing.assert_allclose(store.flatten(theirs)[path], leaf, rtol=1e-5, atol=1e-6,
-                               err_msg=path)
-  with open(multi / "metrics.jsonl") as fh:
-    assert all(json.loads(line)["step"] <= STEPS for line in fh)
+  assert manifest["fingerprint"] == store.fingerprint(store.load_params(multi / "model"))
+  assert_same_params(single / "model", multi / "model")
   # Its training checkpoint resumes in one process, on another host count (the stream is the
   # same 2 shards): step 6 there equals step 6 of the single-process run resumed the same way.
-  shutil.rmtree(multi / "model")
-  shutil.rmtree(single / "model")
-  run_all([command(data, single, STEPS + 1), command(data, multi, STEPS + 1)], devices=8)
+  run_all([(command(data, single, STEPS + 1), 8), (command(data, multi, STEPS + 1), 8)])
   one, two = train_losses(single), train_losses(multi)
   np.testing.assert_allclose(two[STEPS + 1], one[STEPS + 1], rtol=2e-6, atol=0)
 
 
 @pytest.mark.slow
-def test_two_processes_train_an_expert_and_a_dense_model_like_one(tmp_path):
-  """An owner's expert (and a dense continuation) on 2 hosts: the same losses and artifact as on
-  one host of 8 devices."""
+def test_an_owner_and_the_builder_train_on_two_processes_like_on_one(tmp_path):
+  """An owner's expert, a dense continuation and router tuning on 2 hosts: the same losses and
+  artifacts as on one host of 8 devices."""
+  from flexolmo_jax.checkpoint import merge
+
   data = tmp_path / "public.jsonl"
   corpus(data)
-  run_all([command(data, tmp_path / "public", 2)], devices=1)
-  expert = ("train-expert", "--public", str(tmp_path / "public"), "--name", "owner",
-            "--gin.ROUTER_INIT_DOCUMENTS=8")
-  single, multi = tmp_path / "single", tmp_path / "multi"
-  run_all([command(data, single, STEPS, run=expert)], devices=8)
-  port = free_port()
-  run_all([command(data, multi, STEPS, *distributed_flags(port, i), run=expert)
-           for i in range(2)], devices=4)
-  one, two = train_losses(single), train_losses(multi)
-  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
-                             rtol=2e-6, atol=0)
-  mine, theirs = (store.read_manifest(d / "expert", "expert") for d in (single, multi))
+  public = str(tmp_path / "public")
+  run_all([(command(data, public, 2, run=PRETRAIN), 1)])
+  expert = ("train-expert", "--public", public, "--name", "owner", "--gin.ROUTER_INIT_DOCUMENTS=8")
+  dense = ("train-dense", "--public", public, "--name", "owner")
+  one_and_two(data, tmp_path / "expert1", tmp_path / "expert2", STEPS, expert)
+  one_and_two(data, tmp_path / "dense1", tmp_path / "dense2", STEPS, dense)
+  mine, theirs = (store.read_manifest(tmp_path / d / "expert", "expert")
+                  for d in ("expert1", "expert2"))
   assert theirs["anchor_fingerprint"] == mine["anchor_fingerprint"]
   assert theirs["public_router_fingerprint"] == mine["public_router_fingerprint"]
-  assert os.path.exists(multi / "expert" / "domain_embedding.npz")
-  a, b = store.load_params(single / "expert"), store.load_params(multi / "expert")
-  for path, leaf in store.flatten(a).items():
-    np.testing.assert_allclose(store.flatten(b)[path], leaf, rtol=1e-5, atol=1e-6, err_msg=path)
-  # The baselines' dense model (the public model continued on the owner's data) likewise.
-  dense = ("train-dense", "--public", str(tmp_path / "public"), "--name", "owner")
-  run_all([command(data, tmp_path / "dense1", STEPS, run=dense)], devices=8)
-  port = free_port()
-  run_all([command(data, tmp_path / "dense2", STEPS, *distributed_flags(port, i), run=dense)
-           for i in range(2)], devices=4)
-  one, two = train_losses(tmp_path / "dense1"), train_losses(tmp_path / "dense2")
-  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
-                             rtol=2e-6, atol=0)
+  assert os.path.exists(tmp_path / "expert2" / "expert" / "domain_embedding.npz")
+  assert_same_params(tmp_path / "expert1" / "expert", tmp_path / "expert2" / "expert")
+  assert_same_params(tmp_path / "dense1" / "model", tmp_path / "dense2" / "model")
   assert (store.read_manifest(tmp_path / "dense2" / "model", "dense")["anchor_fingerprint"]
           == mine["anchor_fingerprint"])
   # Router tuning of the merged model, with expert dropout: the same losses and router rows.
-  from flexolmo_jax.checkpoint import merge
-
-  merge.merge(str(tmp_path / "public"), [str(single / "expert")], str(tmp_path / "merged"))
-  tune = ("tune-router", "--merged", str(tmp_path / "merged"), "--expert-dropout", "0.5")
-  run_all([command(data, tmp_path / "tune1", STEPS, run=tune)], devices=8)
-  port = free_port()
-  run_all([command(data, tmp_path / "tune2", STEPS, *distributed_flags(port, i), run=tune)
-           for i in range(2)], devices=4)
-  one, two = train_losses(tmp_path / "tune1"), train_losses(tmp_path / "tune2")
-  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
-                             rtol=2e-6, atol=0)
+  merged = merge.merge(public, [str(tmp_path / "expert1" / "expert")], str(tmp_path / "merged"))
+  tune = ("tune-router", "--merged", merged, "--expert-dropout", "0.5")
+  one_and_two(data, tmp_path / "tune1", tmp_path / "tune2", STEPS, tune)
   rows1, rows2 = (merge.read_router(str(tmp_path / d / "merged")) for d in ("tune1", "tune2"))
   assert sorted(rows1) == sorted(rows2)
   for key in rows1:
