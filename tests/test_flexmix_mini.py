@@ -164,7 +164,7 @@ def test_quick_demo_end_to_end(demo_run, capfd):
     for d, probs in table.items():
       assert abs(sum(probs.values()) - 1) < 1e-4, d
   # The extraction evaluation ran on every planted canary, with their owner's expert in and out.
-  # It detects memorization: the owner's dense model (every weight trained) extracts canaries
+  # It detects memorization: the owner's dense model (every weight trained) reproduces canaries
   # the public model cannot. The owner's expert memorizes them only in part (its canary loss is
   # far below the public model's), and FlexOlmo's canary loss is lower with it in than out; but
   # no FFN expert at this size reaches similarity 0.9, so the rates with it in and out are both 0
@@ -177,7 +177,12 @@ def test_quick_demo_end_to_end(demo_run, capfd):
   for result in models.values():
     assert result["documents"] == demo_run["card"]["canaries"]["documents"]
     assert 0 <= result["rate"] <= 1 and 0 < result["mean_best_similarity"] <= 1
-  assert models[f"dense {owner}"]["rate"] > models["public"]["rate"]
+  # The dense model's samples come far closer to the canaries than the public model's. (Its rate
+  # is not asserted: at quick size it extracted 3/4, 2/4 and 0/4 canaries in runs that differ
+  # only in data order, with best similarity 0.76-0.95 against the public model's 0.31.)
+  dense = models[f"dense {owner}"]
+  assert dense["mean_best_similarity"] > models["public"]["mean_best_similarity"] + 0.2
+  assert dense["rate"] >= models["public"]["rate"]
   assert models[f"public + {owner}"]["canary_loss"] < models["public"]["canary_loss"] - 1.0
   inside, outside = models["flexolmo"], models[f"flexolmo without {owner}"]
   assert inside["rate"] >= outside["rate"]
