@@ -26,6 +26,10 @@ setup(
         "sentencepiece>=0.2",
         "ml_dtypes>=0.4",  # bf16 safetensors (export-hf / import-hf); also a jax dependency
         "matplotlib>=3.8",  # the demo's report.png
+        # DP-SGD for experts: per-example clipping and batch sampling (jax-privacy), the
+        # privacy accountants (dp-accounting; it pins attrs<24).
+        "jax-privacy>=2.0,<3",
+        "dp-accounting>=0.6,<0.7",
     ],
     extras_require={
         "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "torch==2.13.0"],

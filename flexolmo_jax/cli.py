@@ -86,7 +86,12 @@ TRAIN_FLAGS = {"steps": "STEPS", "batch_size": "BATCH_SIZE", "seq_len": "SEQ_LEN
 PRETRAIN_FLAGS = {**TRAIN_FLAGS, "eval_data": "EVAL_DATA"}
 EXPERT_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME", "top_k": "TOP_K",
                 "router_init": "ROUTER_INIT", "router_init_documents": "ROUTER_INIT_DOCUMENTS",
-                "negative_bias": "NEGATIVE_BIAS"}
+                "negative_bias": "NEGATIVE_BIAS", "dp": "DP", "target_epsilon": "TARGET_EPSILON",
+                "delta": "DELTA", "clip": "CLIP", "noise_multiplier": "NOISE_MULTIPLIER",
+                "dp_sampling": "DP_SAMPLING", "dp_accountant": "DP_ACCOUNTANT",
+                "dp_microbatch": "DP_MICROBATCH", "dp_chunks": "DP_CHUNKS",
+                "dp_router_init": "DP_ROUTER_INIT", "dp_router_noise": "DP_ROUTER_NOISE",
+                "dp_router_proxy": "DP_ROUTER_PROXY"}
 DENSE_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME"}
 TUNE_FLAGS = {**{k: v for k, v in TRAIN_FLAGS.items() if k != "vocabulary"}, "merged": "MERGED",
               "proxy_fraction": "PROXY_FRACTION", "proxy_weight": "PROXY_WEIGHT",
@@ -290,6 +295,7 @@ def _cmd_eval(args) -> int:
     raise ValueError("eval needs at least one --data NAME=PATH or --mc NAME=FILE.jsonl.")
   vocab = model_vocabulary(args.model)
   report: dict = {}
+  print_privacy(args.model)
   if data:
     batches = eval_batches(data, vocab, args.data_dir, args.seq_len, args.batch_size)
     stats = perplexity.evaluate_stats(args.model, batches, args.experts, args.exclude,
@@ -314,6 +320,19 @@ def _cmd_eval(args) -> int:
     with open(args.json, "w") as fh:
       json.dump(report, fh, indent=2)
   return 0
+
+
+def print_privacy(model: str) -> None:
+  """Each expert's differential-privacy guarantee (from the merged model's data cards)."""
+  from flexolmo_jax.checkpoint import store
+  from flexolmo_jax.privacy import accounting
+
+  try:
+    manifest = store.read_manifest(model)
+  except (FileNotFoundError, ValueError):
+    return      # a pretrain run directory or an HF directory: eval resolves and reports those
+  for name, card in manifest.get("data_cards", {}).items():
+    print(accounting.describe(name, card))
 
 
 def _cmd_train_dense(args) -> int:
@@ -470,6 +489,22 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument("--router-init", choices=["shared", "per_layer", "random"])
   exp.add_argument("--router-init-documents", type=int)
   exp.add_argument("--no-negative-bias", dest="negative_bias", action="store_const", const=False)
+  dp = exp.add_argument_group("differential privacy (DP-SGD; see flexolmo_jax/privacy)")
+  dp.add_argument("--dp", action="store_const", const=True, help="train the expert with DP-SGD")
+  dp.add_argument("--target-epsilon", type=float, help="calibrate the noise to this epsilon")
+  dp.add_argument("--noise-multiplier", type=float, help="instead of --target-epsilon")
+  dp.add_argument("--delta", type=float, help="default 1e-5")
+  dp.add_argument("--clip", type=float, help="per-document gradient norm bound (default 1)")
+  dp.add_argument("--dp-sampling", choices=["poisson", "fixed"], help="default poisson")
+  dp.add_argument("--dp-accountant", choices=["rdp", "pld"], help="default rdp")
+  dp.add_argument("--dp-microbatch", type=int, help="per-document gradients held at once (8)")
+  dp.add_argument("--dp-chunks", type=int, help="rows of --seq-len kept per document (1)")
+  dp.add_argument("--dp-router-init", choices=["noised_mean", "proxy"],
+                  help="router row from a noised mean of the owner's documents (default, counted "
+                       "in epsilon) or from public proxy text")
+  dp.add_argument("--dp-router-noise", type=float, help="noise multiplier of the noised mean (10)")
+  dp.add_argument("--dp-router-proxy", action="append",
+                  help="public text resembling the owner's data, for --dp-router-init proxy")
   _add_train_flags(exp)
   exp.set_defaults(fn=_cmd_train_expert)
   mrg = sub.add_parser("merge", help="merge the public model and expert artifacts into one MoE")

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from flexolmo_jax import distributed
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names
+from flexolmo_jax.privacy import accounting
 from flexolmo_jax.train import router_init
 
 KIND = "merged"
@@ -299,6 +300,8 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)
     raise
+  for name in names:
+    progress("  " + accounting.describe(name, manifest["data_cards"].get(name, {})))
   progress(f"merged model -> {out}")
   return out
 

@@ -30,6 +30,8 @@ from flexolmo_jax.checkpoint import merge, store
 from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names, write_gin_config
 from flexolmo_jax.data import tasks
 from flexolmo_jax.model.transformer import PureModel, pure_model
+from flexolmo_jax.privacy import accounting, documents, dpsgd
+from flexolmo_jax.privacy import router as private_router
 from flexolmo_jax.train import loop, metrics, router_init, streams
 
 # Logical axes of the trainable tree (for its shardings).
@@ -120,20 +122,39 @@ def expert_shardings(expert: dict, mesh, rules) -> dict:
   return out
 
 
-def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig, model: PureModel,
-                anchor: dict, owner_batches, documents: int, seed: int):
-  """(r_pub, r_NAME, the owner's domain embedding); rows are [L, d].
+def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
+                owner_embedding: dict, seed: int):
+  """(r_pub, r_NAME) [L, d] rows from the owner's domain embedding (or random).
 
   The domain embedding is computed in every mode: it goes into the artifact, where router tuning
   uses it to pick proxy documents from the public data (train/router_tune.py)."""
   r_pub = router_init.public_rows(mode, public_path, manifest["fingerprint"], cfg.n_layers,
                                   cfg.d_model)
-  owner_embedding = router_init.domain_embedding(model, anchor, owner_batches, documents)
   if mode == "random":
-    return r_pub, router_init.random_rows(jax.random.key(seed), cfg.n_layers,
-                                          cfg.d_model), owner_embedding
-  return r_pub, router_init.rows_for(mode, owner_embedding, cfg.n_layers,
-                                     cfg.d_model), owner_embedding
+    return r_pub, router_init.random_rows(jax.random.key(seed), cfg.n_layers, cfg.d_model)
+  return r_pub, router_init.rows_for(mode, owner_embedding, cfg.n_layers, cfg.d_model)
+
+
+def private_setup(dp, task: str, train: loop.TrainConfig, model: PureModel, anchor, n_layers: int,
+                  vocab, data_dir: str):
+  """DP mode: the owner's documents, the run's guarantee (noise calibrated before any step) and a
+  domain embedding that spends its share of epsilon or reads public proxy text instead."""
+  docs = documents.load(task, train.seq_len, dp.chunks_per_document)
+  guarantee = accounting.plan(dp, train.batch_size, docs.count, train.steps)
+  if dp.router_init == "proxy":
+    proxy = tasks.register_corpus("dp_router_proxy", list(dp.router_proxy), data_dir=data_dir,
+                                  vocabulary=vocab)
+    embedding = router_init.domain_embedding(
+        model, anchor, tasks.lm_batches(proxy, seq_len=train.seq_len, batch_size=8,
+                                        seed=train.seed, num_epochs=1, shard_index=0,
+                                        num_shards=1))
+  else:
+    embedding = private_router.noised_mean(model, anchor, docs, n_layers,
+                                           dp.router_noise_multiplier, train.seed)
+  print(f"DP: {docs.count} documents, noise multiplier {guarantee.noise_multiplier:.4f}, "
+        f"epsilon {guarantee.epsilon:.4f} at delta {guarantee.delta:g} ({dp.accountant}, "
+        f"{dp.sampling} sampling q={guarantee.sampling_rate:.4g}, {train.steps} steps)")
+  return docs, guarantee, embedding
 
 
 @gin.configurable(module="flexolmo")
@@ -141,9 +162,13 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
                  data: Sequence[str] = gin.REQUIRED, output_dir: str = gin.REQUIRED,
                  vocabulary: str | None = None, dtype: str | None = None,
                  train: loop.TrainConfig | None = None, expert: ExpertConfig | None = None,
-                 rules: sharding.ShardingRules | None = None):
-  """Trains expert ``name`` on ``data``; returns (TrainResult, artifact directory or None)."""
+                 rules: sharding.ShardingRules | None = None,
+                 dp: accounting.DPConfig | None = None):
+  """Trains expert ``name`` on ``data``; returns (TrainResult, artifact directory or None).
+
+  With ``dp.enabled`` the expert is trained with DP-SGD (flexolmo_jax/privacy)."""
   train, ecfg = train or loop.TrainConfig(), expert or ExpertConfig()
+  dp = dp or accounting.DPConfig()
   rules = rules or sharding.ShardingRules()
   if name == PUBLIC:
     raise ValueError(f"The expert name {PUBLIC!r} is reserved for the public model; choose "
@@ -176,11 +201,17 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
   write_gin_config(output_dir)
   data_dir = os.path.join(output_dir, "data")
   task = tasks.register_corpus(name, data, data_dir=data_dir, vocabulary=vocab)
-  r_pub, r_own, owner_embedding = router_rows(
-      ecfg.router_init, public_path, manifest, public_cfg, dense, anchor,
-      tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8, seed=train.seed, num_epochs=1,
-                       shard_index=0, num_shards=1),   # the same rows on every host
-      ecfg.router_init_documents, train.seed)
+  if dp.enabled:
+    docs, guarantee, owner_embedding = private_setup(dp, task, train, dense, anchor,
+                                                     public_cfg.n_layers, vocab, data_dir)
+  else:
+    owner_embedding = router_init.domain_embedding(
+        dense, anchor, tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8,
+                                        seed=train.seed, num_epochs=1, shard_index=0,
+                                        num_shards=1),   # the same rows on every host
+        ecfg.router_init_documents)
+  r_pub, r_own = router_rows(ecfg.router_init, public_path, manifest, public_cfg,
+                             owner_embedding, train.seed)
   frozen = {"anchor": anchor, "public_router": jnp.asarray(r_pub, jnp.float32)}
   params = initial_expert(anchor, r_own, ecfg)
   router_sharding = NamedSharding(mesh, rules.spec(EXPERT_AXES["router"]))
@@ -189,14 +220,20 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
     merged = assemble(frozen["anchor"], frozen["public_router"], params)
     return loop.run_on_batch(moe, merged, batch)
 
-  trainer = loop.Trainer(
-      train, workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=params,
+  common = dict(
+      workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=params,
       frozen=frozen, param_shardings=expert_shardings(params, mesh, rules),
       frozen_shardings={"anchor": anchor_shardings, "public_router": router_sharding},
-      stream=streams.train_stream(task, train),
       eval_streams=({name: streams.eval_stream(task, train)}
                     if tasks.has_split(task, "validation") else {}),
       flops_per_token=metrics.flops_per_token(cfg, train.seq_len), expert_names=cfg.experts)
+  if dp.enabled:
+    trainer = dpsgd.DPTrainer(
+        train, dp=dp, guarantee=guarantee, stream=documents.stream(
+            docs, dp.sampling, train.batch_size, train.steps, train.seed,
+            pad_to=dp.microbatch_size), **common)
+  else:
+    trainer = loop.Trainer(train, stream=streams.train_stream(task, train), **common)
   result = trainer.train()
   if result.preempted:
     return result, None
@@ -208,6 +245,9 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
       "data_card": streams.data_card(name, data, result, train,
                                      expert_config=dataclasses.asdict(ecfg)),
   }
+  if dp.enabled:
+    artifact["data_card"]["dp"] = {**guarantee.to_json(), **docs.card(),
+                                   "microbatch_size": dp.microbatch_size}
   emb_path = os.path.join(output_dir, router_init.DOMAIN_EMBEDDING_FILE)
   if jax.process_index() == 0:   # store.save copies it in from process 0
     np.savez(emb_path, **owner_embedding)

@@ -222,6 +222,17 @@ class Trainer:
 
   # ------------------------------------------------------------------ data
 
+  def stream_settings(self) -> dict:
+    """What defines the data stream and the step; a resume must find the same values."""
+    return stream_settings(self.cfg)
+
+  def _count(self, host_batch) -> tuple[int, int]:
+    """(documents, tokens) of a step, counted on the host (no device sync); hosts read equal
+    shares of the batch."""
+    docs = np.sum((host_batch["decoder_positions"] == 0) & (host_batch["decoder_segment_ids"] > 0))
+    tokens = np.sum(host_batch["decoder_loss_weights"])
+    return int(docs) * jax.process_count(), int(tokens) * jax.process_count()
+
   def _device_batch(self, batch: Mapping[str, np.ndarray]):
     rows = self.cfg.batch_size // jax.process_count()
     out = {}
@@ -281,8 +292,8 @@ class Trainer:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     meta = restored["meta"]
-    saved, now = {"data_shards": 1, **meta["train_config"]}, stream_settings(self.cfg)
-    changed = {k: (saved.get(k), now[k]) for k in STREAM_KEYS if saved.get(k) != now[k]}
+    saved, now = {"data_shards": 1, **meta["train_config"]}, self.stream_settings()
+    changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
     if changed:
       raise ValueError(
           f"Cannot resume from {manager.directory / str(step)}: {changed} (saved, now) define the "
@@ -316,7 +327,7 @@ class Trainer:
     def meta_now(step):
       return {"step": step, "data_position": step, "rng": rng.tolist(),
               "tokens_seen": tokens_seen, "documents_seen": docs_seen,
-              "train_config": stream_settings(cfg)}
+              "train_config": self.stream_settings()}
 
     try:
       batches = self.stream(start)
@@ -327,10 +338,9 @@ class Trainer:
         except StopIteration:
           raise ValueError(f"The training stream ended before step {step}; use a repeating "
                            "stream (num_epochs=None) or fewer steps.") from None
-        # Counted on the host (no device sync); hosts read equal shares of the batch.
-        docs_seen += int(np.sum((host_batch["decoder_positions"] == 0)
-                                & (host_batch["decoder_segment_ids"] > 0))) * jax.process_count()
-        tokens_seen += int(np.sum(host_batch["decoder_loss_weights"])) * jax.process_count()
+        docs, tokens = self._count(host_batch)
+        docs_seen += docs
+        tokens_seen += tokens
         t0 = time.perf_counter()
         self.state, m = self._step_fn(self.state, self.frozen, self._device_batch(host_batch))
         window.append(m)
