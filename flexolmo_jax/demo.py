@@ -6,14 +6,16 @@ data:
 
 1. FlexMix-mini (``flexmix_mini/``).
 2. The public model (``public/``).
-3. One expert per closed domain against the frozen public model (``experts/<d>/``).
+3. One expert per closed domain against the frozen public model (``experts/<d>/``), and the
+   canary owner's expert again with DP-SGD (``experts/<d>_dp/``, merged with the public model
+   alone into ``merged_dp/``).
 4. The baselines' dense models: the public model continued on each domain (``dense/<d>/``).
 5. The merge of every expert (``merged/``) and its router tuned on public data (``tuned/``).
 6. Model soup, BTM and BTX-lite (its router tuned on public data only) (``baselines/``).
 7. Validation loss of every model on every domain, FlexOlmo with each expert opted out, and each
    expert alone with the public one (``eval/<model>.json``).
 8. Training-data extraction (spec section 9) of the canaries planted in one owner's data, with
-   that owner's expert in and out (``eval/extraction.json``).
+   that owner's expert in and out, and with its DP-trained expert (``eval/extraction.json``).
 9. The Hugging Face export of the tuned model, checked against transformers' logits (``hf/``).
 10. ``report.json`` (every number), ``report.md`` (the tables) and ``report.png`` (the bars).
 """
@@ -45,6 +47,10 @@ class Size:
   # opting math out gave math 1.816 (public 1.361) after 60 steps without it, 1.476 after 200
   # steps with 0.5; the full model's average went 2.136 -> 2.121.
   tune_dropout: float = 0.5
+  # The canary owner's expert once more with DP-SGD (flexolmo_jax/privacy): this epsilon at
+  # delta 1e-5, documents cut to this many rows of ``seq`` tokens.
+  dp_epsilon: float = 8.0
+  dp_chunks: int = 2
 
 
 # Quick router tuning runs 400 steps: opting math out overshot the public model by 0.201 and 0.211
@@ -128,6 +134,29 @@ class Demo:
   def experts(self) -> None:
     print(f"[3/10] experts: each owner alone, {self.size.expert_steps} steps on its own data only")
     self.per_domain("train-expert", "experts", "expert", "expert")
+    self.private_expert()
+
+  def private_expert(self) -> None:
+    """The canary owner's expert trained with DP-SGD, merged with the public model alone."""
+    from flexolmo_jax.checkpoint import merge
+
+    info, s = self.card.get("canaries"), self.size
+    self.dp_owner = info["domain"] if info else None
+    if not self.dp_owner:
+      return
+    run = self.path("experts", f"{self.dp_owner}_dp")
+    print(f"  {self.dp_owner} again with DP-SGD (epsilon {s.dp_epsilon}, delta 1e-5)")
+    self.train(os.path.join(run, "expert"), [
+        "train-expert", "--public", self.path("public"), "--name", self.dp_owner,
+        "--data", self.raw[self.dp_owner], "--out", run, "--steps", str(s.expert_steps),
+        "--warmup", str(s.expert_steps // 10), "--lr", "3e-3", "--dp",
+        "--target-epsilon", str(s.dp_epsilon), "--delta", "1e-5",
+        "--dp-chunks", str(s.dp_chunks), *self.common], f"DP expert {self.dp_owner}")
+    self.merged_dp = self.path("merged_dp")
+    if not _done(self.merged_dp):
+      self.worked = True
+      merge.merge(self.path("public"), [run], self.merged_dp)
+    self.dp_card = store_card(os.path.join(run, "expert"))
 
   def dense(self) -> None:
     print(f"[4/10] baselines' dense models: the public model continued {self.size.expert_steps} "
@@ -193,7 +222,9 @@ class Demo:
               "flexolmo (no router tuning)": (self.merged, {}), "flexolmo": (self.tuned, {}),
               **{f"flexolmo without {d}": (self.tuned, {"exclude": d}) for d in self.closed},
               **{f"public + {d}": (self.merged, {"experts": f"{PUBLIC},{d}"})
-                 for d in self.closed}}
+                 for d in self.closed},
+              **({f"public + {self.dp_owner} (DP)": (self.merged_dp, {})}
+                 if self.dp_owner else {})}
     self.losses = {}
     os.makedirs(self.path("eval"), exist_ok=True)
     for name, (path, select) in models.items():
@@ -268,7 +299,8 @@ class Demo:
               f"dense {owner}": (os.path.join(self.path("dense", owner), "model"), {}),
               f"public + {owner}": (self.merged, {"experts": f"{PUBLIC},{owner}"}),
               "flexolmo": (self.tuned, {}),
-              f"flexolmo without {owner}": (self.tuned, {"exclude": owner})}
+              f"flexolmo without {owner}": (self.tuned, {"exclude": owner}),
+              f"public + {owner} (DP)": (self.merged_dp, {})}
     results = {"owner": owner, "config": dataclasses.asdict(config), "models": {}}
     for name, (path, select) in models.items():
       cfg, params, _ = perplexity.load_model(path, **select)
@@ -352,6 +384,7 @@ class Demo:
                     for d in self.closed},
         "routing": self.routing,
         "extraction": self.extraction_results,
+        "dp": self.dp_summary(table),
         "hf_export": self.hf_check,
     }
     with open(self.path("report.json"), "w") as fh:
@@ -360,6 +393,28 @@ class Demo:
       fh.write(render_markdown(report))
     render_png(report, self.path("report.png"))
     return report
+
+
+  def dp_summary(self, table: dict) -> dict:
+    """The DP expert's guarantee, its validation-loss cost and its canaries, beside the non-DP
+    expert's."""
+    owner = self.dp_owner
+    if not owner:
+      return {}
+    dp_name, plain = f"public + {owner} (DP)", f"public + {owner}"
+    ext = (self.extraction_results or {}).get("models", {})
+    keys = ("epsilon", "delta", "noise_multiplier", "clip", "sampling", "sampling_rate", "steps",
+            "accountant", "router_init", "documents", "documents_cut")
+    return {"owner": owner, "guarantee": {k: self.dp_card[k] for k in keys},
+            "loss": {m: table[m][owner] for m in ("public", plain, dp_name)
+                     if owner in table.get(m, {})},
+            "extraction": {m: ext[m] for m in ("public", plain, dp_name) if m in ext}}
+
+
+def store_card(artifact: str) -> dict:
+  from flexolmo_jax.checkpoint import store
+
+  return store.read_manifest(artifact)["data_card"]["dp"]
 
 
 def _mean(losses: dict) -> float:
@@ -401,8 +456,33 @@ def render_markdown(report: dict) -> str:
           "Validation loss (nats per byte, lower is better) of every model on every domain's "
           "validation split. `dense D` is the public model continued on D; `public + D` is the "
           "merged model opted in to the public expert and D's only; `flexolmo without D` has D "
-          "opted out.\n\n" + head + rows + routing + extraction +
+          "opted out.\n\n" + head + rows + routing + extraction + render_dp(report.get("dp")) +
           f"\nHugging Face export: {json.dumps(hf)}\n")
+
+
+def render_dp(dp: dict | None) -> str:
+  """The DP row: the owner's expert with and without DP-SGD, its loss cost and its canaries."""
+  if not dp:
+    return ""
+  g, owner = dp["guarantee"], dp["owner"]
+  plain, private = f"public + {owner}", f"public + {owner} (DP)"
+  lines = (f"\nDifferential privacy: {owner}'s expert trained again with DP-SGD, epsilon "
+           f"{g['epsilon']:.2f} at delta {g['delta']:g} ({g['accountant']} accountant, "
+           f"{g['sampling']} sampling q={g['sampling_rate']:.3f} over {g['documents']} documents, "
+           f"noise multiplier {g['noise_multiplier']:.3f}, clip {g['clip']:g}, {g['steps']} steps, "
+           f"router {g['router_init']}). A document is the privacy unit; a canary planted in "
+           f"k copies is protected only at group size k.\n\n"
+           f"| model | {owner} validation loss | loss vs {plain} | canaries extracted | "
+           "mean best similarity | canary loss |\n|---|---|---|---|---|---|\n")
+  base = dp["loss"].get(plain)
+  for name in ("public", plain, private):
+    loss = dp["loss"].get(name)
+    ext = dp["extraction"].get(name, {})
+    cost = f"{loss - base:+.3f}" if loss is not None and base is not None else "-"
+    lines += (f"| {name} | {loss:.3f} | {cost} | {ext.get('extracted', '-')}/"
+              f"{ext.get('documents', '-')} | {ext.get('mean_best_similarity', float('nan')):.3f} | "
+              f"{ext.get('canary_loss', float('nan')):.3f} |\n")
+  return lines
 
 
 # The methods drawn in report.png (a row of report["losses"] each), in this order.

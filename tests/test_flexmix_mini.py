@@ -173,7 +173,7 @@ def test_quick_demo_end_to_end(demo_run, capfd):
   owner = ext["owner"]
   models = ext["models"]
   assert set(models) == {"public", f"dense {owner}", f"public + {owner}", "flexolmo",
-                         f"flexolmo without {owner}"}
+                         f"flexolmo without {owner}", f"public + {owner} (DP)"}
   for result in models.values():
     assert result["documents"] == demo_run["card"]["canaries"]["documents"]
     assert 0 <= result["rate"] <= 1 and 0 < result["mean_best_similarity"] <= 1
@@ -187,6 +187,18 @@ def test_quick_demo_end_to_end(demo_run, capfd):
   inside, outside = models["flexolmo"], models[f"flexolmo without {owner}"]
   assert inside["rate"] >= outside["rate"]
   assert inside["canary_loss"] < outside["canary_loss"]
+  # The owner's expert trained again with DP-SGD (epsilon 8): the guarantee is reported beside
+  # its validation-loss cost, and its canaries are extracted no more often than the non-DP
+  # expert's, and memorized less (teacher-forced canary loss higher).
+  dp = report["dp"]
+  assert dp["owner"] == owner and 0.99 * 8 < dp["guarantee"]["epsilon"] <= 8
+  private, plain = models[f"public + {owner} (DP)"], models[f"public + {owner}"]
+  assert private["rate"] <= plain["rate"]
+  assert private["canary_loss"] > plain["canary_loss"]
+  assert set(dp["loss"]) == {"public", f"public + {owner}", f"public + {owner} (DP)"}
+  assert dp["extraction"][f"public + {owner} (DP)"] == private
+  assert set(dp["extraction"]) == set(dp["loss"])
+  assert "Differential privacy:" in open(os.path.join(workdir, "report.md")).read()
   assert report["hf_export"]["ok"], report["hf_export"]
   # A second run reuses every stage.
   assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0
