@@ -16,12 +16,11 @@ row, and in the artifact for router tuning). Under DP it is one of two things:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.model.transformer import PureModel
 from flexolmo_jax.privacy import documents as documents_lib
-from flexolmo_jax.train.router_init import segment_embeddings
+from flexolmo_jax.train.router_init import segment_embedder
 
 
 def sensitivity(n_layers: int) -> float:
@@ -32,18 +31,7 @@ def sensitivity(n_layers: int) -> float:
 def embedding_sums(model: PureModel, params, docs: documents_lib.Documents,
                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
   """(sum over documents of ``shared`` [d], of ``per_layer`` [L, d]), each document's first row."""
-
-  @jax.jit
-  def embed(params, tokens, positions, segments):
-    _, _, hidden = model(params, tokens, positions_bt=positions, segment_ids_bt=segments,
-                         return_hidden=True)
-    final, valid = segment_embeddings(hidden.final, segments)
-    per_layer = jax.vmap(lambda h: segment_embeddings(h, segments)[0])(hidden.router_inputs)
-    # Segment ids are 1 on every row: entry b*T + 1 is row b's document.
-    t = tokens.shape[1]
-    rows = jnp.arange(tokens.shape[0]) * t + 1
-    return final[rows], per_layer[:, rows], valid[rows]
-
+  embed = segment_embedder(model)
   shared, per_layer = 0.0, 0.0
   for start in range(0, docs.count, batch_size):
     idx = np.arange(start, min(start + batch_size, docs.count))
@@ -52,6 +40,9 @@ def embedding_sums(model: PureModel, params, docs: documents_lib.Documents,
     f, layers, valid = jax.device_get(embed(params, first["decoder_input_tokens"],
                                             first["decoder_positions"],
                                             first["decoder_segment_ids"]))
+    # Segment ids are 1 on every row: entry b * T + 1 is row b's document.
+    rows = np.arange(batch_size) * first["decoder_input_tokens"].shape[1] + 1
+    f, layers, valid = f[rows], layers[:, rows], valid[rows]
     real = ex[documents_lib.WEIGHT_KEY].astype(bool) & valid
     shared = shared + f[real].sum(axis=0)
     per_layer = per_layer + layers[:, real].sum(axis=1)

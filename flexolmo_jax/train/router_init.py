@@ -43,9 +43,9 @@ def segment_embeddings(hidden_btd, segment_ids_bt):
   return mean / jnp.maximum(norm, 1e-12), counts > 0
 
 
-def domain_embedding(model: PureModel, params, batches: Iterable[Mapping[str, np.ndarray]],
-                     num_documents: int = 1000) -> dict[str, np.ndarray]:
-  """{"shared": [d], "per_layer": [L, d], "documents": n} over the first ``num_documents``."""
+def segment_embedder(model: PureModel):
+  """jitted ``(params, tokens, positions, segments) -> (final [B*T, d], per_layer [L, B*T, d],
+  valid [B*T])``: every packed segment's normalized embeddings (segment_embeddings' order)."""
 
   @jax.jit
   def embed(params, tokens, positions, segments):
@@ -54,7 +54,13 @@ def domain_embedding(model: PureModel, params, batches: Iterable[Mapping[str, np
     final, valid = segment_embeddings(hidden.final, segments)
     per_layer = jax.vmap(lambda h: segment_embeddings(h, segments)[0])(hidden.router_inputs)
     return final, per_layer, valid
+  return embed
 
+
+def domain_embedding(model: PureModel, params, batches: Iterable[Mapping[str, np.ndarray]],
+                     num_documents: int = 1000) -> dict[str, np.ndarray]:
+  """{"shared": [d], "per_layer": [L, d], "documents": n} over the first ``num_documents``."""
+  embed = segment_embedder(model)
   shared, per_layer, seen = [], [], 0
   for batch in batches:
     final, layers, valid = jax.device_get(embed(
