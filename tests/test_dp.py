@@ -284,6 +284,10 @@ def test_dp_expert_training_records_its_guarantee_and_resumes_exactly(tmp_path, 
                    "--out", str(tmp_path / "merged")]) == 0
   out = capsys.readouterr().out
   assert f"law: DP epsilon {dp['epsilon']:.3g}" in out and "public: no differential privacy" in out
+  cli.print_privacy(str(tmp_path / "merged"))       # what `flexolmo eval` prints first
+  out = capsys.readouterr().out
+  assert f"law: DP epsilon {dp['epsilon']:.3g} at delta 1e-05" in out
+  assert "public: no differential privacy" in out
 
 
 def test_the_noised_router_mean_is_the_exact_mean_plus_gaussian_noise():
