@@ -135,7 +135,8 @@ def test_quick_demo_end_to_end(demo_run, capfd):
   losses = report["losses"]
   methods = {"public", "soup", "btm", "btx", "flexolmo", "flexolmo (no router tuning)",
              *(f"{m} {d}" for m in ("dense", "flexolmo without") for d in report["closed_domains"]),
-             *(f"public + {d}" for d in report["closed_domains"])}
+             *(f"public + {d}" for d in report["closed_domains"]),
+             f"public + {report['extraction']['owner']} (DP)"}    # the canary owner's DP expert
   assert set(losses) == methods
   for row in losses.values():
     assert set(row) == set(report["domains"]) | {"average"}
