@@ -73,9 +73,13 @@ def one_and_two(data, one, two, steps, run):
 
 
 def assert_same_params(dir_one, dir_two):
+  """Equal up to float reassociation: 8 devices in one process and 4 + 4 in two sum gradients
+  in another order, and Adam divides tiny gradients by tiny second moments, so an entry may move
+  by a few 1e-6 (CI saw 2.1e-6 on 1 of 32768 embedding entries); a wrong step moves entries by
+  about the learning rate (1e-3)."""
   a, b = store.load_params(dir_one), store.load_params(dir_two)
   for path, leaf in store.flatten(a).items():
-    np.testing.assert_allclose(store.flatten(b)[path], leaf, rtol=1e-5, atol=1e-6, err_msg=path)
+    np.testing.assert_allclose(store.flatten(b)[path], leaf, rtol=1e-5, atol=1e-5, err_msg=path)
 
 
 PRETRAIN = ("pretrain", "--model", "tiny")
