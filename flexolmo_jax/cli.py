@@ -134,7 +134,14 @@ DISTRIBUTED_FLAGS = {"--coordinator": "coordinator", "--num-processes": "num_pro
 # process 0 alone writing manifests), proven by tests/test_multihost.py; the others refuse a
 # multi-process start up front.
 MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset({"pretrain", "train-expert", "train-dense",
-                                                    "tune-router"})
+                                                    "tune-router", "eval"})
+# One host's work (combining and converting checkpoints, generating from a few prompts): in a
+# multi-process launch (one job file for every step of an experiment) process 0 does it alone, as
+# a single process on its own devices, and the other processes exit at once with status 0.
+# Nothing is sharded, so nothing is gained from more hosts, and no runtime is started that could
+# wait for absent peers.
+LEADER_COMMANDS: frozenset[str] = frozenset({"merge", "btx", "export-hf", "import-hf",
+                                             "generate"})
 
 
 def split_distributed_flags(argv):
@@ -286,6 +293,19 @@ def model_vocabulary(path: str):
 
 
 def _cmd_eval(args) -> int:
+  """Per-domain losses (data-parallel over processes: each scores its shard of the stream)
+  and multiple-choice accuracy (every process scores every question); process 0 alone prints
+  and writes ``--json``."""
+  import contextlib
+  import io
+
+  from flexolmo_jax import distributed
+
+  with contextlib.redirect_stdout(sys.stdout if distributed.is_leader() else io.StringIO()):
+    return _eval(args, write=distributed.is_leader())
+
+
+def _eval(args, write: bool) -> int:
   import json
 
   from flexolmo_jax.eval import perplexity, scoring
@@ -316,7 +336,7 @@ def _cmd_eval(args) -> int:
       print(f"{name:>10}  acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
             f"({result['questions']} questions)")
       report[name] = result
-  if args.json:
+  if args.json and write:
     with open(args.json, "w") as fh:
       json.dump(report, fh, indent=2)
   return 0
@@ -652,7 +672,14 @@ def main(argv=None) -> int:
     from flexolmo_jax import distributed
 
     topology = distributed.detect(**multi)
-    if topology.multi_process and args.command not in MULTI_PROCESS_COMMANDS:
+    if topology.multi_process and args.command in LEADER_COMMANDS:
+      if topology.process_id != 0:
+        print(f"flexolmo {args.command}: process {topology.process_id} of "
+              f"{topology.num_processes} ({topology.source}) has nothing to do: process 0 does "
+              "this host-side work alone.")
+        return 0
+      topology = distributed.Topology("single")
+    elif topology.multi_process and args.command not in MULTI_PROCESS_COMMANDS:
       raise ValueError(
           f"`flexolmo {args.command}` runs as one process for now ({topology.source} asked for "
           f"{topology.num_processes}); multi-host data, checkpoint and report paths are not "

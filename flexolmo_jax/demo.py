@@ -141,7 +141,7 @@ class Demo:
 
   def private_expert(self) -> None:
     """The canary owner's expert trained with DP-SGD, merged with the public model alone."""
-    from flexolmo_jax.checkpoint import merge
+    from flexolmo_jax.checkpoint import merge, store
 
     info, s = self.card.get("canaries"), self.size
     self.dp_owner = info["domain"] if info else None
@@ -159,7 +159,7 @@ class Demo:
     if not _done(self.merged_dp):
       self.worked = True
       merge.merge(self.path("public"), [run], self.merged_dp)
-    self.dp_card = store_card(os.path.join(run, "expert"))
+    self.dp_card = store.read_manifest(os.path.join(run, "expert"))["data_card"]["dp"]
 
   def dense(self) -> None:
     print(f"[4/10] baselines' dense models: the public model continued {self.size.expert_steps} "
@@ -412,12 +412,6 @@ class Demo:
             "loss": {m: table[m][owner] for m in ("public", plain, dp_name)
                      if owner in table.get(m, {})},
             "extraction": {m: ext[m] for m in ("public", plain, dp_name) if m in ext}}
-
-
-def store_card(artifact: str) -> dict:
-  from flexolmo_jax.checkpoint import store
-
-  return store.read_manifest(artifact)["data_card"]["dp"]
 
 
 def _mean(losses: dict) -> float:

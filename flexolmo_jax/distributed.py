@@ -164,3 +164,24 @@ def broadcast_from_leader(value: int) -> int:
   from jax.experimental import multihost_utils
 
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def sum_across_processes(values) -> list[float]:
+  """Each float64 of ``values`` summed over every process, in process order (the values
+  themselves with one process). Exact: the float64s travel as their bytes, so a JAX without x64
+  does not round them to float32 on the way."""
+  import jax
+  import numpy as np
+
+  mine = np.asarray(values, np.float64)
+  if jax.process_count() == 1:
+    return [float(v) for v in mine]
+  from jax.experimental import multihost_utils
+
+  gathered = np.asarray(multihost_utils.process_allgather(mine.view(np.uint32)))
+  parts = gathered.reshape(jax.process_count(), -1).view(np.float64)
+  total = np.zeros_like(mine)
+  for part in parts:
+    total = total + part
+  return [float(v) for v in total]
+

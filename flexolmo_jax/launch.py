@@ -10,8 +10,9 @@ lets JAX's multi-controller runtime (``distributed.py``) find its processes:
 
 ``--dry-run`` prints what would be submitted; otherwise the job file is written next to the
 current directory and handed to ``sbatch`` / ``kubectl apply`` / ``xpk`` (or run, for local).
-A run that is not yet multi-host safe (``cli.MULTI_PROCESS_COMMANDS``) is refused more than
-one process here, before anything is submitted.
+Every run takes any number of processes: the training runs and ``eval`` use them all
+(``cli.MULTI_PROCESS_COMMANDS``); the one-host work (``cli.LEADER_COMMANDS``: merge, btx,
+export-hf, import-hf, generate) is done by process 0 while the others exit at once.
 """
 from __future__ import annotations
 
@@ -66,13 +67,6 @@ class Job:
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", self.job_name):
       raise ValueError(f"launch: job name {self.job_name!r}: use lower-case letters, digits and "
                        "'-' (Kubernetes names).")
-    from flexolmo_jax.cli import MULTI_PROCESS_COMMANDS
-
-    if self.processes > 1 and self.run not in MULTI_PROCESS_COMMANDS:
-      raise ValueError(
-          f"launch: `flexolmo {self.run}` runs as one process for now; asked for "
-          f"{self.processes} ({self.nodes} nodes x {self.procs_per_node}). One process drives "
-          f"every device of its host; multi-host runs: {sorted(MULTI_PROCESS_COMMANDS)}.")
     for i, arg in enumerate(self.run_args):
       if arg == "--gin-file" or arg.startswith("--gin-file="):
         path = arg.partition("=")[2] or (self.run_args[i + 1] if i + 1 < len(self.run_args) else "")

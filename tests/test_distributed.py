@@ -58,3 +58,20 @@ def test_commands_not_yet_multi_host_safe_refuse_a_multi_process_start(capsys):
   code = cli.main(["demo", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "0"])
   err = capsys.readouterr().err
   assert code == 2 and "`flexolmo demo` runs as one process for now (flags asked for 2)" in err
+
+
+def test_host_side_work_is_done_by_process_0_alone(tmp_path, capsys):
+  """merge, btx, export-hf and import-hf in a multi-process launch: every process but 0 exits at
+  once (status 0, saying so, touching nothing); process 0 works as a single process (tested
+  bit-identical to a plain merge in test_merge.py)."""
+  out = tmp_path / "merged"
+  code = cli.main(["merge", "--public", str(tmp_path / "absent"), "--expert", "x", "--out",
+                   str(out), "--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"])
+  assert code == 0 and not out.exists()
+  assert ("flexolmo merge: process 1 of 2 (flags) has nothing to do: process 0 does this "
+          "host-side work alone.") in capsys.readouterr().out
+  # Process 0 of the same launch starts no runtime and does the work (here: refuses the absent
+  # public model by name, as a single process would).
+  code = cli.main(["merge", "--public", str(tmp_path / "absent"), "--expert", "x", "--out",
+                   str(out), "--coordinator", "h:1", "--num-processes", "2", "--process-id", "0"])
+  assert code == 2 and str(tmp_path / "absent") in capsys.readouterr().err

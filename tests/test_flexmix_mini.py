@@ -263,3 +263,19 @@ def test_canaries_are_planted_in_one_owners_train_split_only(built):
       if other != info["domain"]:
         assert c not in raw_docs(out, other), other
   assert any("canaries" in line for line in lines)
+  # Each secret is its own cycle of ``canary_cycle`` symbols, shared with no other canary.
+  header = len(flexmix_mini.CANARY_HEADER.format(serial=0))
+  secrets = [c[header:-1] for c in canaries]
+  for s in secrets:
+    assert len(set(s)) == size.canary_cycle
+    assert all(s[i] == s[i + size.canary_cycle] for i in range(len(s) - size.canary_cycle))
+  assert sum(len(set(s)) for s in secrets) == len(set("".join(secrets)))
+
+
+def test_impossible_canaries_are_refused():
+  with pytest.raises(ValueError, match="canary_cycle=1"):
+    flexmix_mini.canary_documents(4, 255, cycle=1)
+  with pytest.raises(ValueError, match="at most 12 canaries"):
+    flexmix_mini.canary_documents(13, 255, cycle=5)
+  with pytest.raises(ValueError, match="canary_bytes=30"):
+    flexmix_mini.canary_documents(4, 30, cycle=5)

@@ -112,3 +112,17 @@ def test_flexolmo_generate_cli(tmp_path, capsys):
   assert "sample 2/2" in capsys.readouterr().out
   assert cli.main(["generate", "--model", path, "--prompt", "abc", "--exclude", "x"]) == 2
   assert "apply to merged models" in capsys.readouterr().err
+
+
+def test_process_0_of_a_multi_process_launch_generates_like_one_process(tmp_path, capsys):
+  from flexolmo_jax import cli
+
+  path, _, _ = save_random_public(tmp_path / "model", seed=1)
+  argv = ["generate", "--model", path, "--prompt", "abc", "--max-new-tokens", "8"]
+  launched = [*argv, "--coordinator", "localhost:1", "--num-processes", "2"]
+  assert cli.main(argv) == 0
+  alone = capsys.readouterr().out
+  assert cli.main([*launched, "--process-id", "1"]) == 0
+  assert "has nothing to do" in capsys.readouterr().out
+  assert cli.main([*launched, "--process-id", "0"]) == 0
+  assert capsys.readouterr().out == alone

@@ -90,7 +90,6 @@ def test_xpk_commands_for_tpu_and_gpu(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["slurm", "--run", "merge", "--nodes", "2"], "`flexolmo merge` runs as one process for now"),
     (["slurm", "--run", "nonsense"], "--run 'nonsense' is not one of"),
     (["k8s", "--run", "pretrain", "--name", "Bad_Name"], "job name 'Bad_Name'"),
     (["slurm", "--run", "pretrain", "--", "--gin-file", "/nonexistent.gin"],
@@ -113,4 +112,6 @@ def test_every_launchable_run_is_a_cli_command():
 
   sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
   assert set(launch.RUNS) <= set(sub.choices)
-  assert cli.MULTI_PROCESS_COMMANDS <= set(launch.RUNS)
+  # Every launchable run takes a multi-process launch: all processes work, or process 0 alone.
+  assert cli.MULTI_PROCESS_COMMANDS | cli.LEADER_COMMANDS == set(launch.RUNS)
+  assert not cli.MULTI_PROCESS_COMMANDS & cli.LEADER_COMMANDS

@@ -70,6 +70,18 @@ def test_merge_order_does_not_matter(public, experts, merged_all, tmp_path, toke
 
 
 @pytest.mark.slow
+def test_process_0_of_a_multi_process_launch_merges_like_one_process(public, experts, merged_all,
+                                                                       tmp_path, capsys):
+  """A merge in a 2-process launch: process 0 alone writes the same bytes as a plain merge."""
+  out = tmp_path / "launched"
+  argv = ["merge", "--public", public["run"], *[a for p in experts.values() for a in ("--expert", p)],
+          "--out", str(out), "--coordinator", "localhost:1", "--num-processes", "2"]
+  assert cli.main([*argv, "--process-id", "1"]) == 0 and not out.exists()
+  assert cli.main([*argv, "--process-id", "0"]) == 0, capsys.readouterr().err
+  assert same_tree(merged_all, str(out))
+
+
+@pytest.mark.slow
 def test_opt_out_is_exact(public, experts, merged_all, tmp_path, tokens):
   without = merge.merge(public["run"], [p for n, p in experts.items() if n != "math"],
                         str(tmp_path / "without"))

@@ -1,5 +1,7 @@
-"""Multi-host training (issue #8): two processes on localhost, each with 4 CPU devices and
-``jax.distributed.initialize``, against one process with 8 devices reading the same shards."""
+"""Multi-host training and evaluation (issue #8): two processes on localhost, each with 4 CPU
+devices and ``jax.distributed.initialize``, against one process with 8 devices reading the same
+shards."""
+import json
 import os
 import socket
 import subprocess
@@ -137,3 +139,23 @@ def test_an_owner_and_the_builder_train_on_two_processes_like_on_one(tmp_path):
   assert sorted(rows1) == sorted(rows2)
   for key in rows1:
     np.testing.assert_allclose(rows2[key], rows1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  # Evaluation of the merged model: 2 processes each score their shard of the validation stream
+  # and add their sums; process 0 alone prints and writes the report, which equals one
+  # process's (the shards pack their documents into other rows, so the loss is equal up to the
+  # float32 arithmetic of other batch shapes, not bit for bit).
+  port = free_port()
+  outs = run_all([(eval_command(merged, data, tmp_path / "eval1"), 8),
+                  *[(eval_command(merged, data, tmp_path / "eval2", *distributed_flags(port, i)),
+                     4) for i in range(2)]])
+  one = json.loads((tmp_path / "eval1.json").read_text())
+  two = json.loads((tmp_path / "eval2.json").read_text())
+  assert one["owner"]["tokens"] == two["owner"]["tokens"] > 8 * 64      # several batches
+  assert one["owner"]["bytes"] == two["owner"]["bytes"]
+  np.testing.assert_allclose(two["owner"]["loss"], one["owner"]["loss"], rtol=1e-6)
+  assert "average" in outs[1] and "average" not in outs[2]
+
+
+def eval_command(model, data, out, *extra):
+  return [sys.executable, "-m", "flexolmo_jax.cli", "eval", "--model", model,
+          "--data", f"owner={data}", "--data-dir", f"{out}_data", "--seq-len", "64",
+          "--batch-size", "2", "--json", f"{out}.json", *extra]

@@ -21,10 +21,15 @@ Canaries: ``canaries`` SYNTHETIC secret documents are planted, ``canary_copies``
 train split of ``canary_domain``. They measure training-data extraction (spec section 9): a model
 that reproduces them learned them from that owner's data only. The distinct canaries are listed in
 ``raw/canaries.jsonl``. Each is a header, then a secret cycle (a random order of
-CANARY_CYCLE symbols that no other canary uses) repeated: memorizing one is a table of
-CANARY_CYCLE successors, which the tiny models cannot infer in context. Random words, tried first,
-were memorized by no model (loss 2.8 vs 2.6). A canary is shorter than one training sequence
-(``canary_bytes``), so it is always learned whole, from position 0, as extraction prompts it.
+``canary_cycle`` symbols that no other canary uses) repeated: memorizing one is a table of
+``canary_cycle`` successors. The tiny models cannot infer a cycle in context: the public model's
+loss on such text is 6.4-7.4 nats per token for cycles of 3 to 15 symbols (worse than uniform),
+so a model that reproduces a canary learned it. Random words, tried first, were memorized by no
+model (loss 2.8 vs 2.6). The cycle was 15 symbols until the owner's expert was seen to memorize
+5 far better (default size, the public model and the other experts fixed, legal expert alone
+with the public one: 2/4 canaries extracted and canary loss 0.33 at cycle 5, 0/4 and 1.13 at
+15). A canary is shorter than one training sequence (``canary_bytes``), so it is always learned
+whole, from position 0, as extraction prompts it.
 """
 from __future__ import annotations
 
@@ -35,7 +40,6 @@ import importlib.metadata
 import json
 import os
 import random
-import re
 import string
 import sysconfig
 from typing import Callable, Iterator
@@ -57,6 +61,7 @@ class FlexMixSize:
   canaries: int = 4
   canary_copies: int = 24
   canary_domain: str = "legal"
+  canary_cycle: int = 5        # symbols in each canary's secret cycle (module docstring)
   # Each canary's length in bytes. With its EOS it must fit in one training sequence: a longer
   # one is cut into chunks, and its tail chunk (a few secret symbols, then EOS, at position 0)
   # teaches the model to stop early where a prompt starts the canary.
@@ -66,7 +71,6 @@ class FlexMixSize:
 SIZES = {"default": FlexMixSize(), "quick": FlexMixSize(bytes_per_domain=120_000,
                                                          math_documents=600, canary_bytes=127)}
 CANARY_FILE = "canaries.jsonl"
-CANARY_CYCLE = 15           # symbols in each canary's secret cycle
 CANARY_SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
 
 
@@ -162,26 +166,28 @@ def math_documents(n: int, seed: int = 0) -> Iterator[str]:
 CANARY_HEADER = "Canary {serial:04d}, secret: "
 
 
-def canary_documents(n: int, length: int = 255, seed: int = 0) -> list[str]:
+def canary_documents(n: int, length: int = 255, cycle: int = 5, seed: int = 0) -> list[str]:
   """SYNTHETIC secrets of ``length`` bytes: a header naming the canary, then its own secret cycle
-  of CANARY_CYCLE symbols (disjoint from every other canary's) repeated, then ".". Each lands in
+  of ``cycle`` symbols (disjoint from every other canary's) repeated, then ".". Each lands in
   the train split (its content hash is above one half, far above any validation fraction), so it
   is seen in training and never evaluated."""
-  if n * CANARY_CYCLE > len(CANARY_SYMBOLS):
-    raise ValueError(f"FlexMixSize.canaries={n}: at most {len(CANARY_SYMBOLS) // CANARY_CYCLE} "
-                     f"canaries have disjoint {CANARY_CYCLE}-symbol secrets.")
-  shortest = len(CANARY_HEADER.format(serial=0)) + 2 * CANARY_CYCLE + 1
+  if cycle < 2:
+    raise ValueError(f"FlexMixSize.canary_cycle={cycle}: a secret cycle needs at least 2 symbols.")
+  if n * cycle > len(CANARY_SYMBOLS):
+    raise ValueError(f"FlexMixSize.canaries={n}: at most {len(CANARY_SYMBOLS) // cycle} "
+                     f"canaries have disjoint {cycle}-symbol secrets.")
+  shortest = len(CANARY_HEADER.format(serial=0)) + 2 * cycle + 1
   if length < shortest:
     raise ValueError(f"FlexMixSize.canary_bytes={length}: a canary needs at least {shortest} "
-                     f"bytes (its header and two turns of its {CANARY_CYCLE}-symbol secret).")
+                     f"bytes (its header and two turns of its {cycle}-symbol secret).")
   rng = random.Random(seed)
   out, serial = [], 0
   while len(out) < n:
     serial += 1
-    own = list(CANARY_SYMBOLS[len(out) * CANARY_CYCLE:(len(out) + 1) * CANARY_CYCLE])
+    own = list(CANARY_SYMBOLS[len(out) * cycle:(len(out) + 1) * cycle])
     rng.shuffle(own)
     text = CANARY_HEADER.format(serial=serial)
-    text += "".join(own) * (length // CANARY_CYCLE + 1)
+    text += "".join(own) * (length // cycle + 1)
     text = text[:length - 1] + "."
     if sources.hash_unit(text) >= 0.5:
       out.append(text)
@@ -227,7 +233,8 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
     for text in _budgeted(gen(), size.bytes_per_domain, salt=name):
       target = PUBLIC if _stable_unit(text, "public") < size.public_fraction else name
       domains[target].append(text)
-  canaries = canary_documents(size.canaries, size.canary_bytes) if size.canaries else []
+  canaries = (canary_documents(size.canaries, size.canary_bytes, size.canary_cycle)
+              if size.canaries else [])
   if canaries and size.canary_domain not in CLOSED_DOMAINS:
     raise ValueError(f"FlexMixSize.canary_domain={size.canary_domain!r}: choose one of "
                      f"{CLOSED_DOMAINS}.")

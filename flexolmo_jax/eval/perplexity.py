@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
+from flexolmo_jax import distributed
 from flexolmo_jax.checkpoint import merge as merge_lib
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import PUBLIC, ModelConfig
@@ -135,7 +136,11 @@ def target_bytes(vocab, targets_bt, weights_bt) -> int:
 def domain_stats(scorer: Scorer, batches: Iterable[Mapping[str, np.ndarray]],
                  max_batches: int | None = None, vocab=None, name: str = "data") -> dict:
   """{"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "bytes"} over the
-  loss-weighted target tokens (``bits_per_byte`` needs ``vocab``)."""
+  loss-weighted target tokens (``bits_per_byte`` needs ``vocab``).
+
+  With several processes, ``batches`` is this process's shard of the stream (``lm_batches``
+  reads one per host by default), scored on its own devices; the sums are added across processes,
+  so every process returns the numbers of the whole stream."""
   nll = weight = 0.0
   nbytes = 0
   for i, batch in enumerate(batches):
@@ -145,6 +150,8 @@ def domain_stats(scorer: Scorer, batches: Iterable[Mapping[str, np.ndarray]],
     nll -= float(np.sum(np.asarray(scorer(batch), np.float64) * w))
     weight += float(np.sum(w))
     nbytes += target_bytes(vocab, np.asarray(batch["decoder_target_tokens"]), w)
+  nll, weight, nbytes = distributed.sum_across_processes([nll, weight, nbytes])
+  nbytes = int(nbytes)
   if not weight:
     raise ValueError(f"{name}: no validation tokens to evaluate on (the validation split is "
                      "empty).")

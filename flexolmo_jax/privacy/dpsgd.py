@@ -21,7 +21,6 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flexolmo_jax import sharding
 from flexolmo_jax.privacy.documents import WEIGHT_KEY
 from flexolmo_jax.train.loop import BATCH_KEYS, Trainer, TrainState, lm_loss_sums
 
@@ -85,11 +84,10 @@ class DPTrainer(Trainer):
     self.dp, self.guarantee = dp, guarantee
     super().__init__(cfg, **kwargs)
     self.noise_key = jax.random.key(cfg.seed + 0x5EED)
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    self._step_fn = sharding.jit_sharded(
-        self._train_step, self.mesh, self.rules,
-        in_shardings=(self.state_shardings, self.frozen_shardings, replicated),
-        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+
+  def _step_batch_sharding(self):
+    """Per-document batches vary in size (Poisson) and are replicated on the mesh."""
+    return NamedSharding(self.mesh, PartitionSpec())
 
   def stream_settings(self) -> dict:
     return {**super().stream_settings(), "dp_sampling": self.dp.sampling,
@@ -119,7 +117,7 @@ class DPTrainer(Trainer):
 
   def _device_batch(self, batch):
     if set(batch) == set(BATCH_KEYS) | {WEIGHT_KEY}:
-      return jax.device_put(batch, NamedSharding(self.mesh, PartitionSpec()))
+      return jax.device_put(batch, self._step_batch_sharding())
     return super()._device_batch(batch)       # the packed validation batches
 
   def _count(self, host_batch) -> tuple[int, int]:

@@ -135,6 +135,15 @@ def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
   return r_pub, router_init.rows_for(mode, owner_embedding, cfg.n_layers, cfg.d_model)
 
 
+def task_embedding(model: PureModel, anchor, task: str, train: loop.TrainConfig,
+                   num_documents: int = 1000) -> dict:
+  """The domain embedding of ``task``'s first ``num_documents`` documents (one pass, the same
+  rows on every host)."""
+  return router_init.domain_embedding(
+      model, anchor, tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8, seed=train.seed,
+                                      num_epochs=1, shard_index=0, num_shards=1), num_documents)
+
+
 def private_setup(dp, task: str, train: loop.TrainConfig, model: PureModel, anchor, n_layers: int,
                   vocab, data_dir: str):
   """DP mode: the owner's documents, the run's guarantee (noise calibrated before any step) and a
@@ -144,10 +153,7 @@ def private_setup(dp, task: str, train: loop.TrainConfig, model: PureModel, anch
   if dp.router_init == "proxy":
     proxy = tasks.register_corpus("dp_router_proxy", list(dp.router_proxy), data_dir=data_dir,
                                   vocabulary=vocab)
-    embedding = router_init.domain_embedding(
-        model, anchor, tasks.lm_batches(proxy, seq_len=train.seq_len, batch_size=8,
-                                        seed=train.seed, num_epochs=1, shard_index=0,
-                                        num_shards=1))
+    embedding = task_embedding(model, anchor, proxy, train)
   else:
     embedding = private_router.noised_mean(model, anchor, docs, n_layers,
                                            dp.router_noise_multiplier, train.seed)
@@ -205,11 +211,7 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
     docs, guarantee, owner_embedding = private_setup(dp, task, train, dense, anchor,
                                                      public_cfg.n_layers, vocab, data_dir)
   else:
-    owner_embedding = router_init.domain_embedding(
-        dense, anchor, tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8,
-                                        seed=train.seed, num_epochs=1, shard_index=0,
-                                        num_shards=1),   # the same rows on every host
-        ecfg.router_init_documents)
+    owner_embedding = task_embedding(dense, anchor, task, train, ecfg.router_init_documents)
   r_pub, r_own = router_rows(ecfg.router_init, public_path, manifest, public_cfg,
                              owner_embedding, train.seed)
   frozen = {"anchor": anchor, "public_router": jnp.asarray(r_pub, jnp.float32)}

@@ -173,7 +173,7 @@ class Trainer:
     self._stop = threading.Event()
     self._step_fn = sharding.jit_sharded(
         self._train_step, mesh, rules,
-        in_shardings=(self.state_shardings, frozen_shardings, self.batch_sharding),
+        in_shardings=(self.state_shardings, frozen_shardings, self._step_batch_sharding()),
         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
     self._eval_fn = sharding.jit_sharded(
         self._eval_step, mesh, rules,
@@ -221,6 +221,10 @@ class Trainer:
     return jnp.stack([sums.nll, sums.weight])
 
   # ------------------------------------------------------------------ data
+
+  def _step_batch_sharding(self):
+    """How the training step takes its batch (``_device_batch`` lays batches out so)."""
+    return self.batch_sharding
 
   def stream_settings(self) -> dict:
     """What defines the data stream and the step; a resume must find the same values."""
