@@ -671,6 +671,7 @@ def main(argv=None) -> int:
   try:
     from flexolmo_jax import distributed
 
+    distributed.patient_cpu_collectives()
     topology = distributed.detect(**multi)
     if topology.multi_process and args.command in LEADER_COMMANDS:
       if topology.process_id != 0:

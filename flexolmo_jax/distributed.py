@@ -93,6 +93,30 @@ def detect(coordinator: str | None = None, num_processes: int | None = None,
   return Topology("single")
 
 
+# XLA:CPU ends the whole process (SIGABRT) when device threads wait at a collective for the
+# warning time plus the termination time without the others arriving. CI saw it once, in the
+# first step of an 8-fake-device training on a 2-core runner: a host that stalls (a paused VM,
+# swapping) for that long is slow, not deadlocked, and the abort lost the whole test session. A
+# CPU run gets these longer waits unless XLA_FLAGS names them; a true deadlock still ends in an
+# abort, with every thread's stack, after 11 minutes.
+CPU_COLLECTIVE_PATIENCE = {"xla_cpu_collective_call_warn_stuck_timeout_seconds": 60,
+                           "xla_cpu_collective_call_terminate_timeout_seconds": 600}
+
+
+def patient_cpu_collectives(environ: dict | None = None) -> str:
+  """Adds ``CPU_COLLECTIVE_PATIENCE`` to ``XLA_FLAGS`` (before JAX's backend starts) unless the
+  user named either flag: XLA waits out the warning time before it starts counting towards the
+  termination, so the two are only meaningful as a pair. Returns the new ``XLA_FLAGS``. Only the
+  CPU backend reads these flags."""
+  environ = os.environ if environ is None else environ
+  flags = environ.get("XLA_FLAGS", "").split()
+  named = {f.lstrip("-").split("=", 1)[0] for f in flags}
+  if not named & set(CPU_COLLECTIVE_PATIENCE):
+    flags += [f"--{k}={v}" for k, v in CPU_COLLECTIVE_PATIENCE.items()]
+  environ["XLA_FLAGS"] = " ".join(flags)
+  return environ["XLA_FLAGS"]
+
+
 _STARTED: Topology | None = None
 
 

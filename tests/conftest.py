@@ -1,7 +1,12 @@
-"""Test set-up: 8 fake CPU devices (set before JAX initializes) and fp32-exact matmuls."""
+"""Test set-up: 8 fake CPU devices (set before JAX initializes), patient CPU collectives and
+fp32-exact matmuls."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A 2-core CI runner that stalls one of the 8 fake devices' threads must not abort the suite.
+from flexolmo_jax.distributed import patient_cpu_collectives  # noqa: E402
+
+patient_cpu_collectives()
 
 import jax  # noqa: E402
 
