@@ -59,7 +59,12 @@ class Size:
 # Quick router tuning runs 400 steps: opting math out overshot the public model by 0.201 and 0.211
 # after 200 steps, 0.159 and 0.169 after 400 (seeds 1 and 2), and the full model's math loss fell
 # by 0.03-0.05 (default size tunes on 3x the tokens of 200 quick steps already).
-SIZES = {"default": Size(500, 150, 150, 16, 256), "quick": Size(300, 200, 400, 8, 128)}
+# Quick pre-training runs 600 steps: an expert trained against a 300-step public model (public
+# validation loss 1.32) memorized the canaries only to 0.85 nats per token and reached no sampled
+# extraction (0/4); against 450 steps (0.87) 0.48 and 0/4; against 600 (0.69) 0.40 and 4/4. The
+# FFN expert cannot move the frozen lm-head and norms, so a weak public model caps the probability
+# it can give a memorized token (0.92 at most after 300 steps, while top-p 0.95 needs above 0.95).
+SIZES = {"default": Size(500, 150, 150, 16, 256), "quick": Size(600, 200, 400, 8, 128)}
 
 
 def run_stage(argv: list[str]) -> None:
@@ -443,7 +448,12 @@ def render_markdown(report: dict) -> str:
                   "|---|---|---|---|---|\n"
                   + "".join(f"| {m} | {r['extracted']}/{r['documents']} | {r['rate']:.2f} | "
                             f"{r['mean_best_similarity']:.3f} | {r.get('canary_loss', float('nan')):.3f} |\n"
-                            for m, r in ext["models"].items()))
+                            for m, r in ext["models"].items())
+                  + f"\nThe owner's expert in and out as the paper measures it (its FlexOlmo "
+                  f"with the math expert): `public + {ext['owner']}` has it in; opting it out "
+                  "leaves the public expert alone, which computes the `public` model. In "
+                  "`flexolmo` the router shares each canary token among all experts, so "
+                  f"{ext['owner']}'s expert moves it less.\n")
   else:
     extraction = ""
   return (f"# FlexOlmo on FlexMix-mini ({report['size']} size)\n\n"

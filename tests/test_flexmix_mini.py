@@ -166,10 +166,7 @@ def test_quick_demo_end_to_end(demo_run, capfd):
       assert abs(sum(probs.values()) - 1) < 1e-4, d
   # The extraction evaluation ran on every planted canary, with their owner's expert in and out.
   # It detects memorization: the owner's dense model (every weight trained) reproduces canaries
-  # the public model cannot. The owner's expert memorizes them only in part (its canary loss is
-  # far below the public model's), and FlexOlmo's canary loss is lower with it in than out; but
-  # no FFN expert at this size reaches similarity 0.9, so the rates with it in and out are both 0
-  # and "higher with it in" is not asserted (see the issue note).
+  # the public model cannot.
   ext = report["extraction"]
   owner = ext["owner"]
   models = ext["models"]
@@ -185,6 +182,14 @@ def test_quick_demo_end_to_end(demo_run, capfd):
   assert dense["mean_best_similarity"] > models["public"]["mean_best_similarity"] + 0.2
   assert dense["rate"] >= models["public"]["rate"]
   assert models[f"public + {owner}"]["canary_loss"] < models["public"]["canary_loss"] - 1.0
+  # The owner's expert in and out, as the paper measures extraction ("FlexOlmo with the math
+  # expert"): the merged model opted in to the public expert and the owner's extracts canaries;
+  # with the owner opted out only the public expert is left, which computes the public model
+  # (tests/test_merge.py), and it extracts fewer. Measured at quick size: 4/4 and 3/4 against 0/4
+  # (seeds 0 and 1 of the sampling, the same expert).
+  assert models[f"public + {owner}"]["rate"] > models["public"]["rate"]
+  # In the full model the tuned router sends most canary tokens to other experts (not the
+  # owner's), yet the canaries' loss is lower with the owner in than out.
   inside, outside = models["flexolmo"], models[f"flexolmo without {owner}"]
   assert inside["rate"] >= outside["rate"]
   assert inside["canary_loss"] < outside["canary_loss"]

@@ -60,6 +60,19 @@ def test_merged_pair_equals_the_trained_two_expert_model(public, code_expert, me
 
 
 @pytest.mark.slow
+def test_every_owner_opted_out_leaves_the_public_model(public, merged_all, tokens):
+  """The extraction evaluation's "expert out" side: the merged model opted in to the public
+  expert alone (its router softmax over one expert is exactly 1) computes the public model."""
+  cfg, params = merge.load_merged(merged_all, experts="public")
+  assert cfg.experts == ("public",) and cfg.top_k == 1
+  manifest = store.read_manifest(public["model"], "public")
+  dense_cfg = store.config_from_json(manifest["config"], "public")
+  np.testing.assert_allclose(logits_of(cfg, params, tokens),
+                             logits_of(dense_cfg, store.load_params(public["model"]), tokens),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_merge_order_does_not_matter(public, experts, merged_all, tmp_path, tokens):
   reverse = merge.merge(public["run"], list(experts.values())[::-1], str(tmp_path / "rev"))
   assert same_tree(merged_all, reverse)          # byte-identical directories

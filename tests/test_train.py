@@ -35,7 +35,11 @@ def test_expert_lowers_its_domains_loss(public, code_expert):
   before = public["eval_losses"]["code"]    # the public model on code validation
   after = code_expert["result"].eval_losses["code"]
   print(f"code validation loss: public {before:.4f} -> public+code expert {after:.4f}")
-  assert after < before - 0.1    # measured: 2.377 -> 2.236 (quick FlexMix, 300 steps)
+  # Measured (quick FlexMix, 300 steps): 2.377 -> 2.236 before the data streams became
+  # topology-independent; since then 2.380 -> 2.286 and 2.407 -> 2.303 in two fresh-clone runs
+  # that differ only in the public model's (not bit-reproducible) pretraining. A gain of 0.05 is
+  # half the smallest seen, twice the spread of the public model's code loss over those runs.
+  assert after < before - 0.05
 
 
 @pytest.mark.slow
