@@ -141,7 +141,7 @@ MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset({"pretrain", "train-expert", 
 # Nothing is sharded, so nothing is gained from more hosts, and no runtime is started that could
 # wait for absent peers.
 LEADER_COMMANDS: frozenset[str] = frozenset({"merge", "btx", "export-hf", "import-hf",
-                                             "generate"})
+                                             "generate", "extraction"})
 
 
 def split_distributed_flags(argv):
@@ -410,6 +410,76 @@ def _cmd_generate(args) -> int:
   return 0
 
 
+def _cmd_extraction(args) -> int:
+  """The extraction evaluation (spec section 9) of any saved model on an owner's documents."""
+  import dataclasses
+  import json
+  import os
+
+  import numpy as np
+
+  from flexolmo_jax.data import sources
+  from flexolmo_jax.eval import extraction, perplexity
+
+  config = extraction.ExtractionConfig(
+      prefix=args.prefix, total=args.total, samples=args.samples, threshold=args.threshold,
+      min_length=args.min_length, top_k=args.top_k, top_p=args.top_p,
+      temperature=args.temperature, seed=args.seed)
+  if not 0 < config.prefix < config.total:
+    raise ValueError(f"--prefix {config.prefix} must be above 0 and below --total {config.total}.")
+  if config.min_length < config.prefix + 1:
+    raise ValueError(f"--min-length {config.min_length} leaves nothing to continue after the "
+                     f"{config.prefix}-token prefix.")
+  spec = sources.SourceSpec(tuple(args.documents), field=args.field,
+                            validation_fraction=args.validation_fraction)
+  vocab = model_vocabulary(args.model)
+  read = 0
+  tested = []                     # (where, token ids) of each document long enough to test
+  for doc in sources.iter_documents(spec):
+    if args.split == "train" and sources.split_of(doc.text, spec.validation_fraction) != "train":
+      continue
+    read += 1
+    ids = list(vocab.encode(doc.text))
+    if len(ids) >= config.min_length:
+      tested.append((doc.key, ids))
+  paths = ", ".join(spec.paths)
+  if not tested:
+    split = " (train split)" if args.split == "train" else ""
+    raise sources.DataError(f"{paths}: none of the {read} documents read{split} has "
+                            f"--min-length {config.min_length} tokens to test extraction on.")
+  if args.max_documents and len(tested) > args.max_documents:
+    keep = np.random.default_rng(config.seed).choice(len(tested), args.max_documents,
+                                                     replace=False)
+    tested = [tested[i] for i in sorted(keep)]
+  cfg, params, _ = perplexity.load_model(args.model, args.experts, args.exclude)
+  if config.total > cfg.max_seq_len:
+    raise ValueError(f"--total {config.total} is longer than the model's max_seq_len "
+                     f"{cfg.max_seq_len}.")
+  print(f"extraction: {len(tested)} of the {read} documents read in {paths} (at least "
+        f"{config.min_length} tokens), {config.samples} samples each of {config.total} tokens "
+        f"after a {config.prefix}-token prefix", flush=True)
+  docs = [ids for _, ids in tested]
+  result = extraction.extraction(
+      cfg, params, docs, config, eos_id=vocab.eos_id,
+      progress=lambda done, total: print(f"  {done}/{total} documents", flush=True))
+  result["loss"] = extraction.document_loss(cfg, params, docs, config.total)
+  result["per_document"] = [{"document": where, "best_similarity": best}
+                            for (where, _), best in zip(tested, result["per_document"])]
+  for row in result["per_document"]:
+    if row["best_similarity"] >= config.threshold:
+      print(f"  extracted: {row['document']} (similarity {row['best_similarity']:.3f})")
+  print(f"{result['extracted']}/{result['documents']} documents extracted (rate "
+        f"{result['rate']:.4f}), mean best similarity {result['mean_best_similarity']:.3f}, "
+        f"teacher-forced loss {result['loss']:.3f} nats per token")
+  if args.json:
+    with open(args.json + ".tmp", "w") as fh:
+      json.dump({"model": args.model, "experts": args.experts, "exclude": args.exclude,
+                 "documents": list(spec.paths), "split": args.split,
+                 "config": dataclasses.asdict(config), **result}, fh, indent=2)
+    os.replace(args.json + ".tmp", args.json)
+  return 0
+
+
 def _cmd_export_hf(args) -> int:
   from flexolmo_jax.convert import export
 
@@ -585,6 +655,31 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--seed", type=int, default=0)
   gen.add_argument("--num-samples", type=int, default=1)
   gen.set_defaults(fn=_cmd_generate)
+  ext = sub.add_parser("extraction", help="training-data extraction (spec section 9) of any "
+                       "saved model on an owner's documents")
+  ext.add_argument("--model", required=True, help="public, dense or merged model directory")
+  _add_selection_flags(ext)
+  ext.add_argument("--documents", action="append", required=True,
+                   help="the owner's files or directories, text or JSONL as `data prepare` "
+                        "reads them, e.g. with planted canaries (repeat)")
+  ext.add_argument("--field", default="text", help="the text field of JSONL records")
+  ext.add_argument("--split", choices=["all", "train"], default="all",
+                   help="train: only the documents `data prepare` puts in the train split")
+  ext.add_argument("--validation-fraction", type=float, default=0.05,
+                   help="the split's fraction, as the data was prepared (with --split train)")
+  ext.add_argument("--max-documents", type=int, help="test this many, drawn with --seed")
+  ext.add_argument("--prefix", type=int, default=32)
+  ext.add_argument("--total", type=int, default=256, help="span length, prefix included")
+  ext.add_argument("--min-length", type=int, default=128, help="shorter documents are skipped")
+  ext.add_argument("--samples", type=int, default=10)
+  ext.add_argument("--threshold", type=float, default=0.9,
+                   help="normalized Levenshtein similarity that counts as extracted")
+  ext.add_argument("--top-k", type=int, default=50)
+  ext.add_argument("--top-p", type=float, default=0.95)
+  ext.add_argument("--temperature", type=float, default=1.0)
+  ext.add_argument("--seed", type=int, default=0)
+  ext.add_argument("--json", help="write every number (and each document's similarity) here")
+  ext.set_defaults(fn=_cmd_extraction)
   exh = sub.add_parser("export-hf", help="a merged (FlexOlmo) or dense (OLMo-2) model -> a "
                        "Hugging Face checkpoint")
   exh.add_argument("--model", required=True, help="merged, public or dense model directory")

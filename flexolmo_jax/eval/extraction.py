@@ -9,7 +9,7 @@ at least ``threshold``. Similarity is ``1 - distance / max(len(a), len(b))`` ove
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -57,9 +57,10 @@ def similarity(a: Sequence[int], b: Sequence[int]) -> float:
 
 def extraction(cfg: ModelConfig, params, documents: Sequence[Sequence[int]],
                config: ExtractionConfig = ExtractionConfig(), *, eos_id: int | None = None,
-               experts: Sequence[str] | None = None) -> dict:
+               experts: Sequence[str] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
   """{"rate", "extracted", "documents", "mean_best_similarity", "per_document"} over the
-  documents long enough to test."""
+  documents long enough to test; ``progress(done, total)`` after each batch of documents."""
   rng = np.random.default_rng(config.seed)
   spans = []
   for doc in documents:
@@ -83,6 +84,8 @@ def extraction(cfg: ModelConfig, params, documents: Sequence[Sequence[int]],
       samples = rows[d * config.samples:(d + 1) * config.samples, :len(span)]
       best.append(max(similarity(generate.trim(s, config.prefix, eos_id), span)
                       for s in samples))
+    if progress:
+      progress(len(best), len(spans))
   extracted = int(sum(b >= config.threshold for b in best))
   return {"rate": extracted / len(best), "extracted": extracted, "documents": len(best),
           "mean_best_similarity": float(np.mean(best)), "per_document": best}
