@@ -71,6 +71,18 @@ def test_dropless_block_sizes(block):
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_automatic_block_size_per_platform():
+  """A/(4E) rounded down to a power of two, within [8, the platform's largest] (bench/RESULTS.md:
+  256 on CPU, 2048 on accelerators); the default platform is JAX's."""
+  assert D.block_size_for(32768, 8, platform="gpu") == 1024
+  assert D.block_size_for(32768, 2, platform="gpu") == 2048
+  assert D.block_size_for(32768, 8, platform="tpu") == 1024
+  assert D.block_size_for(32768, 8, platform="cpu") == 256
+  assert D.block_size_for(32768, 8) == D.block_size_for(32768, 8, platform=jax.default_backend())
+  assert D.block_size_for(100, 16, platform="gpu") == 8
+  assert D.block_size_for(32768, 8, requested=64, platform="gpu") == 64
+
+
 def naive_capacity(experts_tk, e, c):
   """Python reference of GShard capacity: first choices first, then token order."""
   t, k = experts_tk.shape

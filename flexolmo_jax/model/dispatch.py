@@ -117,16 +117,26 @@ class SortedLayout(NamedTuple):
   group_sizes: jax.Array         # [E] int32 assignments per expert
 
 
-def block_size_for(num_assignments: int, num_experts: int, requested: int = 0) -> int:
-  """Rows per block: ``requested`` if set, else the power of two near A/(4E), within [8, 256].
+# The largest automatic block per platform (bench/RESULTS.md). 256 rows fill a CPU matmul (best
+# of 128/256/512 for the CPU benchmark layer). On an H100 the block loop's per-block cost
+# dominates small blocks: a 7B layer (16384 tokens, d 4096, FFN 11008, bf16, E=8) ran at 3.9x the
+# dense active-size FFN with 256-row blocks, 2.0x with 1024 and 1.9x with 2048.
+MAX_BLOCK = {"cpu": 256}
+ACCELERATOR_MAX_BLOCK = 2048
 
-  Small blocks waste less padding (at most E * (block - 1) rows); 256 rows fill a CPU matmul
-  (measured best of 128/256/512 for the benchmark layer, bench/RESULTS.md).
+
+def block_size_for(num_assignments: int, num_experts: int, requested: int = 0,
+                   platform: str | None = None) -> int:
+  """Rows per block: ``requested`` if set, else the power of two near A/(4E), at least 8 and at
+  most the platform's ``MAX_BLOCK`` (default: JAX's default backend).
+
+  Small blocks waste less padding (at most E * (block - 1) rows), large ones less loop overhead.
   """
   if requested:
     return requested
+  largest = MAX_BLOCK.get(platform or jax.default_backend(), ACCELERATOR_MAX_BLOCK)
   target = max(1, num_assignments // (4 * num_experts))
-  return int(min(256, max(8, 2 ** math.floor(math.log2(target)))))
+  return int(min(largest, max(8, 2 ** math.floor(math.log2(target)))))
 
 
 def sorted_layout(experts_tk, num_experts: int, block: int) -> SortedLayout:
