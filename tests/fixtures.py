@@ -79,7 +79,7 @@ def public(demo_run):
 def code_expert(flexmix, public, tmp_path_factory):
   """A code expert trained in this process: {"run", "artifact", "result" (the TrainResult)}.
 
-  On one device, as `flexolmo train-expert` runs in the demo: twice in CI (never locally, 30
+  On one device, as `flexolmo train-expert` runs in the demo: twice in CI (never locally, 14
   runs in a loop) this run's first step on the 8-fake-device mesh never finished and XLA aborted
   the whole suite at its collective timeout. Training on a mesh is tested in test_sharding,
   test_loop and test_multihost."""
