@@ -32,7 +32,7 @@ def _cmd_launch(args) -> int:
 def _cmd_demo(args) -> int:
   from flexolmo_jax import demo
 
-  demo.run(args.workdir, quick=args.quick, fresh=args.fresh, seed=args.seed)
+  demo.run(args.workdir, quick=args.quick, fresh=args.fresh, seed=args.seed, jobs=args.jobs)
   return 0
 
 
@@ -744,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--fresh", action="store_true", help="delete the workdir, rebuild every stage")
   demo.add_argument("--seed", type=int, default=0,
                     help="seed of every training stage (a finished stage is reused whatever it was)")
+  demo.add_argument("--jobs", type=int, default=2,
+                    help="training processes at once for the independent experts and dense "
+                         "models (each process still holds one owner's data only)")
   demo.set_defaults(fn=_cmd_demo)
   return p
 

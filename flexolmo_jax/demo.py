@@ -2,7 +2,8 @@
 
 Stages, each checkpointed in the work directory and reused on the next run (``--fresh`` starts
 over); every training stage runs in its own process, and an owner's process is given only its own
-data:
+data. The experts (and then the dense models) are independent, so ``jobs`` of them (``--jobs``,
+default 2) run at once, each line of their output labelled with its run:
 
 1. FlexMix-mini (``flexmix_mini/``).
 2. The public model (``public/``).
@@ -21,6 +22,7 @@ data:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -28,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 from flexolmo_jax.config import PUBLIC
@@ -67,14 +70,31 @@ class Size:
 SIZES = {"default": Size(500, 150, 150, 16, 256), "quick": Size(600, 200, 400, 8, 128)}
 
 
-def run_stage(argv: list[str]) -> None:
-  """One stage in its own process (an owner's expert never shares a process with another)."""
-  print("  $ flexolmo " + " ".join(argv), flush=True)
-  code = subprocess.call([sys.executable, "-m", "flexolmo_jax.cli", *argv],
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-  if code:
-    raise ValueError(f"demo stage `flexolmo {argv[0]}` failed with exit status {code}; "
-                     "re-run `make demo` to resume it.")
+def run_stages(stages: list[tuple[str, list[str]]], jobs: int = 1) -> None:
+  """Each ``(label, argv)`` in its own process (an owner's expert never shares a process with
+  another), at most ``jobs`` at once. When several run at once, each output line is prefixed
+  with its stage's label. Every stage is waited for; then any failure is raised, naming its stages."""
+  lock = threading.Lock()
+
+  def one(label: str, argv: list[str]) -> int:
+    with lock:
+      print(f"  $ flexolmo {' '.join(argv)}", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "flexolmo_jax.cli", *argv],
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    prefix = f"  [{label}] " if jobs > 1 and len(stages) > 1 else ""
+    for line in proc.stdout:
+      with lock:
+        print(prefix + line, end="", flush=True)
+    return proc.wait()
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    codes = list(pool.map(lambda stage: one(*stage), stages))
+  failed = [f"{label} (`flexolmo {argv[0]}`, exit status {code})"
+            for (label, argv), code in zip(stages, codes) if code]
+  if failed:
+    raise ValueError(f"demo stage failed: {', '.join(failed)}; re-run `make demo` to resume.")
 
 
 def _done(path: str) -> bool:
@@ -82,8 +102,9 @@ def _done(path: str) -> bool:
 
 
 class Demo:
-  def __init__(self, workdir: str, size: str, seed: int = 0):
+  def __init__(self, workdir: str, size: str, seed: int = 0, jobs: int = 2):
     self.workdir, self.size_name, self.size, self.seed = workdir, size, SIZES[size], seed
+    self.jobs = jobs          # training processes at once where stages are independent
     self.path = lambda *p: os.path.join(workdir, *p)
     s = self.size
     self.worked = False      # did this run do any work (else every stage was reused)
@@ -92,11 +113,19 @@ class Demo:
                    "--seed", str(seed)]
 
   def train(self, out: str, argv: list[str], what: str) -> None:
-    if _done(out):
-      print(f"  {what}: reusing {out}")
-    else:
+    self.train_all([(out, argv, what)])
+
+  def train_all(self, runs: list[tuple[str, list[str], str]]) -> None:
+    """Each ``(output, argv, label)`` not finished yet, ``self.jobs`` processes at once."""
+    todo = []
+    for out, argv, what in runs:
+      if _done(out):
+        print(f"  {what}: reusing {out}")
+      else:
+        todo.append((what, argv))
+    if todo:
       self.worked = True
-      run_stage(argv)
+      run_stages(todo, self.jobs)
 
   # -- 1-4: data and training -------------------------------------------------------------------
   def data(self) -> None:
@@ -129,37 +158,45 @@ class Demo:
         *[f"--eval-data={d}={self.raw[d]}" for d in self.evaluable if d != PUBLIC],
         *self.common], "public model")
 
-  def per_domain(self, command: str, directory: str, artifact: str, what: str) -> None:
+  def per_domain(self, command: str, directory: str, artifact: str,
+                 what: str) -> list[tuple[str, list[str], str]]:
     """``command`` once per closed domain, each run given the public model and its own data."""
     s = self.size
-    for d in self.closed:
-      run = self.path(directory, d)
-      self.train(os.path.join(run, artifact), [
-          command, "--public", self.path("public"), "--name", d, "--data", self.raw[d],
-          "--out", run, "--steps", str(s.expert_steps), "--warmup", str(s.expert_steps // 10),
-          "--lr", "3e-3", *self.common], f"{what} {d}")
+    return [(os.path.join(self.path(directory, d), artifact), [
+        command, "--public", self.path("public"), "--name", d, "--data", self.raw[d],
+        "--out", self.path(directory, d), "--steps", str(s.expert_steps),
+        "--warmup", str(s.expert_steps // 10), "--lr", "3e-3", *self.common], f"{what} {d}")
+            for d in self.closed]
 
   def experts(self) -> None:
-    print(f"[3/10] experts: each owner alone, {self.size.expert_steps} steps on its own data only")
-    self.per_domain("train-expert", "experts", "expert", "expert")
-    self.private_expert()
+    print(f"[3/10] experts: each owner alone, {self.size.expert_steps} steps on its own data "
+          f"only ({self.jobs} processes at once)")
+    self.train_all(self.per_domain("train-expert", "experts", "expert", "expert")
+                   + self.private_expert())
+    self.merge_private_expert()
 
-  def private_expert(self) -> None:
-    """The canary owner's expert trained with DP-SGD, merged with the public model alone."""
-    from flexolmo_jax.checkpoint import merge, store
-
+  def private_expert(self) -> list[tuple[str, list[str], str]]:
+    """The canary owner's expert trained again with DP-SGD (merged with the public model alone
+    by ``merge_private_expert``)."""
     info, s = self.card.get("canaries"), self.size
     self.dp_owner = info["domain"] if info else None
     if not self.dp_owner:
-      return
+      return []
     run = self.path("experts", f"{self.dp_owner}_dp")
-    print(f"  {self.dp_owner} again with DP-SGD (epsilon {s.dp_epsilon}, delta 1e-5)")
-    self.train(os.path.join(run, "expert"), [
+    print(f"  and {self.dp_owner} again with DP-SGD (epsilon {s.dp_epsilon}, delta 1e-5)")
+    return [(os.path.join(run, "expert"), [
         "train-expert", "--public", self.path("public"), "--name", self.dp_owner,
         "--data", self.raw[self.dp_owner], "--out", run, "--steps", str(s.expert_steps),
         "--warmup", str(s.expert_steps // 10), "--lr", str(s.dp_lr), "--dp",
         "--target-epsilon", str(s.dp_epsilon), "--delta", "1e-5",
-        "--dp-chunks", str(s.dp_chunks), *self.common], f"DP expert {self.dp_owner}")
+        "--dp-chunks", str(s.dp_chunks), *self.common], f"{self.dp_owner} DP")]
+
+  def merge_private_expert(self) -> None:
+    from flexolmo_jax.checkpoint import merge, store
+
+    if not self.dp_owner:
+      return
+    run = self.path("experts", f"{self.dp_owner}_dp")
     self.merged_dp = self.path("merged_dp")
     if not _done(self.merged_dp):
       self.worked = True
@@ -169,7 +206,7 @@ class Demo:
   def dense(self) -> None:
     print(f"[4/10] baselines' dense models: the public model continued {self.size.expert_steps} "
           "steps on each domain")
-    self.per_domain("train-dense", "dense", "model", "dense")
+    self.train_all(self.per_domain("train-dense", "dense", "model", "dense"))
 
   # -- 5-6: combining ---------------------------------------------------------------------------
   def tune(self, merged: str, run: str, proxy_weight: float | None = None,
@@ -522,10 +559,13 @@ def render_png(report: dict, path: str) -> None:
   os.replace(path + ".tmp.png", path)
 
 
-def run(workdir: str, quick: bool = False, fresh: bool = False, seed: int = 0) -> dict:
+def run(workdir: str, quick: bool = False, fresh: bool = False, seed: int = 0,
+        jobs: int = 2) -> dict:
+  if jobs < 1:
+    raise ValueError(f"--jobs {jobs}: at least one training process is needed.")
   if fresh:
     shutil.rmtree(workdir, ignore_errors=True)
-  demo = Demo(workdir, "quick" if quick else "default", seed)
+  demo = Demo(workdir, "quick" if quick else "default", seed, jobs)
   for name in ("data", "public", "experts", "dense", "merge", "baselines", "evaluate",
                "extraction", "export"):
     demo.timed(name, getattr(demo, name))

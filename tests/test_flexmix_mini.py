@@ -284,3 +284,22 @@ def test_impossible_canaries_are_refused():
     flexmix_mini.canary_documents(13, 255, cycle=5)
   with pytest.raises(ValueError, match="canary_bytes=30"):
     flexmix_mini.canary_documents(4, 30, cycle=5)
+
+
+def test_demo_stages_run_side_by_side_and_failures_are_named(capfd):
+  """run_stages: each stage in its own process, two at once, every line labelled; a failing
+  stage does not stop the others, and the error names it (and only it)."""
+  from flexolmo_jax import demo
+
+  stages = [("tiny", ["info", "--model", "tiny"]), ("nope", ["info", "--model", "nope"]),
+            ("small", ["info", "--model", "olmo2_1b"])]
+  with pytest.raises(ValueError) as err:
+    demo.run_stages(stages, jobs=2)
+  message = str(err.value)
+  assert "nope (`flexolmo info`, exit status 2)" in message
+  assert "tiny" not in message and "small" not in message
+  out = capfd.readouterr().out
+  assert "  [tiny] parameters: " in out and "  [small] parameters: " in out   # both finished
+  assert "  $ flexolmo info --model nope" in out
+  demo.run_stages(stages[:1], jobs=1)                         # one at a time: lines as they are
+  assert capfd.readouterr().out.splitlines()[1].startswith("ModelConfig(")
