@@ -182,7 +182,7 @@ class Demo:
     self.dp_owner = info["domain"] if info else None
     if not self.dp_owner:
       return []
-    run = self.path("experts", f"{self.dp_owner}_dp")
+    run = self.dp_run()
     print(f"  and {self.dp_owner} again with DP-SGD (epsilon {s.dp_epsilon}, delta 1e-5)")
     return [(os.path.join(run, "expert"), [
         "train-expert", "--public", self.path("public"), "--name", self.dp_owner,
@@ -191,12 +191,15 @@ class Demo:
         "--target-epsilon", str(s.dp_epsilon), "--delta", "1e-5",
         "--dp-chunks", str(s.dp_chunks), *self.common], f"{self.dp_owner} DP")]
 
+  def dp_run(self) -> str:
+    return self.path("experts", f"{self.dp_owner}_dp")
+
   def merge_private_expert(self) -> None:
     from flexolmo_jax.checkpoint import merge, store
 
     if not self.dp_owner:
       return
-    run = self.path("experts", f"{self.dp_owner}_dp")
+    run = self.dp_run()
     self.merged_dp = self.path("merged_dp")
     if not _done(self.merged_dp):
       self.worked = True
