@@ -3,7 +3,9 @@
 #   launch/local/multiprocess.sh --ntasks=N [other --options, ignored] COMMAND [ARGS...]
 # It takes srun's place in a rendered SLURM script. Each copy gets FLEXOLMO_COORDINATOR,
 # FLEXOLMO_NUM_PROCESSES and FLEXOLMO_PROCESS_ID; if one fails the others are stopped
-# (like srun --kill-on-bad-exit) and its exit status is returned.
+# (SIGTERM, then SIGKILL after FLEXOLMO_KILL_GRACE seconds, default 30, like srun
+# --kill-on-bad-exit) and its exit status is returned. Stopping the launcher (SIGINT/SIGTERM)
+# stops every copy the same way and exits 143.
 set -uo pipefail
 ntasks=1
 while [[ $# -gt 0 && $1 == --* ]]; do
@@ -18,24 +20,56 @@ if [[ $# -eq 0 ]]; then
   exit 2
 fi
 port=${FLEXOLMO_LOCAL_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
+grace=${FLEXOLMO_KILL_GRACE:-30}
 pids=()
 for ((i = 0; i < ntasks; i++)); do
-  # Each copy in its own process group, so stopping it stops its children too.
+  # Each copy in its own session and process group, so stopping it stops its children too.
   FLEXOLMO_COORDINATOR=localhost:$port FLEXOLMO_NUM_PROCESSES=$ntasks FLEXOLMO_PROCESS_ID=$i \
     setsid "$@" &
   pids+=($!)
 done
+live=("${pids[@]}")
+killer=""
+# A copy may not have reached setsid yet when another fails (on a busy machine it often has not),
+# so each copy is signalled itself as well as its group. Copies still there after $grace seconds
+# (a training process saves its checkpoint on SIGTERM) are killed.
 stop_all() {
-  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+  [[ -n $killer ]] && return
+  for pid in "${live[@]}"; do
+    kill -TERM -- "-$pid" 2>/dev/null
+    kill -TERM "$pid" 2>/dev/null
+  done
+  (
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    sleep "$grace" &
+    nap=$!
+    wait "$nap"
+    for pid in "${live[@]}"; do
+      kill -KILL -- "-$pid" 2>/dev/null
+      kill -KILL "$pid" 2>/dev/null
+    done
+  ) </dev/null >/dev/null 2>&1 &
+  killer=$!
 }
-trap 'stop_all; exit 143' INT TERM
 status=0
-for _ in "${pids[@]}"; do
-  wait -n "${pids[@]}"
-  code=$?
-  if [[ $code -ne 0 && $status -eq 0 ]]; then
-    status=$code
-    stop_all
-  fi
+# Stopped from outside: stop every copy, wait for them (at most $grace seconds), exit 143.
+trap 'status=143; stop_all' INT TERM
+# Polled rather than `wait -n`: bash may reap two copies at once and then no longer lists the
+# second as a job, so `wait -n` would miss its exit status.
+while [[ ${#live[@]} -gt 0 ]]; do
+  rest=()
+  for pid in "${live[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      rest+=("$pid")
+      continue
+    fi
+    wait "$pid"
+    code=$?
+    [[ $code -ne 0 && $status -eq 0 ]] && status=$code
+  done
+  live=("${rest[@]}")
+  [[ $status -ne 0 ]] && stop_all
+  [[ ${#live[@]} -gt 0 ]] && sleep 0.2
 done
+[[ -n $killer ]] && kill "$killer" 2>/dev/null
 exit $status
