@@ -70,17 +70,19 @@ class Size:
 SIZES = {"default": Size(500, 150, 150, 16, 256), "quick": Size(600, 200, 400, 8, 128)}
 
 
-def run_stages(stages: list[tuple[str, list[str]]], jobs: int = 1) -> None:
+def run_stages(stages: list[tuple[str, list[str]]], jobs: int = 1,
+               env: dict[str, str] | None = None) -> None:
   """Each ``(label, argv)`` in its own process (an owner's expert never shares a process with
-  another), at most ``jobs`` at once. When several run at once, each output line is prefixed
-  with its stage's label. Every stage is waited for; then any failure is raised, naming its stages."""
+  another), at most ``jobs`` at once, with ``env`` added to this process's environment. When
+  several run at once, each output line is prefixed with its stage's label. Every stage is
+  waited for; then any failure is raised, naming its stages."""
   lock = threading.Lock()
 
   def one(label: str, argv: list[str]) -> int:
     with lock:
       print(f"  $ flexolmo {' '.join(argv)}", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "flexolmo_jax.cli", *argv],
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
     prefix = f"  [{label}] " if jobs > 1 and len(stages) > 1 else ""
@@ -108,6 +110,11 @@ class Demo:
     self.path = lambda *p: os.path.join(workdir, *p)
     s = self.size
     self.worked = False      # did this run do any work (else every stage was reused)
+    # The training processes share JAX's persistent compilation cache (in the work directory,
+    # unless JAX_COMPILATION_CACHE_DIR names another): the experts and the dense models are
+    # the same programs, compiled once. Measured in the quick demo: see README.
+    self.env = {"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                or self.path("compile_cache")}
     # The seed of every training stage (model init, data order, router init, expert dropout).
     self.common = ["--batch-size", str(s.batch), "--seq-len", str(s.seq), "--log-every", "50",
                    "--seed", str(seed)]
@@ -125,7 +132,7 @@ class Demo:
         todo.append((what, argv))
     if todo:
       self.worked = True
-      run_stages(todo, self.jobs)
+      run_stages(todo, self.jobs, self.env)
 
   # -- 1-4: data and training -------------------------------------------------------------------
   def data(self) -> None:

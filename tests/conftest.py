@@ -1,8 +1,17 @@
-"""Test set-up: 8 fake CPU devices (set before JAX initializes), patient CPU collectives and
-fp32-exact matmuls."""
+"""Test set-up: 8 fake CPU devices (set before JAX initializes), patient CPU collectives,
+fp32-exact matmuls and one compilation cache for the session."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, this process and every process the tests
+# start (the demo's experts, the multi-host runs, the CLI tests compile the same programs).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flexolmo-test-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 # A 2-core CI runner that stalls one of the 8 fake devices' threads must not abort the suite.
 from flexolmo_jax.distributed import patient_cpu_collectives  # noqa: E402
 
