@@ -6,7 +6,12 @@ prints tokens/s, the ratio (target: ours >= 1.5x) and MFU against this machine's
 matmul peak. Then it compares an *expert-training* step (frozen anchor, trainable expert) with
 *full* training of the same 2-expert model.
 
-    python bench/train_step.py [--reps 3] [--only moe4]
+    python bench/train_step.py [--reps 3] [--only moe4] [--dtype bf16] [--batch 4 --seq 512]
+
+On a GPU both sides run there (transformers' model on ``cuda``, each step synchronized);
+``--dtype bf16`` computes in bfloat16 with float32 parameters on both sides (our
+``ModelConfig.dtype``, torch's autocast). The expert-vs-full comparison needs the whole package
+(seqio, TF); ``--skip-expert`` runs without it.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import numpy as np
 from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig, MeshConfig, load_model_config
 from flexolmo_jax.model.transformer import pure_model
-from flexolmo_jax.train import expert, loop, metrics
+from flexolmo_jax.train import loop, metrics
 
 MOE4 = ModelConfig(vocab_size=50304, d_model=512, n_layers=8, n_heads=8, d_ff=1408,
                    experts=("public", "a", "b", "c"), top_k=2, max_seq_len=512)
@@ -79,6 +84,8 @@ def full_trainer(cfg, b, t, params=None):
 
 
 def expert_trainer(dense_cfg, b, t):
+  from flexolmo_jax.train import expert   # data and privacy: not needed by the other timings
+
   dense = pure_model(dense_cfg)
   ecfg = expert.ExpertConfig()
   moe = pure_model(expert.expert_config(dense_cfg, "owner", ecfg))
@@ -99,11 +106,14 @@ def expert_trainer(dense_cfg, b, t):
   return make, moe
 
 
-def hf_step_time(cfg: ModelConfig, b, t, reps):
+def hf_step_time(cfg: ModelConfig, b, t, reps, bf16=False):
+  import contextlib
+
   import torch
   from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
   torch.set_num_threads(os.cpu_count())
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
                 num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -115,20 +125,25 @@ def hf_step_time(cfg: ModelConfig, b, t, reps):
                                                num_experts_per_tok=cfg.top_k, **common))
   else:
     model = Olmo2ForCausalLM(Olmo2Config(**common))
-  model.train()
+  model.to(device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
   data = batch_of(cfg, b, t)
-  ids = torch.as_tensor(data["decoder_input_tokens"], dtype=torch.long)
-  labels = torch.as_tensor(data["decoder_target_tokens"], dtype=torch.long)
+  ids = torch.as_tensor(data["decoder_input_tokens"], dtype=torch.long, device=device)
+  labels = torch.as_tensor(data["decoder_target_tokens"], dtype=torch.long, device=device)
+  autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else (
+      contextlib.nullcontext)
 
   def step():
-    logits = model(input_ids=ids).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels.reshape(-1))
+    with autocast():
+      logits = model(input_ids=ids).logits
+      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                               labels.reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+      torch.cuda.synchronize()
   return best_of(step, reps)
 
 
@@ -138,17 +153,21 @@ def main():
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(CONFIGS))
+  p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
   p.add_argument("--skip-expert", action="store_true")
   args = p.parse_args()
   b, t = args.batch, args.seq
-  peak = metrics.measure_matmul_peak()
-  print(f"# train step: batch {b} x {t}, fp32, {jax.default_backend()} ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores); measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+  bf16 = args.dtype == "bf16"
+  peak = metrics.measure_matmul_peak("bfloat16" if bf16 else "float32")
+  where = (jax.devices()[0].device_kind if jax.default_backend() != "cpu"
+           else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+  print(f"# train step: batch {b} x {t}, {args.dtype}, {jax.default_backend()} ({where}); "
+        f"measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
   print(f"{'config':>7} {'params':>8} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'MFU':>6}")
   for name in (args.only.split(",") if args.only else CONFIGS):
-    cfg = CONFIGS[name]
+    cfg = CONFIGS[name].replace(dtype="bfloat16") if bf16 else CONFIGS[name]
     ours = time_trainer(full_trainer(cfg, b, t), cfg, b, t, args.reps)
-    ref = hf_step_time(cfg, b, t, args.reps)
+    ref = hf_step_time(cfg, b, t, args.reps, bf16)
     mfu = b * t / ours * metrics.flops_per_token(cfg, t) / peak
     print(f"{name:>7} {cfg.num_params() / 1e6:7.1f}M {b * t / ours:11.0f} {b * t / ref:10.0f} "
           f"{ref / ours:6.2f} {mfu:6.1%}", flush=True)
