@@ -62,12 +62,14 @@ class Size:
 # Quick router tuning runs 400 steps: opting math out overshot the public model by 0.201 and 0.211
 # after 200 steps, 0.159 and 0.169 after 400 (seeds 1 and 2), and the full model's math loss fell
 # by 0.03-0.05 (default size tunes on 3x the tokens of 200 quick steps already).
-# Quick pre-training runs 600 steps: an expert trained against a 300-step public model (public
+# Quick pre-training runs 1000 steps: an expert trained against a 300-step public model (public
 # validation loss 1.32) memorized the canaries only to 0.85 nats per token and reached no sampled
-# extraction (0/4); against 450 steps (0.87) 0.48 and 0/4; against 600 (0.69) 0.40 and 4/4. The
-# FFN expert cannot move the frozen lm-head and norms, so a weak public model caps the probability
-# it can give a memorized token (0.92 at most after 300 steps, while top-p 0.95 needs above 0.95).
-SIZES = {"default": Size(500, 150, 150, 16, 256), "quick": Size(600, 200, 400, 8, 128)}
+# extraction (0/4); against 450 steps (0.87) 0.48 and 0/4; against 600 (0.69) 0.40 and 4/4 in one
+# run, but 2/4, 1/4 and (CI) 0/4 in others: sampling seeds 0-3 on that last one's expert gave
+# 0, 0, 0, 1 of 4. Against 1000 steps, on the same data: 4, 4, 4, 3 of 4. The FFN expert cannot
+# move the frozen lm-head and norms, so a weak public model caps the probability it can give a
+# memorized token (0.92 at most after 300 steps, while top-p 0.95 needs above 0.95).
+SIZES = {"default": Size(500, 150, 150, 16, 256), "quick": Size(1000, 200, 400, 8, 128)}
 
 
 def run_stages(stages: list[tuple[str, list[str]]], jobs: int = 1,
