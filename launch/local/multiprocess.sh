@@ -33,21 +33,21 @@ killer=""
 # A copy may not have reached setsid yet when another fails (on a busy machine it often has not),
 # so each copy is signalled itself as well as its group. Copies still there after $grace seconds
 # (a training process saves its checkpoint on SIGTERM) are killed.
+signal_live() {
+  for pid in "${live[@]}"; do
+    kill "-$1" -- "-$pid" 2>/dev/null
+    kill "-$1" "$pid" 2>/dev/null
+  done
+}
 stop_all() {
   [[ -n $killer ]] && return
-  for pid in "${live[@]}"; do
-    kill -TERM -- "-$pid" 2>/dev/null
-    kill -TERM "$pid" 2>/dev/null
-  done
+  signal_live TERM
   (
     trap 'kill "$nap" 2>/dev/null; exit 0' TERM
     sleep "$grace" &
     nap=$!
     wait "$nap"
-    for pid in "${live[@]}"; do
-      kill -KILL -- "-$pid" 2>/dev/null
-      kill -KILL "$pid" 2>/dev/null
-    done
+    signal_live KILL
   ) </dev/null >/dev/null 2>&1 &
   killer=$!
 }
