@@ -1,7 +1,8 @@
-"""The ``flexolmo`` command: one sub-command per step of DESIGN.md "What a user does with it"."""
+"""The ``flexolmo`` command: one sub-command per step of the method (docs/architecture.md)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -57,7 +58,6 @@ def _cmd_data_flexmix(args) -> int:
 
 
 def _cmd_data_inspect(args) -> int:
-  import os
 
   import tensorflow_datasets as tfds
 
@@ -164,7 +164,6 @@ def split_distributed_flags(argv):
 
 def parse_run_config(run: str, args, flags: dict[str, str], model: str | None = None) -> None:
   """Parses model preset + runs/<run>.gin + --gin-file + flags + --gin. bindings (later wins)."""
-  import os
 
   import gin
 
@@ -210,9 +209,6 @@ def _named_paths(items) -> dict[str, list[str]]:
 
 def _eval_domains(items, flexmix: str | None) -> dict[str, list[str]]:
   """``--data NAME=PATH``, or ``--data NAME`` for a domain of the FlexMix-mini at ``flexmix``."""
-  import json
-  import os
-
   named = [i for i in items or () if "=" in i]
   bare = [i for i in items or () if "=" not in i]
   out = _named_paths(named)
@@ -220,12 +216,9 @@ def _eval_domains(items, flexmix: str | None) -> dict[str, list[str]]:
     raise ValueError(f"--data {bare[0]}: write NAME=PATH, or give --flexmix DIR to evaluate on "
                      "FlexMix-mini's domains by name.")
   if bare:
-    card_path = os.path.join(flexmix, "flexmix_mini.json")
-    if not os.path.exists(card_path):
-      raise FileNotFoundError(f"--flexmix {flexmix}: no flexmix_mini.json there (a FlexMix-mini "
-                              "directory holds one, e.g. WORKDIR/flexmix_mini of the demo).")
-    with open(card_path) as fh:
-      domains = json.load(fh)["domains"]
+    from flexolmo_jax.data import flexmix_mini
+
+    domains = flexmix_mini.read_card(flexmix)["domains"]
     for name in bare:
       if name not in domains:
         raise ValueError(f"--data {name}: unknown domain; the FlexMix-mini at {flexmix} has "
@@ -277,13 +270,12 @@ def eval_batches(data: dict[str, list[str]], vocabulary, data_dir: str, seq_len:
 
 def model_vocabulary(path: str):
   """The vocabulary a saved model (any kind) was trained with."""
-  import os
 
   from flexolmo_jax.checkpoint import merge, store
   from flexolmo_jax.data import tasks
   from flexolmo_jax.train import expert
 
-  path = merge.resolve(merge.resolve(path, "model"), "merged")
+  path = store.saved_dir(path)
   manifest = store.read_manifest(path)
   if manifest["kind"] == "btm":
     return model_vocabulary(manifest["members"][0]["path"])
@@ -411,10 +403,9 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_extraction(args) -> int:
-  """The extraction evaluation (spec section 9) of any saved model on an owner's documents."""
+  """The extraction evaluation (docs/method.md §9) of any saved model on an owner's documents."""
   import dataclasses
   import json
-  import os
 
   import numpy as np
 
@@ -537,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
       epilog="Multi-host: every sub-command takes --coordinator HOST:PORT --num-processes N "
              "--process-id I (or FLEXOLMO_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID; SLURM, Open MPI "
              "and TPU VMs are detected), see flexolmo_jax/distributed.py and launch/.")
+  p.add_argument("--verbose", action="store_true",
+                  help="keep the libraries' start-up logs (TensorFlow, XLA, seqio, Orbax); also "
+                       "FLEXOLMO_VERBOSE=1. Accepted anywhere on the command line.")
   sub = p.add_subparsers(dest="command", required=True)
   info = sub.add_parser("info", help="print a model preset and its parameter counts")
   info.add_argument("--model", default="tiny", help="preset name (gin_configs/models) or gin file")
@@ -655,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--seed", type=int, default=0)
   gen.add_argument("--num-samples", type=int, default=1)
   gen.set_defaults(fn=_cmd_generate)
-  ext = sub.add_parser("extraction", help="training-data extraction (spec section 9) of any "
+  ext = sub.add_parser("extraction", help="training-data extraction (docs/method.md §9) of any "
                        "saved model on an owner's documents")
   ext.add_argument("--model", required=True, help="public, dense or merged model directory")
   _add_selection_flags(ext)
@@ -751,12 +745,42 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+# Flags that name local files or directories; made absolute once, before any command runs.
+PATH_FLAGS = ("out", "public", "expert", "hf", "documents", "dense", "merged", "flexmix", "json",
+              "path", "data_dir", "workdir", "gin_file", "dp_router_proxy")
+NAMED_PATH_FLAGS = ("eval_data", "mc")   # NAME=PATH
+
+
+def absolute_paths(args) -> None:
+  """Every path flag of ``args`` made absolute (:mod:`flexolmo_jax.paths`), in place."""
+  from flexolmo_jax import paths
+
+  for dest in PATH_FLAGS:
+    if getattr(args, dest, None) is not None:
+      setattr(args, dest, paths.absolute_all(getattr(args, dest)))
+  named = NAMED_PATH_FLAGS + (("data",) if args.command == "eval" else ())
+  for dest in named:
+    if getattr(args, dest, None) is not None:
+      setattr(args, dest, [paths.absolute_named(item) for item in getattr(args, dest)])
+  if args.command != "eval" and getattr(args, "data", None) is not None:
+    args.data = paths.absolute_all(args.data)
+  if getattr(args, "vocabulary", None) not in (None, "byte"):
+    args.vocabulary = paths.absolute(args.vocabulary)
+  model = getattr(args, "model", None)   # a saved model, or (pretrain, info) a preset name
+  if model is not None and (args.command not in ("pretrain", "info") or os.path.exists(model)):
+    args.model = paths.absolute(model)
+
+
 def main(argv=None) -> int:
+  from flexolmo_jax import console
+
   argv = sys.argv[1:] if argv is None else list(argv)
   run_args: list[str] = []
   if argv[:1] == ["launch"] and "--" in argv:   # the launched run's flags, kept verbatim
     cut = argv.index("--")
     argv, run_args = argv[:cut], argv[cut + 1:]
+  argv = console.take_verbose_flag(argv)
+  console.configure()
   try:
     argv, gin_bindings = split_gin_flags(argv)
     argv, multi = split_distributed_flags(argv)
@@ -766,6 +790,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   args.gin_bindings = gin_bindings
   args.run_args = run_args
+  absolute_paths(args)
   try:
     from flexolmo_jax import distributed
 

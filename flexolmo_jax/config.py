@@ -12,7 +12,7 @@ from typing import Sequence
 import gin
 
 PUBLIC = "public"
-"""Name of the public (anchor) expert. It is an ordinary routed expert (spec section 3)."""
+"""Name of the public (anchor) expert. It is an ordinary routed expert (docs/method.md §3)."""
 
 DISPATCH_BACKENDS = ("dense", "capacity", "dropless", "ragged", "megablox")
 DTYPES = ("float32", "bfloat16")
@@ -22,7 +22,7 @@ TOP_K_POLICIES = ("reject", "clamp")
 @gin.configurable(module="flexolmo")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape and numerics of an OLMo-2 style decoder, dense or FlexOlmo MoE (spec sections 2, 3).
+  """Shape and numerics of an OLMo-2 style decoder, dense or FlexOlmo MoE (docs/method.md §2-3).
 
   ``experts`` empty means the dense public model; otherwise the names of the experts, in the
   model's order (``public`` first by convention). ``top_k`` experts are active per token.

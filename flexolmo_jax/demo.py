@@ -1,4 +1,4 @@
-"""``flexolmo demo``: FlexOlmo's comparison at laptop scale on FlexMix-mini (spec sections 7, 8).
+"""``flexolmo demo``: FlexOlmo's comparison at laptop scale on FlexMix-mini (docs/method.md §7-8).
 
 Stages, each checkpointed in the work directory and reused on the next run (``--fresh`` starts
 over); every training stage runs in its own process, and an owner's process is given only its own
@@ -15,7 +15,7 @@ default 2) run at once, each line of their output labelled with its run:
 6. Model soup, BTM and BTX-lite (its router tuned on public data only) (``baselines/``).
 7. Validation loss of every model on every domain, FlexOlmo with each expert opted out, and each
    expert alone with the public one (``eval/<model>.json``).
-8. Training-data extraction (spec section 9) of the canaries planted in one owner's data, with
+8. Training-data extraction (docs/method.md §9) of the canaries planted in one owner's data, with
    that owner's expert in and out, and with its DP-trained expert (``eval/extraction.json``).
 9. The Hugging Face export of the tuned model, checked against transformers' logits (``hf/``).
 10. ``report.json`` (every number), ``report.md`` (the tables) and ``report.png`` (the bars).
@@ -84,7 +84,7 @@ def run_stages(stages: list[tuple[str, list[str]]], jobs: int = 1,
     with lock:
       print(f"  $ flexolmo {' '.join(argv)}", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "flexolmo_jax.cli", *argv],
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+                            env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
     prefix = f"  [{label}] " if jobs > 1 and len(stages) > 1 else ""
@@ -141,10 +141,8 @@ class Demo:
     from flexolmo_jax.data import flexmix_mini
 
     fm_dir = self.path("flexmix_mini")
-    card_path = os.path.join(fm_dir, "flexmix_mini.json")
-    if os.path.exists(card_path):
-      with open(card_path) as fh:
-        self.card = json.load(fh)
+    if os.path.exists(os.path.join(fm_dir, flexmix_mini.CARD_FILE)):
+      self.card = flexmix_mini.read_card(fm_dir)
       print(f"[1/10] FlexMix-mini: reusing {fm_dir} (--fresh to rebuild)")
     else:
       print(f"[1/10] FlexMix-mini: building into {fm_dir}")
@@ -153,7 +151,7 @@ class Demo:
     for name, info in self.card["domains"].items():
       print(f"  {name:>6}: {info['byte_tokens']['train']:,} train byte tokens")
     domains = self.card["domains"]
-    self.raw = {d: os.path.join(fm_dir, "tfds", f"flexmix_{d}", "1.0.0") for d in domains}
+    self.raw = {d: info["dataset_dir"] for d, info in domains.items()}
     self.closed = [d for d in domains if d != PUBLIC]
     # A domain too small to hold validation documents (quick sizes) is trained, not evaluated.
     self.evaluable = [d for d in domains if domains[d]["documents"]["validation"] > 0]

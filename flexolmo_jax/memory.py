@@ -1,7 +1,7 @@
 """Memory arithmetic for the big presets (docs/scaling.md): parameters, optimizer state and
 caches, from a ModelConfig alone. Activations depend on batch, length and remat and are left out.
 
-Expert training (spec section 4) keeps the public model frozen (no gradient, no optimizer state)
+Expert training (docs/method.md §4) keeps the public model frozen (no gradient, no optimizer state)
 and trains, per layer, one SwiGLU FFN, one router row and one negative bias, with fp32 AdamW
 (two moments) and fp32 gradients. Inference holds every parameter in the compute dtype plus the
 key/value cache.

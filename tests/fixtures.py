@@ -60,8 +60,7 @@ def demo_run(tmp_path_factory):
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
   with open(log_path) as fh:
     log = fh.read()
-  with open(os.path.join(workdir, "flexmix_mini", "flexmix_mini.json")) as fh:
-    card = json.load(fh)
+  card = flexmix_mini.read_card(os.path.join(workdir, "flexmix_mini"))
   return {"workdir": workdir, "log": log, "card": card}
 
 

@@ -1,4 +1,4 @@
-"""Merging experts, opting them in and out, and refusing bad inputs (FLEXOLMO_SPEC.md section 6)."""
+"""Merging experts, opting them in and out, and refusing bad inputs (docs/method.md §6)."""
 import filecmp
 import json
 import os

@@ -1,1 +1,1 @@
-"""Orbax storage of models, expert artifacts and training state (DESIGN.md "checkpoint/")."""
+"""Orbax storage of models, expert artifacts and training state."""

@@ -1,4 +1,4 @@
-"""``flexolmo merge``: the public model plus named experts as one MoE checkpoint (spec section 6).
+"""``flexolmo merge``: the public model plus named experts as one MoE checkpoint (docs/method.md §6).
 
 A merged checkpoint stores one subtree per name; nothing is stacked on disk::
 
@@ -60,16 +60,6 @@ class Expert:
   negative_bias: np.ndarray | None   # [L]
 
 
-def resolve(path: str, nested: str) -> str:
-  """``path`` itself if it holds a manifest, else its ``nested`` sub-directory if that does."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist.")
-  inner = os.path.join(path, nested)
-  if not os.path.exists(os.path.join(path, store.MANIFEST)) and os.path.isdir(inner):
-    return inner
-  return path
-
-
 def router_fingerprint(row) -> str:
   return store.fingerprint({"public_router": np.asarray(row, np.float32)})
 
@@ -81,7 +71,7 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_leaves(path: str, cfg: ModelConfig, has_bias: bool, what: str) -> None:
-  params = os.path.join(path, store.PARAMS)
+  params = store.params_dir(path)
   try:
     tree = ocp.StandardCheckpointer().metadata(params).item_metadata.tree
   except Exception as e:   # noqa: BLE001 (Orbax raises many kinds for a broken directory)
@@ -104,7 +94,7 @@ def _restore_small(path: str, keys: Sequence[str], cfg: ModelConfig) -> dict[str
 def read_expert(path: str, public_manifest: dict, public_cfg: ModelConfig,
                 public_path: str) -> Expert:
   """An expert artifact checked against the public model; errors name the expert and file."""
-  path = resolve(path, "expert")
+  path = store.saved_dir(path)
   manifest = store.read_manifest(path)
   name = manifest.get("name", "?")
   what = f"expert {name!r} ({path})"
@@ -149,7 +139,7 @@ class Source:
 
 
 def read_public(path: str) -> tuple[str, dict, ModelConfig]:
-  path = resolve(path, "model")
+  path = store.saved_dir(path)
   manifest = store.read_manifest(path)
   if manifest.get("kind") != "public":
     raise ValueError(f"{path} is a {manifest.get('kind')!r} checkpoint, not the public model.")
@@ -160,7 +150,7 @@ def read_public(path: str) -> tuple[str, dict, ModelConfig]:
 
 def read_sources(public: str, experts: Sequence[str]) -> Source:
   """The public model (or a merged checkpoint, whose experts come along) plus expert artifacts."""
-  public = resolve(public, "model")
+  public = store.saved_dir(public)
   manifest = store.read_manifest(public)
   merged_router = None
   paths = list(experts)
@@ -325,7 +315,7 @@ def selection(all_names: Sequence[str], experts: Sequence[str] | str | None = No
 def open_merged(path: str, experts=None, exclude=None, *, verify: bool = False
                 ) -> tuple[str, dict, ModelConfig]:
   """(directory, manifest, config over the selected experts) of a merged checkpoint."""
-  path = resolve(path, "merged")
+  path = store.saved_dir(path)
   manifest = store.read_manifest(path, KIND)
   store.verify_files(path, manifest) if verify else store.recorded_files(path, manifest)
   cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))

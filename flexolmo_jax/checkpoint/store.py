@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flexolmo_jax import distributed
+from flexolmo_jax import distributed, paths
 from flexolmo_jax.config import ModelConfig
 
 FORMAT = "flexolmo_jax/1"
@@ -41,6 +41,28 @@ PARAMS = "params"
 KINDS = ("public", "expert", "dense", "merged", "btm")
 FILES = "files"
 _CHUNK = 8 << 20
+# Where each command that trains or builds a model puts it inside its run directory:
+# pretrain and train-dense ``model/``, tune-router ``merged/``, train-expert ``expert/``.
+RUN_OUTPUTS = ("model", "merged", "expert")
+
+
+def saved_dir(path: str) -> str:
+  """The saved model at ``path``: ``path`` itself when it holds a manifest, else the model inside
+  the run directory of the command that made it (:data:`RUN_OUTPUTS`); always absolute."""
+  path = paths.absolute(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist.")
+  if not os.path.exists(os.path.join(path, MANIFEST)):
+    for nested in RUN_OUTPUTS:
+      if os.path.exists(os.path.join(path, nested, MANIFEST)):
+        return os.path.join(path, nested)
+  return path
+
+
+def params_dir(directory: str) -> str:
+  """The absolute ``params/`` of a saved directory: Orbax reads nothing from a relative path
+  (its metadata of a relative path has no tree)."""
+  return os.path.join(paths.absolute(directory), PARAMS)
 
 
 def fingerprint(params: Mapping[str, Any]) -> str:
@@ -114,7 +136,7 @@ def save(directory: str, params: Mapping[str, Any], manifest: Mapping[str, Any],
 def begin(directory: str, overwrite: bool) -> tuple[str, str]:
   """(absolute directory, empty ``<directory>.partial-<pid>`` to write into); with several
   processes, process 0's pid names the one directory they all write into."""
-  directory = os.path.abspath(directory)
+  directory = paths.absolute(directory)
   if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f"{directory} already exists; choose another output or overwrite.")
   partial = f"{directory}.partial-{distributed.broadcast_from_leader(os.getpid())}"
@@ -225,7 +247,7 @@ def read_manifest(directory: str, kind: str | None = None) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"{path} is missing: {directory} is not a complete flexolmo_jax checkpoint (an "
-        "interrupted save, or a training-run directory: pass its model/ sub-directory).")
+        "interrupted save, or a run directory whose model is not finished yet).")
   try:
     with open(path) as fh:
       manifest = json.load(fh)
@@ -242,7 +264,7 @@ def read_manifest(directory: str, kind: str | None = None) -> dict:
 def load_params(directory: str, target: Any = None) -> dict:
   """Restores ``params/``; with ``target`` (arrays or ShapeDtypeStructs, shardings honoured) the
   structure must match exactly: a missing or extra leaf is an error, never a partial restore."""
-  path = os.path.join(os.path.abspath(directory), PARAMS)
+  path = params_dir(directory)
   checkpointer = ocp.StandardCheckpointer()
   try:
     if target is None:   # whatever topology saved it: every leaf on the first local device
@@ -271,7 +293,7 @@ def restore_leaves(directory: str, shapes: Mapping[tuple[str, ...], tuple[int, .
     node[path[-1]] = np.zeros(shape, np.float32)      # a template: calloc'd, never touched
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   out = ocp.PyTreeCheckpointer().restore(
-      os.path.join(directory, PARAMS),
+      params_dir(directory),
       args=ocp.args.PyTreeRestore(item=item, partial_restore=True, restore_args=restore_args))
   result = {}
   for path in shapes:

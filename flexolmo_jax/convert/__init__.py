@@ -1,1 +1,1 @@
-"""Conversion to and from the Hugging Face layout (FLEXOLMO_SPEC.md section 10)."""
+"""Conversion to and from the Hugging Face layout (docs/method.md §10)."""

@@ -1,4 +1,4 @@
-"""``flexolmo export-hf``: a saved model as a Hugging Face checkpoint (FLEXOLMO_SPEC.md section 10).
+"""``flexolmo export-hf``: a saved model as a Hugging Face checkpoint (docs/method.md §10).
 
 A merged model becomes ``FlexOlmoForCausalLM`` over the selected experts (expert 0 is ``public``,
 the rest in the model's order); a ``public`` or ``dense`` model becomes ``Olmo2ForCausalLM``. The
@@ -37,7 +37,7 @@ class Source:
   """Our leaves, one at a time, of a dense or merged model directory."""
 
   def __init__(self, path: str, experts=None, exclude=None, drop_negative_bias: bool = False):
-    path = merge_lib.resolve(merge_lib.resolve(path, "model"), "merged")
+    path = store.saved_dir(path)
     manifest = store.read_manifest(path)
     kind = manifest.get("kind")
     if kind == merge_lib.KIND:

@@ -1,4 +1,4 @@
-"""Hugging Face <-> flexolmo_jax parameter mapping (FLEXOLMO_SPEC.md section 10).
+"""Hugging Face <-> flexolmo_jax parameter mapping (docs/method.md §10).
 
 This module holds the name/shape mapping between a ``FlexOlmoForCausalLM`` / ``Olmo2ForCausalLM``
 state dict (torch ``Linear`` layout ``[out, in]``) and this project's stacked parameters. It reads
@@ -40,7 +40,7 @@ def config_from_hf(hf_config: Mapping[str, Any], expert_names=None, **changes) -
       rope_theta=float(theta), norm_eps=c.get("rms_norm_eps", 1e-6))
   if model_type == "flex_olmo":
     if c.get("norm_topk_prob"):
-      raise ValueError("norm_topk_prob=True is not FlexOlmo routing (spec section 3).")
+      raise ValueError("norm_topk_prob=True is not FlexOlmo routing (docs/method.md §3).")
     n = c["num_experts"]
     width = len(str(n - 1))    # zero-padded when n > 10, so sorting the names keeps the order
     names = tuple(expert_names) if expert_names else (PUBLIC,) + tuple(

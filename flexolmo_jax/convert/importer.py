@@ -1,4 +1,4 @@
-"""``flexolmo import-hf``: a Hugging Face checkpoint as one of our models (FLEXOLMO_SPEC.md 10).
+"""``flexolmo import-hf``: a Hugging Face checkpoint as one of our models (docs/method.md §10).
 
 - ``Olmo2ForCausalLM`` -> a ``public`` model (with its fingerprint), ready for ``train-expert``.
 - ``FlexOlmoForCausalLM`` -> a merged checkpoint; expert 0 is the public model. The other experts

@@ -18,7 +18,7 @@ Every document is assigned by a hash of its text, so the build is deterministic.
 written as JSONL (``raw/<domain>.jsonl``) and prepared as a TFDS dataset (``tfds/``).
 
 Canaries: ``canaries`` SYNTHETIC secret documents are planted, ``canary_copies`` times each, in the
-train split of ``canary_domain``. They measure training-data extraction (spec section 9): a model
+train split of ``canary_domain``. They measure training-data extraction (docs/method.md §9): a model
 that reproduces them learned them from that owner's data only. The distinct canaries are listed in
 ``raw/canaries.jsonl``. Each is a header, then a secret cycle (a random order of
 ``canary_cycle`` symbols that no other canary uses) repeated: memorizing one is a table of
@@ -44,6 +44,7 @@ import string
 import sysconfig
 from typing import Callable, Iterator
 
+from flexolmo_jax import paths
 from flexolmo_jax.data import sources
 
 CLOSED_DOMAINS = ("code", "prose", "legal", "math")
@@ -71,6 +72,7 @@ class FlexMixSize:
 SIZES = {"default": FlexMixSize(), "quick": FlexMixSize(bytes_per_domain=120_000,
                                                          math_documents=600, canary_bytes=127)}
 CANARY_FILE = "canaries.jsonl"
+CARD_FILE = "flexmix_mini.json"
 CANARY_SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
 
 
@@ -258,8 +260,7 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
     tokens = {s: stats.utf8_bytes[s] + stats.documents[s] for s in stats.documents}  # + EOS
     card["domains"][name] = {"documents": stats.documents, "byte_tokens": tokens,
                              "validation_fraction": fraction,
-                             "dataset_dir": os.path.join(out_dir, "tfds", f"flexmix_{name}",
-                                                         "1.0.0")}
+                             "dataset_dir": f"tfds/flexmix_{name}/1.0.0"}
     log(f"FlexMix-mini {name:>6}: {sum(stats.documents.values()):5d} documents, "
         f"{tokens['train']:,} train / {tokens['validation']:,} validation byte tokens")
   if canaries:
@@ -268,11 +269,31 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
       fh.writelines(json.dumps({"text": c}) + "\n" for c in canaries)
     os.replace(path + ".tmp", path)
     card["canaries"] = {"domain": size.canary_domain, "copies": size.canary_copies,
-                        "documents": len(canaries), "path": path}
+                        "documents": len(canaries), "path": f"raw/{CANARY_FILE}"}
     log(f"FlexMix-mini canaries: {len(canaries)} synthetic secrets planted "
         f"{size.canary_copies} times each in {size.canary_domain}'s train split")
-  with open(os.path.join(out_dir, "flexmix_mini.json"), "w") as fh:
+  with open(os.path.join(out_dir, CARD_FILE), "w") as fh:
     json.dump(card, fh, indent=1)
+  return read_card(out_dir)
+
+
+def read_card(directory: str) -> dict:
+  """The card of the FlexMix-mini built in ``directory``, its paths made absolute there.
+
+  The card records paths relative to its own directory, so a FlexMix-mini reads the same from
+  any working directory and after the directory is moved."""
+  path = os.path.join(directory, CARD_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory}: no {CARD_FILE} there (a FlexMix-mini directory holds "
+                            "one: `flexolmo data flexmix-mini --out DIR`, or WORKDIR/flexmix_mini "
+                            "of the demo).")
+  with open(path) as fh:
+    card = json.load(fh)
+  for name, info in card["domains"].items():
+    info["dataset_dir"] = paths.inside(directory, info["dataset_dir"], f"{path}: domain {name}")
+  if "canaries" in card:
+    card["canaries"]["path"] = paths.inside(directory, card["canaries"]["path"],
+                                            f"{path}: canaries")
   return card
 
 

@@ -17,6 +17,8 @@ import os
 import shutil
 from typing import Iterator
 
+from flexolmo_jax import console
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "text", "jsonl")
@@ -208,11 +210,12 @@ def prepare(name: str, spec: SourceSpec, data_dir: str, *, version: str = "1.0.0
   if os.path.exists(final_dir):
     shutil.rmtree(final_dir)
   splits = {s: _split_examples(spec, s) for s in ("train", "validation") if stats.documents[s]}
-  tfds.dataset_builders.store_as_tfds_dataset(
-      name=tfds_name, version=version,
-      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-      split_datasets=splits, data_dir=data_dir,
-      description=f"flexolmo_jax local corpus {name!r} from {list(spec.paths)}")
+  with console.library_chatter():
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=tfds_name, version=version,
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+        split_datasets=splits, data_dir=data_dir,
+        description=f"flexolmo_jax local corpus {name!r} from {list(spec.paths)}")
   tmp = os.path.join(final_dir, SOURCE_RECORD + ".tmp")
   with open(tmp, "w") as fh:
     json.dump({"spec": dataclasses.asdict(spec), "stats": stats.to_json()}, fh, indent=1)

@@ -1,4 +1,4 @@
-"""The paper's baselines over dense models continued from the public one (spec section 7).
+"""The paper's baselines over dense models continued from the public one (docs/method.md §7).
 
 - **Model soup** (:func:`soup`): the uniform parameter average of the dense models, saved as a
   ``dense`` model.
@@ -43,7 +43,7 @@ def read_members(paths: Sequence[str]) -> list[tuple[str, dict]]:
     raise ValueError(f"A baseline combines at least 2 dense models; got {len(paths)}.")
   members = []
   for path in paths:
-    path = merge_lib.resolve(path, "model")
+    path = store.saved_dir(path)
     manifest = store.read_manifest(path, "dense")
     if members:
       first_path, first = members[0]

@@ -1,4 +1,4 @@
-"""The training-data extraction evaluation (FLEXOLMO_SPEC.md section 9).
+"""The training-data extraction evaluation (docs/method.md §9).
 
 For every training document of at least ``min_length`` tokens: take a ``prefix``-token window at
 a random offset, sample ``samples`` continuations to ``total`` tokens (prefix included; top-k 50,

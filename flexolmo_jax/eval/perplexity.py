@@ -90,7 +90,7 @@ def load_dense(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict, 
 def load_model(path: str, experts=None, exclude=None, dtype: str | None = None
                ) -> tuple[ModelConfig, dict, dict]:
   """(config, params, manifest) of a public, dense or merged model (experts opted in or out)."""
-  path = merge_lib.resolve(merge_lib.resolve(path, "model"), "merged")
+  path = store.saved_dir(path)
   manifest = store.read_manifest(path)
   kind = manifest.get("kind")
   if kind != "merged" and (experts or exclude):
@@ -108,7 +108,7 @@ def load_model(path: str, experts=None, exclude=None, dtype: str | None = None
 def open_model(path: str, experts=None, exclude=None, dtype: str | None = None
                ) -> tuple[Scorer, dict]:
   """(scorer, description) for any saved model; ``experts`` / ``exclude`` opt experts in or out."""
-  path = merge_lib.resolve(merge_lib.resolve(path, "model"), "merged")
+  path = store.saved_dir(path)
   manifest = store.read_manifest(path)
   if manifest.get("kind") == "btm":
     if experts or exclude:

@@ -1,7 +1,7 @@
-"""Token -> expert dispatch backends behind one signature (DESIGN.md "Dispatch is pluggable").
+"""Token -> expert dispatch backends behind one signature (docs/architecture.md).
 
 Every backend computes, for tokens ``x [T, d]`` routed to ``experts [T, k]`` with combine weights
-``weights [T, k]`` (spec section 3: softmax probabilities, not renormalized)::
+``weights [T, k]`` (docs/method.md §3: softmax probabilities, not renormalized)::
 
     y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t])
 

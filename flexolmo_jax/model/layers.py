@@ -1,4 +1,4 @@
-"""OLMo-2 building blocks with the exact semantics of FLEXOLMO_SPEC.md section 2.
+"""OLMo-2 building blocks with the exact semantics of docs/method.md §2.
 
 Every parameter is an ``nnx.Param`` whose ``axes`` metadata names its logical axes
 (see ``flexolmo_jax/sharding.py``); layers built with ``stack=L`` get a leading ``layers`` axis

@@ -1,4 +1,4 @@
-"""The FlexOlmo router and MoE layer (FLEXOLMO_SPEC.md section 3).
+"""The FlexOlmo router and MoE layer (docs/method.md §3).
 
 Router: one embedding row per expert, ``logits = x W_r^T`` in fp32, plus ``min(b_e, 0)`` for each
 non-public expert when the negative bias is on (section 4); softmax over **all** experts, then

@@ -1,4 +1,4 @@
-"""The decoder: the dense public model or the FlexOlmo MoE over named experts (spec section 2).
+"""The decoder: the dense public model or the FlexOlmo MoE over named experts (docs/method.md §2).
 
 Post-norm blocks::
 

@@ -1,4 +1,4 @@
-"""Differential privacy for expert training (FLEXOLMO_SPEC.md sections 5 and 9).
+"""Differential privacy for expert training (docs/method.md §5 and §9).
 
 FlexOlmo leaves DP to each data owner; here it is one flag of ``train-expert``:
 

@@ -1,4 +1,4 @@
-"""The router row's domain embedding under DP (FLEXOLMO_SPEC.md section 9, DP note).
+"""The router row's domain embedding under DP (docs/method.md §9, DP note).
 
 The non-DP embedding (train/router_init.py) is a mean over the owner's documents of their
 L2-normalized hidden-state means: it reads the owner's data, and it is released (as the router

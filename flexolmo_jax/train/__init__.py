@@ -1,1 +1,1 @@
-"""Trainers: the shared loop, public pre-training and expert training (DESIGN.md "train/")."""
+"""Trainers: the shared loop, public pre-training and expert training."""

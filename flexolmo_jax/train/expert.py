@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from flexolmo_jax import sharding
-from flexolmo_jax.checkpoint import merge, store
+from flexolmo_jax import paths, sharding
+from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names, write_gin_config
 from flexolmo_jax.data import tasks
 from flexolmo_jax.model.transformer import PureModel, pure_model
@@ -43,7 +43,7 @@ EXPERT_AXES = {"w_gate": ("layers", "embed", "mlp"), "w_up": ("layers", "embed",
 @gin.configurable(module="flexolmo")
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-  """How the 2-expert model routes while the expert trains (spec sections 4, 5)."""
+  """How the 2-expert model routes while the expert trains (docs/method.md §4-5)."""
 
   top_k: int = 2                       # 2 of 2: the reference script's soft mixture
   negative_bias: bool = True
@@ -60,14 +60,9 @@ class ExpertConfig:
       raise ValueError(f"ExpertConfig: top_k={self.top_k}; the 2-expert model takes 1 or 2.")
 
 
-def resolve_public(path: str) -> str:
-  """A public model directory, or a pretrain output directory holding ``model/``."""
-  return merge.resolve(path, "model")
-
-
 def load_public(path: str) -> tuple[str, dict, ModelConfig]:
   """(directory, manifest, config) of a dense public model; clear errors otherwise."""
-  path = resolve_public(path)
+  path = store.saved_dir(path)
   manifest = store.read_manifest(path)
   if manifest.get("kind") != "public":
     raise ValueError(f"{path} is a {manifest.get('kind')!r} checkpoint, not a dense public model; "
@@ -180,8 +175,8 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
     raise ValueError(f"The expert name {PUBLIC!r} is reserved for the public model; choose "
                      "another name for this data owner's expert.")
   validate_expert_names([PUBLIC, name])
-  if isinstance(data, str):
-    data = [data]
+  data, output_dir = paths.absolute_all([data] if isinstance(data, str) else data), \
+      paths.absolute(output_dir)
   public_path, manifest, public_cfg = load_public(public)
   own_vocab = public_vocabulary(public_path, manifest)
   if vocabulary is not None:

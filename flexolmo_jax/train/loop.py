@@ -51,7 +51,7 @@ OPTIONAL_BATCH_KEYS = ("expert_keep",)
 @gin.configurable(module="flexolmo")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimization, logging and checkpointing of one training run (spec section 4 defaults)."""
+  """Optimization, logging and checkpointing of one training run (docs/method.md §4 defaults)."""
 
   steps: int = 1000
   batch_size: int = 16          # global sequences per step (split over hosts and devices)

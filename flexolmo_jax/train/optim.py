@@ -1,7 +1,7 @@
-"""AdamW with linear warm-up and cosine decay, global-norm clipping (FLEXOLMO_SPEC.md section 4).
+"""AdamW with linear warm-up and cosine decay, global-norm clipping (docs/method.md §4).
 
 The optimizer only ever sees the *trainable* tree: frozen parameters are a separate argument of
-the step, so they have no optimizer state and get no update (DESIGN.md "Frozen means untouched").
+the step, so they have no optimizer state and get no update (docs/architecture.md, "Frozen means untouched").
 """
 from __future__ import annotations
 

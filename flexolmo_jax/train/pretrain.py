@@ -13,7 +13,7 @@ import gin
 import jax
 import numpy as np
 
-from flexolmo_jax import sharding
+from flexolmo_jax import paths, sharding
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import ModelConfig, write_gin_config
 from flexolmo_jax.data import tasks
@@ -30,9 +30,9 @@ def check_vocabulary(vocab, cfg: ModelConfig, spec: str) -> None:
 
 
 def eval_tasks(data_dir: str, eval_data: Mapping[str, Sequence[str]], vocab) -> dict[str, str]:
-  return {name: tasks.register_corpus(name, paths, data_dir=data_dir, vocabulary=vocab,
-                                     require=("validation",))
-          for name, paths in eval_data.items()}
+  return {name: tasks.register_corpus(name, paths.absolute_all(files), data_dir=data_dir,
+                                     vocabulary=vocab, require=("validation",))
+          for name, files in eval_data.items()}
 
 
 @gin.configurable(module="flexolmo")
@@ -58,8 +58,8 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   if cfg.is_moe:
     raise ValueError(f"pretrain trains the dense public model, but the config has experts "
                      f"{list(cfg.experts)}.")
-  if isinstance(data, str):
-    data = [data]
+  data, output_dir = paths.absolute_all([data] if isinstance(data, str) else data), \
+      paths.absolute(output_dir)
   vocab = tasks.vocabulary_from_spec(vocabulary)
   check_vocabulary(vocab, cfg, vocabulary)
   write_gin_config(output_dir)

@@ -1,4 +1,4 @@
-"""Router rows from domain embeddings (FLEXOLMO_SPEC.md section 5).
+"""Router rows from domain embeddings (docs/method.md §5).
 
 The paper embeds 1000 documents of a domain with an off-the-shelf embedder and uses their mean as
 that expert's router row in every layer. Its embedder's width equals d_model; ours may not, so we

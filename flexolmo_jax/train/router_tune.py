@@ -1,4 +1,4 @@
-"""``flexolmo tune-router``: optional router tuning on public proxy data (spec section 6, 3.3.3).
+"""``flexolmo tune-router``: optional router tuning on public proxy data (docs/method.md §6).
 
 Closed data is never read. The only view of a domain is what its artifact carries: the domain
 embedding its owner computed (``domain_embedding.npz``, the mean of L2-normalized document
@@ -33,7 +33,7 @@ import gin
 import jax
 import numpy as np
 
-from flexolmo_jax import sharding
+from flexolmo_jax import paths, sharding
 from flexolmo_jax.checkpoint import merge as merge_lib
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import PUBLIC, write_gin_config
@@ -131,9 +131,9 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   """Tunes the router of the merged model on public data; returns (TrainResult, out or None)."""
   train, tune = train or loop.TrainConfig(), tune or RouterTuneConfig()
   rules = rules or sharding.ShardingRules()
-  if isinstance(data, str):
-    data = [data]
-  merged = merge_lib.resolve(merged, "merged")
+  data, output_dir = paths.absolute_all([data] if isinstance(data, str) else data), \
+      paths.absolute(output_dir)
+  merged = store.saved_dir(merged)
   manifest = store.read_manifest(merged, merge_lib.KIND)
   cfg, params = merge_lib.load_merged(merged)
   cfg = cfg.replace(top_k=cfg.num_experts)        # all experts active
