@@ -50,18 +50,26 @@ def last_eval(run: str) -> dict:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-  """{"workdir", "log" (its console output), "card"}: ``flexolmo demo --quick`` end to end."""
-  workdir = run_dir(tmp_path_factory, "demo")
-  log_path = workdir.rstrip("/") + ".log"
+  """{"cwd", "workdir", "log" (its console output), "stderr", "card"}: ``flexolmo demo --quick``
+  end to end, typed as a user types it: from a fresh directory, with the default relative
+  work directory (``workdir``)."""
+  cwd = run_dir(tmp_path_factory, "demo")
+  os.makedirs(cwd, exist_ok=True)
+  workdir = os.path.join(cwd, "workdir")
+  log_path, err_path = os.path.join(cwd, "demo.log"), os.path.join(cwd, "demo.stderr")
   if not os.path.exists(os.path.join(workdir, "report.json")):
-    run = run_cli(["demo", "--quick", "--workdir", workdir], timeout=1800)
+    run = run_cli(["demo", "--quick"], timeout=1800, cwd=cwd)
     with open(log_path, "w") as fh:
       fh.write(run.stdout + run.stderr)
+    with open(err_path, "w") as fh:
+      fh.write(run.stderr)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
   with open(log_path) as fh:
     log = fh.read()
+  with open(err_path) as fh:
+    stderr = fh.read()
   card = flexmix_mini.read_card(os.path.join(workdir, "flexmix_mini"))
-  return {"workdir": workdir, "log": log, "card": card}
+  return {"cwd": cwd, "workdir": workdir, "log": log, "stderr": stderr, "card": card}
 
 
 @pytest.fixture(scope="session")

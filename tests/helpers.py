@@ -90,15 +90,15 @@ def synthetic_stream(vocab_size, batch=8, length=32, seed=0):
   return make
 
 
-def run_cli(argv, timeout=1200):
-  """``flexolmo ARGV`` in its own process (one CPU device), as a user runs it."""
+def run_cli(argv, timeout=1200, cwd=None, env=None):
+  """``flexolmo ARGV`` in its own process (one CPU device), as a user runs it, from ``cwd``."""
   import os
   import subprocess
   import sys
 
   return subprocess.run([sys.executable, "-m", "flexolmo_jax.cli", *argv],
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                        text=True, timeout=timeout)
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+                        capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def save_random_public(path, cfg=None, seed=0):

@@ -6,7 +6,9 @@ import os
 
 import pytest
 
+from flexolmo_jax import console
 from flexolmo_jax.data import flexmix_mini, sources
+from tests.helpers import run_cli
 
 # Loss tolerances (nats per byte) of the opt-out claims at quick size: the other domains stay
 # within OPT_OUT_TOLERANCE of the full model; the opted-out domain comes back to the public
@@ -113,10 +115,13 @@ def test_packed_flexmix_batch_through_the_model_respects_segments(built):
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(demo_run, capfd):
-  """``flexolmo demo --quick`` (run once by the session fixture, in its own process)."""
-  from flexolmo_jax import cli
+def test_quick_demo_end_to_end(demo_run):
+  """``flexolmo demo --quick`` (run once by the session fixture, in its own process, from a fresh
+  directory with the default relative work directory, as ``make demo`` runs it)."""
   workdir, out = demo_run["workdir"], demo_run["log"]
+  # A quiet console: none of the libraries' start-up noise reached the user.
+  assert console.NATIVE_NOISE.search(demo_run["stderr"]) is None, demo_run["stderr"][-3000:]
+  assert "FunctionDataset" not in out
   assert "building into" in out and "flexolmo pretrain" in out
   for domain in ("code", "prose", "legal", "math"):
     art = os.path.join(workdir, "experts", domain, "expert", "manifest.json")
@@ -207,10 +212,11 @@ def test_quick_demo_end_to_end(demo_run, capfd):
   assert set(dp["extraction"]) == set(dp["loss"])
   assert "Differential privacy:" in open(os.path.join(workdir, "report.md")).read()
   assert report["hf_export"]["ok"], report["hf_export"]
-  # A second run reuses every stage.
-  assert cli.main(["demo", "--quick", "--workdir", workdir]) == 0
-  out = capfd.readouterr().out
-  assert "reusing" in out and "$ flexolmo" not in out
+  # A second run of the same command, typed the same way, reuses every stage.
+  again = run_cli(["demo", "--quick"], timeout=600, cwd=demo_run["cwd"])
+  assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+  assert "reusing" in again.stdout and "$ flexolmo" not in again.stdout
+  assert console.NATIVE_NOISE.search(again.stderr) is None, again.stderr[-3000:]
   assert json.load(open(os.path.join(workdir, "report.json")))["seconds"] == report["seconds"]
 
 

@@ -79,7 +79,13 @@ def test_opt_out_equals_model_built_without_the_expert(backend):
   assert np.abs(np.asarray(model(toks)[0] - opted_out)).max() > 1e-4
 
 
-def test_one_expert_moe_equals_dense_exactly():
+def test_one_expert_moe_equals_dense():
+  """A one-expert MoE computes the dense model: the router's softmax over one logit is exactly 1,
+  so the layer is 1.0 * FFN(x). The two are different compiled programs, though (the MoE's FFN
+  runs through dispatch, whose matmuls XLA may block and accumulate in another order), so they
+  agree to float rounding, not bitwise: 3.6e-7 apart on one x86_64 machine, 0 on another. The
+  bitwise claims of the suite (opt-out, merge, selection by name) compare the same program on the
+  same parameters, which is equal by construction on any machine."""
   dense_cfg = tiny()
   dense = spread_router(Transformer(dense_cfg, nnx.Rngs(0)))
   for backend in ["dense", "dropless"]:
@@ -97,7 +103,9 @@ def test_one_expert_moe_equals_dense_exactly():
         var[...] = dense_flat[path]
     nnx.update(moe, state)
     toks = tokens(dense_cfg)
-    np.testing.assert_array_equal(moe(toks)[0], dense(toks)[0])
+    logits, aux = moe(toks)
+    np.testing.assert_allclose(logits, dense(toks)[0], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(aux.expert_share, [1.0])     # every token to the one expert
 
 
 def test_scanned_equals_unrolled_and_remat():

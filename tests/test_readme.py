@@ -1,0 +1,132 @@
+"""The README's commands are the user's path: its story runs exactly as written there (only
+``--steps`` and ``--max-new-tokens`` made smaller), from a fresh directory with relative paths, and
+every ``flexolmo`` command shown in the README and in docs/ parses."""
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from flexolmo_jax import cli, console
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+MARK = "<!-- tests/test_readme.py runs the next block -->"
+# The only changes the test makes to the story: sizes, through flags the README itself shows.
+SIZES = {"--steps": "3", "--max-new-tokens": "8"}
+# The user's path, in order: (sub-command, what its line must also contain).
+STORY = [("data flexmix-mini", ""), ("data prepare", ""), ("pretrain", ""),
+         ("train-expert", "--name code"), ("train-expert", "--name math"), ("merge", ""),
+         ("eval", "--exclude"), ("generate", ""), ("tune-router", ""), ("export-hf", ""),
+         ("import-hf", ""), ("launch", "--dry-run")]
+
+
+def bash_blocks(text: str) -> list[tuple[str, str]]:
+  """(the line before the fence, the block's text) of every ```bash block of a Markdown text."""
+  blocks, lines, i = [], text.splitlines(), 0
+  while i < len(lines):
+    if lines[i].strip() == "```bash":
+      end = lines.index("```", i + 1)
+      blocks.append((lines[i - 1].strip() if i else "", "\n".join(lines[i + 1:end]) + "\n"))
+      i = end
+    i += 1
+  return blocks
+
+
+def story(text: str) -> str:
+  marked = [block for before, block in bash_blocks(text) if before == MARK]
+  assert len(marked) == 1, f"README.md must mark exactly one block with {MARK!r}"
+  return marked[0]
+
+
+def commands(script: str) -> list[str]:
+  """The ``flexolmo`` command lines of a shell block, continuations joined, comments dropped."""
+  joined = re.sub(r"\\\n\s*", " ", script)
+  out = []
+  for line in joined.splitlines():
+    line = line.split(" #", 1)[0].strip()
+    if line.startswith("flexolmo "):
+      out.append(line)
+  return out
+
+
+def shrink(script: str) -> str:
+  for flag, value in SIZES.items():
+    script = re.sub(rf"(?<=\s){re.escape(flag)} \d+", f"{flag} {value}", script)
+  return script
+
+
+def parse(line: str):
+  """The parsed arguments of one ``flexolmo ...`` line, as ``cli.main`` parses them."""
+  argv = shlex.split(line)[1:]
+  if argv[:1] == ["launch"] and "--" in argv:
+    argv = argv[:argv.index("--")]
+  argv, _ = cli.split_gin_flags(argv)
+  argv, _ = cli.split_distributed_flags(argv)
+  return cli.build_parser().parse_args(argv)
+
+
+def test_the_story_is_the_users_path_with_relative_paths():
+  lines = commands(story(open(README).read()))
+  remaining = list(lines)
+  for command, detail in STORY:
+    found = next((line for line in remaining
+                  if line.startswith(f"flexolmo {command} ") and detail in line), None)
+    assert found, f"the README's story has no `flexolmo {command} ... {detail}` after the ones before"
+    remaining = remaining[remaining.index(found) + 1:]
+  for line in lines:
+    assert not any(word.startswith(("/", "~")) for word in shlex.split(line)), line
+  # Every size the test shrinks is written in the README (so the test changes sizes only).
+  for flag in SIZES:
+    assert re.search(rf"\s{flag} \d+", story(open(README).read())), flag
+
+
+def test_every_command_in_the_readme_and_docs_parses():
+  documents = [README, *glob.glob(os.path.join(ROOT, "docs", "*.md")),
+               os.path.join(ROOT, "launch", "README.md")]
+  checked = 0
+  for path in documents:
+    for _, block in bash_blocks(open(path).read()):
+      for line in commands(block):
+        try:
+          parse(line)
+        except SystemExit:
+          pytest.fail(f"{os.path.relpath(path, ROOT)}: `{line}` does not parse (see above)")
+        checked += 1
+  assert checked >= 30, checked
+
+
+def test_a_broken_flag_in_the_story_is_caught():
+  text = open(README).read().replace("--out runs/merged", "--output runs/merged", 1)
+  assert "--output runs/merged" in text
+  bad = [line for line in commands(story(text)) if "--output" in line]
+  with pytest.raises(SystemExit):
+    parse(bad[0])
+
+
+@pytest.mark.slow
+def test_the_readme_story_runs_as_written(tmp_path):
+  """Runs the story with bash, from an empty directory, as a user pastes it into a shell."""
+  script = shrink(story(open(README).read()))
+  bin_dir = os.path.dirname(sys.executable)          # where `flexolmo` is installed
+  env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+         "JAX_PLATFORMS": "cpu"}
+  env.pop(console.VERBOSE_ENV, None)
+  run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=1500)
+  assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+  for path in ("data/tfds/code/1.0.0", "runs/public/model/manifest.json",
+               "runs/code/expert/manifest.json", "runs/math/expert/manifest.json",
+               "runs/merged/manifest.json", "runs/tuned/merged/manifest.json",
+               "hf/flexolmo/config.json", "runs/imported/merged/manifest.json",
+               "runs/imported/experts/math/manifest.json"):
+    assert os.path.exists(tmp_path / path), path
+  out = run.stdout
+  assert re.search(r"^\s+code\s+\d+\.\d+", out, re.M) and "--- prompt 'def main('" in out
+  assert "srun" in out and "flexolmo train-expert --public runs/public" in out
+  # A quiet console: the libraries' start-up noise is gone, our own lines are there.
+  assert console.NATIVE_NOISE.search(run.stderr) is None, run.stderr[-3000:]
+  assert "[train 3/3]" in run.stderr + out
