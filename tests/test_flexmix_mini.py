@@ -3,6 +3,7 @@ import collections
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -43,6 +44,29 @@ def test_every_domain_has_train_and_validation_and_prints_counts(built):
     assert info["documents"]["train"] > 0 and info["documents"]["validation"] > 0, name
     assert sources.is_prepared(info["dataset_dir"])
     assert any(name in l and f"{info['byte_tokens']['train']:,} train" in l for l in lines)
+
+
+def test_the_card_works_from_any_directory_and_after_a_move(built, tmp_path, monkeypatch):
+  """The card records paths relative to itself: a FlexMix-mini built with a relative path reads
+  the same from anywhere (`eval --flexmix /abs/path` started elsewhere), even once moved."""
+  out, _, _ = built
+  with open(os.path.join(out, flexmix_mini.CARD_FILE)) as fh:
+    raw = json.load(fh)
+  recorded = [info["dataset_dir"] for info in raw["domains"].values()] + \
+      [raw["canaries"]["path"]]
+  assert not any(os.path.isabs(p) for p in recorded), recorded
+  shutil.copytree(out, tmp_path / "moved")
+  monkeypatch.chdir(tmp_path)
+  card = flexmix_mini.read_card("moved")
+  for info in card["domains"].values():
+    assert info["dataset_dir"].startswith(str(tmp_path / "moved"))
+    assert sources.is_prepared(info["dataset_dir"])
+  assert open(card["canaries"]["path"]).readline()
+  raw["domains"]["code"]["dataset_dir"] = "../../elsewhere"
+  with open(tmp_path / "moved" / flexmix_mini.CARD_FILE, "w") as fh:
+    json.dump(raw, fh)
+  with pytest.raises(ValueError, match="domain code.*leads outside"):
+    flexmix_mini.read_card("moved")
 
 
 def test_public_is_disjoint_from_every_closed_domain(built):
