@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 
 
@@ -180,6 +182,15 @@ def parse_run_config(run: str, args, flags: dict[str, str], model: str | None = 
   if getattr(args, "bf16", False):
     bindings.append("DTYPE = 'bfloat16'" if run == "train_expert"
                     else "flexolmo.ModelConfig.dtype = 'bfloat16'")
+  defined = set()
+  for path in files:
+    with open(path) as fh:
+      defined.update(re.findall(r"^\s*([A-Z][A-Z0-9_]*)\s*=", fh.read(), re.M))
+  for binding in args.gin_bindings:
+    name = binding.partition("=")[0].strip()
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in defined:
+      raise ValueError(f"--gin.{name}: no such setting in {run}.gin; its settings are "
+                       f"{sorted(defined)}.")
   gin.clear_config()
   try:
     gin.parse_config_files_and_bindings(files, bindings + args.gin_bindings)
@@ -497,20 +508,57 @@ def _cmd_tune_router(args) -> int:
   return PREEMPTED_EXIT if result.preempted else 0
 
 
+def number(text: str) -> float:
+  """An argparse type: a finite number."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+  return value
+
+
+def natural(text: str) -> int:
+  """An argparse type: an integer >= 0."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{value} is below 0")
+  return value
+
+
+def count(text: str) -> int:
+  """An argparse type: an integer >= 1."""
+  value = natural(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} is below 1")
+  return value
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with errors on one line (the usage is one ``--help`` away)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data", action="append", help="file or directory of text (repeat)")
   p.add_argument("--out", help="output (run) directory; re-running resumes it")
   p.add_argument("--vocabulary", help="'byte' or a SentencePiece .model file")
-  p.add_argument("--steps", type=int)
-  p.add_argument("--batch-size", type=int, help="global sequences per step")
-  p.add_argument("--seq-len", type=int)
-  p.add_argument("--grad-accum", type=int, help="micro-batches per step")
-  p.add_argument("--lr", type=float)
-  p.add_argument("--warmup", type=int, help="warm-up steps")
-  p.add_argument("--checkpoint-every", type=int)
-  p.add_argument("--log-every", type=int)
-  p.add_argument("--eval-every", type=int)
-  p.add_argument("--seed", type=int)
+  p.add_argument("--steps", type=count)
+  p.add_argument("--batch-size", type=count, help="global sequences per step")
+  p.add_argument("--seq-len", type=count)
+  p.add_argument("--grad-accum", type=count, help="micro-batches per step")
+  p.add_argument("--lr", type=number)
+  p.add_argument("--warmup", type=natural, help="warm-up steps")
+  p.add_argument("--checkpoint-every", type=count)
+  p.add_argument("--log-every", type=count)
+  p.add_argument("--eval-every", type=natural)
+  p.add_argument("--seed", type=natural)
   p.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay fp32)")
   p.add_argument("--gin-file", action="append", default=[], help="extra gin file (repeat)")
   p.epilog = "Any gin binding: --gin.NAME=VALUE (e.g. --gin.STEPS=500)."
@@ -523,7 +571,7 @@ def _add_selection_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = Parser(
       prog="flexolmo", description=__doc__,
       epilog="Multi-host: every sub-command takes --coordinator HOST:PORT --num-processes N "
              "--process-id I (or FLEXOLMO_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID; SLURM, Open MPI "
@@ -531,12 +579,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--verbose", action="store_true",
                   help="keep the libraries' start-up logs (TensorFlow, XLA, seqio, Orbax); also "
                        "FLEXOLMO_VERBOSE=1. Accepted anywhere on the command line.")
+  p.add_argument("--no-verify", action="store_true",
+                 help="trusted local use: do not hash the files of saved models when loading "
+                      "them (sizes are still checked); also FLEXOLMO_NO_VERIFY=1. Anywhere on "
+                      "the command line.")
   sub = p.add_subparsers(dest="command", required=True)
   info = sub.add_parser("info", help="print a model preset and its parameter counts")
   info.add_argument("--model", default="tiny", help="preset name (gin_configs/models) or gin file")
   info.add_argument("--gin", action="append", default=[], help="extra gin binding")
   info.add_argument("--experts", default="", help="comma-separated expert names (MoE)")
-  info.add_argument("--top-k", type=int, default=0)
+  info.add_argument("--top-k", type=natural, default=0)
   info.set_defaults(fn=_cmd_info)
   data = sub.add_parser("data", help="prepare and inspect local corpora").add_subparsers(
       dest="data_command", required=True)
@@ -547,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
   prep.add_argument("--field", default="text", help="JSONL text field")
   prep.add_argument("--pattern", default="**/*", help="glob for directories")
   prep.add_argument("--invalid-utf8", default="replace", choices=["replace", "error"])
-  prep.add_argument("--validation-fraction", type=float, default=0.05)
+  prep.add_argument("--validation-fraction", type=number, default=0.05)
   prep.add_argument("--data-dir", default="data/tfds")
   prep.add_argument("--overwrite", action="store_true")
   prep.set_defaults(fn=_cmd_data_prepare)
@@ -558,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
   ins = data.add_parser("inspect", help="counts and a few decoded examples")
   ins.add_argument("name")
   ins.add_argument("--data-dir", default="data/tfds")
-  ins.add_argument("--examples", type=int, default=3)
+  ins.add_argument("--examples", type=natural, default=3)
   ins.set_defaults(fn=_cmd_data_inspect)
   pre = sub.add_parser("pretrain", help="train the dense public model (gin: runs/pretrain.gin)")
   pre.add_argument("--model", default="tiny", help="model preset (gin_configs/models) or gin file")
@@ -569,24 +621,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train one owner's expert against the frozen public model")
   exp.add_argument("--public", help="public model directory (or pretrain run directory)")
   exp.add_argument("--name", help="the expert's name ('public' is reserved)")
-  exp.add_argument("--top-k", type=int, help="1 or 2 (default 2 of 2)")
+  exp.add_argument("--top-k", type=count, help="1 or 2 (default 2 of 2)")
   exp.add_argument("--router-init", choices=["shared", "per_layer", "random"])
-  exp.add_argument("--router-init-documents", type=int)
+  exp.add_argument("--router-init-documents", type=count)
   exp.add_argument("--no-negative-bias", dest="negative_bias", action="store_const", const=False)
   dp = exp.add_argument_group("differential privacy (DP-SGD; see flexolmo_jax/privacy)")
   dp.add_argument("--dp", action="store_const", const=True, help="train the expert with DP-SGD")
-  dp.add_argument("--target-epsilon", type=float, help="calibrate the noise to this epsilon")
-  dp.add_argument("--noise-multiplier", type=float, help="instead of --target-epsilon")
-  dp.add_argument("--delta", type=float, help="default 1e-5")
-  dp.add_argument("--clip", type=float, help="per-document gradient norm bound (default 1)")
+  dp.add_argument("--target-epsilon", type=number, help="calibrate the noise to this epsilon")
+  dp.add_argument("--noise-multiplier", type=number, help="instead of --target-epsilon")
+  dp.add_argument("--delta", type=number, help="default 1e-5")
+  dp.add_argument("--clip", type=number, help="per-document gradient norm bound (default 1)")
   dp.add_argument("--dp-sampling", choices=["poisson", "fixed"], help="default poisson")
   dp.add_argument("--dp-accountant", choices=["rdp", "pld"], help="default rdp")
-  dp.add_argument("--dp-microbatch", type=int, help="per-document gradients held at once (8)")
-  dp.add_argument("--dp-chunks", type=int, help="rows of --seq-len kept per document (1)")
+  dp.add_argument("--dp-microbatch", type=count, help="per-document gradients held at once (8)")
+  dp.add_argument("--dp-chunks", type=count, help="rows of --seq-len kept per document (1)")
   dp.add_argument("--dp-router-init", choices=["noised_mean", "proxy"],
                   help="router row from a noised mean of the owner's documents (default, counted "
                        "in epsilon) or from public proxy text")
-  dp.add_argument("--dp-router-noise", type=float, help="noise multiplier of the noised mean (10)")
+  dp.add_argument("--dp-router-noise", type=number, help="noise multiplier of the noised mean (10)")
   dp.add_argument("--dp-router-proxy", action="append",
                   help="public text resembling the owner's data, for --dp-router-init proxy")
   _add_train_flags(exp)
@@ -597,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
   mrg.add_argument("--expert", action="append", help="expert artifact or run directory (repeat)")
   mrg.add_argument("--exclude", action="append", help="leave this expert out for good (repeat)")
   mrg.add_argument("--out", required=True)
-  mrg.add_argument("--top-k", type=int, help="active experts per token (default min(4, E))")
+  mrg.add_argument("--top-k", type=count, help="active experts per token (default min(4, E))")
   mrg.add_argument("--top-k-policy", default="clamp", choices=["clamp", "reject"],
                    help="when fewer than top-k experts are opted in at inference")
   mrg.add_argument("--drop-negative-bias", action="store_true",
@@ -616,24 +668,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--overwrite", action="store_true")
     if command == "btm":
-      b.add_argument("--tau", type=float, default=1.0)
-      b.add_argument("--top-k", type=int)
+      b.add_argument("--tau", type=number, default=1.0)
+      b.add_argument("--top-k", type=count)
     b.set_defaults(fn=fn)
   bx = sub.add_parser("btx", help="baseline: BTX-lite, dense FFNs as experts of one MoE "
                       "(then tune-router --proxy-weight 0)")
   bx.add_argument("--public", required=True, help="the public model the dense models continue")
   bx.add_argument("--dense", action="append", required=True, help="dense model dir (repeat)")
   bx.add_argument("--out", required=True)
-  bx.add_argument("--top-k", type=int, help="active experts per token (default min(4, E))")
-  bx.add_argument("--seed", type=int, default=0, help="seed of the random router init")
+  bx.add_argument("--top-k", type=count, help="active experts per token (default min(4, E))")
+  bx.add_argument("--seed", type=natural, default=0, help="seed of the random router init")
   bx.add_argument("--overwrite", action="store_true")
   bx.set_defaults(fn=_cmd_btx)
   tune = sub.add_parser("tune-router",
                         help="tune the router rows of a merged model on public proxy data")
   tune.add_argument("--merged", help="merged checkpoint directory")
-  tune.add_argument("--proxy-fraction", type=float)
-  tune.add_argument("--proxy-weight", type=float)
-  tune.add_argument("--expert-dropout", type=float,
+  tune.add_argument("--proxy-fraction", type=number)
+  tune.add_argument("--proxy-weight", type=number)
+  tune.add_argument("--expert-dropout", type=number,
                     help="chance each training sequence leaves each non-public expert out, so "
                          "the router learns to do without any owner (default 0, as the paper)")
   _add_train_flags(tune)
@@ -642,12 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--model", required=True, help="public, dense or merged model directory")
   _add_selection_flags(gen)
   gen.add_argument("--prompt", action="append", required=True, help="text to continue (repeat)")
-  gen.add_argument("--max-new-tokens", type=int, default=64)
-  gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-  gen.add_argument("--top-k", type=int)
-  gen.add_argument("--top-p", type=float)
-  gen.add_argument("--seed", type=int, default=0)
-  gen.add_argument("--num-samples", type=int, default=1)
+  gen.add_argument("--max-new-tokens", type=count, default=64)
+  gen.add_argument("--temperature", type=number, default=0.0, help="0 is greedy")
+  gen.add_argument("--top-k", type=count)
+  gen.add_argument("--top-p", type=number)
+  gen.add_argument("--seed", type=natural, default=0)
+  gen.add_argument("--num-samples", type=count, default=1)
   gen.set_defaults(fn=_cmd_generate)
   ext = sub.add_parser("extraction", help="training-data extraction (docs/method.md §9) of any "
                        "saved model on an owner's documents")
@@ -659,19 +711,19 @@ def build_parser() -> argparse.ArgumentParser:
   ext.add_argument("--field", default="text", help="the text field of JSONL records")
   ext.add_argument("--split", choices=["all", "train"], default="all",
                    help="train: only the documents `data prepare` puts in the train split")
-  ext.add_argument("--validation-fraction", type=float, default=0.05,
+  ext.add_argument("--validation-fraction", type=number, default=0.05,
                    help="the split's fraction, as the data was prepared (with --split train)")
-  ext.add_argument("--max-documents", type=int, help="test this many, drawn with --seed")
-  ext.add_argument("--prefix", type=int, default=32)
-  ext.add_argument("--total", type=int, default=256, help="span length, prefix included")
-  ext.add_argument("--min-length", type=int, default=128, help="shorter documents are skipped")
-  ext.add_argument("--samples", type=int, default=10)
-  ext.add_argument("--threshold", type=float, default=0.9,
+  ext.add_argument("--max-documents", type=count, help="test this many, drawn with --seed")
+  ext.add_argument("--prefix", type=count, default=32)
+  ext.add_argument("--total", type=count, default=256, help="span length, prefix included")
+  ext.add_argument("--min-length", type=count, default=128, help="shorter documents are skipped")
+  ext.add_argument("--samples", type=count, default=10)
+  ext.add_argument("--threshold", type=number, default=0.9,
                    help="normalized Levenshtein similarity that counts as extracted")
-  ext.add_argument("--top-k", type=int, default=50)
-  ext.add_argument("--top-p", type=float, default=0.95)
-  ext.add_argument("--temperature", type=float, default=1.0)
-  ext.add_argument("--seed", type=int, default=0)
+  ext.add_argument("--top-k", type=count, default=50)
+  ext.add_argument("--top-p", type=number, default=0.95)
+  ext.add_argument("--temperature", type=number, default=1.0)
+  ext.add_argument("--seed", type=natural, default=0)
   ext.add_argument("--json", help="write every number (and each document's similarity) here")
   ext.set_defaults(fn=_cmd_extraction)
   exh = sub.add_parser("export-hf", help="a merged (FlexOlmo) or dense (OLMo-2) model -> a "
@@ -705,9 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--mc", action="append",
                   help="NAME=FILE.jsonl multiple-choice task: {context, choices, answer} lines")
   ev.add_argument("--data-dir", default="data/eval", help="where raw paths are prepared")
-  ev.add_argument("--seq-len", type=int, default=256)
-  ev.add_argument("--batch-size", type=int, default=16)
-  ev.add_argument("--max-batches", type=int)
+  ev.add_argument("--seq-len", type=count, default=256)
+  ev.add_argument("--batch-size", type=count, default=16)
+  ev.add_argument("--max-batches", type=count)
   ev.add_argument("--json", help="write every number here")
   ev.set_defaults(fn=_cmd_eval)
   la = sub.add_parser(
@@ -716,10 +768,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "(e.g. -- --gin-file my_experiment.gin --out gs://bucket/run)")
   la.add_argument("engine", choices=launch_lib_engines())
   la.add_argument("--run", required=True, help="the flexolmo sub-command the job runs")
-  la.add_argument("--nodes", type=int, default=1)
-  la.add_argument("--procs-per-node", type=int, default=1,
+  la.add_argument("--nodes", type=count, default=1)
+  la.add_argument("--procs-per-node", type=count, default=1,
                   help="1: one process drives every device of its node; or one per GPU")
-  la.add_argument("--gpus-per-node", type=int, default=0)
+  la.add_argument("--gpus-per-node", type=natural, default=0)
   la.add_argument("--name", help="job name (default flexolmo-RUN)")
   la.add_argument("--image", default="flexolmo-jax:latest", help="container image (k8s, xpk)")
   la.add_argument("--executable", default="flexolmo", help="how the job starts the CLI")
@@ -736,9 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--workdir", default="workdir")
   demo.add_argument("--quick", action="store_true", help="small sizes (for tests)")
   demo.add_argument("--fresh", action="store_true", help="delete the workdir, rebuild every stage")
-  demo.add_argument("--seed", type=int, default=0,
+  demo.add_argument("--seed", type=natural, default=0,
                     help="seed of every training stage (a finished stage is reused whatever it was)")
-  demo.add_argument("--jobs", type=int, default=2,
+  demo.add_argument("--jobs", type=count, default=2,
                     help="training processes at once for the independent experts and dense "
                          "models (each process still holds one owner's data only)")
   demo.set_defaults(fn=_cmd_demo)
@@ -774,20 +826,24 @@ def absolute_paths(args) -> None:
 def main(argv=None) -> int:
   from flexolmo_jax import console
 
+  from_command_line = argv is None
   argv = sys.argv[1:] if argv is None else list(argv)
   run_args: list[str] = []
   if argv[:1] == ["launch"] and "--" in argv:   # the launched run's flags, kept verbatim
     cut = argv.index("--")
     argv, run_args = argv[:cut], argv[cut + 1:]
-  argv = console.take_verbose_flag(argv)
-  console.configure()
+  argv = console.take_switches(argv)
+  console.configure(native=from_command_line)
   try:
     argv, gin_bindings = split_gin_flags(argv)
     argv, multi = split_distributed_flags(argv)
   except ValueError as e:
     print(f"flexolmo: error: {e}", file=sys.stderr)
     return 2
-  args = build_parser().parse_args(argv)
+  try:
+    args = build_parser().parse_args(argv)
+  except SystemExit as e:    # --help (0), or a bad flag (2, its one-line message printed)
+    return e.code if isinstance(e.code, int) else 2
   args.gin_bindings = gin_bindings
   args.run_args = run_args
   absolute_paths(args)
@@ -810,8 +866,9 @@ def main(argv=None) -> int:
           "finished (flexolmo_jax/distributed.py starts the runtime).")
     distributed.initialize(topology)
     return args.fn(args)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"flexolmo {args.command}: error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:   # bad input: one line naming the file, key or flag
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"flexolmo {args.command}: error: {message}", file=sys.stderr)
     return 2
 
 

@@ -6,7 +6,9 @@ Presets live in ``gin_configs/models/*.gin`` (the single source of the numbers);
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from typing import Sequence
 
 import gin
@@ -17,6 +19,10 @@ PUBLIC = "public"
 DISPATCH_BACKENDS = ("dense", "capacity", "dropless", "ragged", "megablox")
 DTYPES = ("float32", "bfloat16")
 TOP_K_POLICIES = ("reject", "clamp")
+
+
+MAX_SIZE = 1 << 24         # any one size of a model config (the 7B presets' largest is 100352)
+MAX_EXPERTS = 1024
 
 
 @gin.configurable(module="flexolmo")
@@ -56,6 +62,23 @@ class ModelConfig:
   remat: bool = False            # recompute each layer in the backward pass
 
   def __post_init__(self):
+    # Configs arrive from gin and from other organisations' manifests: check kinds and bound
+    # sizes before anything is built from them.
+    for field in dataclasses.fields(self):
+      value, kind = getattr(self, field.name), field.type
+      if value is None and "None" in kind:
+        continue
+      number = isinstance(value, (int, float)) and not isinstance(value, bool)
+      if kind.startswith("int") and (not number or not isinstance(value, int)
+                                     or not 0 <= value <= MAX_SIZE):
+        raise ValueError(f"ModelConfig: {field.name}={value!r} must be an integer from 0 to "
+                         f"{MAX_SIZE}.")
+      if kind == "float" and (not number or not math.isfinite(value)):
+        raise ValueError(f"ModelConfig: {field.name}={value!r} must be a finite number.")
+      if kind in ("str", "bool") and type(value).__name__ != kind:
+        raise ValueError(f"ModelConfig: {field.name}={value!r} must be a {kind}.")
+    if not isinstance(self.experts, (tuple, list)) or len(self.experts) > MAX_EXPERTS:
+      raise ValueError(f"ModelConfig: experts must be a list of at most {MAX_EXPERTS} names.")
     object.__setattr__(self, "experts", tuple(self.experts))
     if self.n_kv_heads is None:
       object.__setattr__(self, "n_kv_heads", self.n_heads)
@@ -128,11 +151,17 @@ class ModelConfig:
     return self.num_params() - self.n_layers * inactive
 
 
+# An expert's name becomes a directory name in merged checkpoints and a key in files from other
+# organisations: one strict pattern (so never '.', '..', a path or a list).
+EXPERT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
 def validate_expert_names(names: Sequence[str]) -> None:
   seen = set()
   for name in names:
-    if not isinstance(name, str) or not name or "/" in name or "," in name:
-      raise ValueError(f"Invalid expert name {name!r}: use a non-empty name without '/' or ','.")
+    if not isinstance(name, str) or not EXPERT_NAME.fullmatch(name):
+      raise ValueError(f"Invalid expert name {name!r}: a name is 1 to 64 letters, digits, '_' "
+                       "or '-', starting with a letter or digit.")
     if name in seen:
       raise ValueError(f"Duplicate expert name {name!r} in {list(names)}.")
     seen.add(name)

@@ -33,6 +33,17 @@ TEMPLATES = {"slurm": "slurm/job.sbatch", "k8s": "k8s/jobset.yaml"}
 SUFFIX = {"slurm": ".sbatch", "k8s": ".yaml"}
 SUBMIT = {"slurm": ["sbatch"], "k8s": ["kubectl", "apply", "-f"]}
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
+# Values pasted into job files (a SLURM script is shell, a JobSet is YAML) match these or are
+# refused: a newline or quote in a flag must never become a command or a pod setting.
+VALUE_PATTERNS = {
+    "time": r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED",          # SLURM's time formats
+    "partition": r"[A-Za-z0-9_.,-]*",
+    "image": r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*",
+    "service_account": r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?",  # a Kubernetes name
+    "cluster": r"[A-Za-z0-9_-]+",
+    "tpu_type": r"[a-z0-9-]*",
+    "device_type": r"[a-z0-9-]+",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +75,11 @@ class Job:
         raise ValueError(f"launch: --{field.replace('_', '-')}={getattr(self, field)} must be >= 1.")
     if self.gpus_per_node < 0:
       raise ValueError(f"launch: --gpus-per-node={self.gpus_per_node} must be >= 0.")
+    for field, pattern in VALUE_PATTERNS.items():
+      value = getattr(self, field)
+      if not isinstance(value, str) or not re.fullmatch(pattern, value):
+        raise ValueError(f"launch: --{field.replace('_', '-')} {value!r} is not a valid value "
+                         f"(it must match {pattern}).")
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", self.job_name):
       raise ValueError(f"launch: job name {self.job_name!r}: use lower-case letters, digits and "
                        "'-' (Kubernetes names).")

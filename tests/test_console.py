@@ -2,6 +2,8 @@
 our own lines and anything unknown on stderr always get through."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -14,19 +16,28 @@ NOISE = ("WARNING: All log messages before absl::InitializeLog() is called are w
          "I0000 00:00:1.2 3 port.cc:153] oneDNN custom operations are on.\n")
 
 
-def test_native_noise_is_filtered_and_everything_else_kept(capfd):
-  with console.filtered_native_stderr():
-    os.write(2, (NOISE + "a real error from native code\n").encode())
-  assert capfd.readouterr().err == "a real error from native code\n"
+def test_native_noise_is_filtered_and_everything_else_kept():
+  """The stderr filter of a command-line process: noise lines out, every other byte through, in
+  order, nothing lost at exit (even a partial last line)."""
+  program = ("import os, sys\nfrom flexolmo_jax import console\nconsole.filter_native_stderr()\n"
+             f"os.write(2, {NOISE.encode()!r})\n"
+             "os.write(2, b'a real error from native code\\n\\r[##..] progress')\n"
+             "print('and a Python traceback line', file=sys.stderr)\n")
+  run = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
+  assert run.returncode == 0
+  assert run.stderr == (b"a real error from native code\n\r[##..] progressand a Python "
+                        b"traceback line\n")
 
 
-def test_verbose_flag_is_taken_from_anywhere_and_inherited(monkeypatch):
+def test_switches_are_taken_from_anywhere_and_inherited(monkeypatch):
   monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
-  assert console.take_verbose_flag(["eval", "--model", "m"]) == ["eval", "--model", "m"]
+  monkeypatch.delenv(console.NO_VERIFY_ENV, raising=False)
+  assert console.take_switches(["eval", "--model", "m"]) == ["eval", "--model", "m"]
   assert not console.verbose()
-  assert console.take_verbose_flag(["eval", "--verbose", "--model", "m"]) == \
+  assert console.take_switches(["eval", "--verbose", "--model", "m", "--no-verify"]) == \
       ["eval", "--model", "m"]
   assert console.verbose() and os.environ[console.VERBOSE_ENV] == "1"
+  assert os.environ[console.NO_VERIFY_ENV] == "1"
 
 
 @pytest.mark.slow

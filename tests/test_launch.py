@@ -131,7 +131,7 @@ def test_xpk_commands_for_tpu_and_gpu(capsys):
     (["k8s", "--run", "pretrain", "--name", "Bad_Name"], "job name 'Bad_Name'"),
     (["slurm", "--run", "pretrain", "--", "--gin-file", "/nonexistent.gin"],
      "gin file '/nonexistent.gin' does not exist"),
-    (["slurm", "--run", "pretrain", "--nodes", "0"], "--nodes=0 must be >= 1"),
+    (["slurm", "--run", "pretrain", "--nodes", "0"], "argument --nodes: 0 is below 1"),
 ])
 def test_bad_launches_are_refused_by_name(argv, message, capsys):
   assert cli.main(["launch", *argv, "--dry-run"] if "--" not in argv else

@@ -51,7 +51,7 @@ def test_merged_pair_equals_the_trained_two_expert_model(public, code_expert, me
   reference = logits_of(cfg2, jax.device_get(trained), tokens)
 
   pair = merge.merge(public["model"], [code_expert["run"]], str(tmp_path / "pair"))
-  cfg, params = merge.load_merged(pair, verify=True)
+  cfg, params = merge.load_merged(pair)
   assert cfg.experts == ("public", "code") and cfg.top_k == 2 and cfg.negative_bias
   np.testing.assert_array_equal(logits_of(cfg, params, tokens), reference)     # bitwise
   # The same pair opted in from the merge of every expert.

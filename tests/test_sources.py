@@ -131,7 +131,7 @@ def test_changed_data_under_the_same_name_is_refused(tmp_path):
   spec = SourceSpec(paths=(str(tmp_path / "src"),))
   sources.prepare("owner", spec, str(tmp_path / "tfds"))
   copy_stdlib(tmp_path / "src", ["tool.py"])
-  with pytest.raises(DataError, match="prepared from different data"):
+  with pytest.raises(DataError, match="prepared from other inputs"):
     sources.prepare("owner", spec, str(tmp_path / "tfds"))
   _, stats = sources.prepare("owner", spec, str(tmp_path / "tfds"), overwrite=True)
   assert sum(stats.documents.values()) == 3

@@ -14,10 +14,11 @@ flags never matters. Loading (:func:`load_merged`) stacks the chosen names into 
 arrays the model computes with; opting experts out at load time builds exactly the model a merge
 without them writes.
 
-Merging never decodes the weights. The inputs are checked by their manifests (kind, anchor
-fingerprint, shape-defining config, vocabulary, the public router row each expert trained
-against), by Orbax metadata (every expected leaf with its shape), and byte for byte by the CRC-32s
-their manifests record, computed while the files are copied: a full Orbax restore and re-save
+Merging never decodes the experts' weights. The inputs are checked by their manifests (kind,
+anchor fingerprint, shape-defining config, vocabulary, the public router row each expert trained
+against), the public model's fingerprint is recomputed from its parameters (one leaf at a time),
+every expected leaf is checked in Orbax's metadata, and every byte is checked against the SHA-256s
+the manifests record, computed while the files are copied: a full Orbax restore and re-save
 costs about 10x a file copy (bench/RESULTS.md), and the bytes being identical is what makes the
 merge exact. Peak memory is a copy buffer per thread plus the router rows. The output is written
 under ``<out>.partial-<pid>`` and renamed into place when complete.
@@ -139,12 +140,14 @@ class Source:
 
 
 def read_public(path: str) -> tuple[str, dict, ModelConfig]:
+  """The public model, its anchor fingerprint recomputed from its parameters: an expert is
+  merged only with the very parameters it was trained against, whatever the manifest says."""
   path = store.saved_dir(path)
   manifest = store.read_manifest(path)
   if manifest.get("kind") != "public":
     raise ValueError(f"{path} is a {manifest.get('kind')!r} checkpoint, not the public model.")
   cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
-  store.recorded_files(path, manifest)
+  store.check_fingerprint(path, manifest)
   return path, manifest, cfg
 
 
@@ -239,12 +242,12 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
     raise ValueError("merge needs an output directory (--out).")
   source = read_sources(public, experts)
   present = [e.name for e in source.experts]
+  if PUBLIC in exclude:
+    raise ValueError("--exclude public: the public model is the anchor of every expert; it "
+                     "cannot be excluded (opt it out at inference with --experts instead).")
   missing = [n for n in exclude if n not in present]
   if missing:
     raise ValueError(f"--exclude {missing}: no such expert among the inputs {present}.")
-  if PUBLIC in exclude:
-    raise ValueError("The public model is the anchor of every expert; it cannot be excluded "
-                     "(opt it out at inference with --experts instead).")
   source.experts = sorted((e for e in source.experts if e.name not in exclude),
                           key=lambda e: e.name)
   names = (PUBLIC, *(e.name for e in source.experts))
@@ -312,12 +315,11 @@ def selection(all_names: Sequence[str], experts: Sequence[str] | str | None = No
   return kept
 
 
-def open_merged(path: str, experts=None, exclude=None, *, verify: bool = False
-                ) -> tuple[str, dict, ModelConfig]:
-  """(directory, manifest, config over the selected experts) of a merged checkpoint."""
+def open_merged(path: str, experts=None, exclude=None) -> tuple[str, dict, ModelConfig]:
+  """(directory, manifest, config over the selected experts) of a merged checkpoint (its files
+  verified by :func:`store.read_manifest`)."""
   path = store.saved_dir(path)
   manifest = store.read_manifest(path, KIND)
-  store.verify_files(path, manifest) if verify else store.recorded_files(path, manifest)
   cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
   names = selection(cfg.experts, experts, exclude)
   if cfg.top_k > len(names) and cfg.top_k_policy != "clamp":
@@ -326,8 +328,8 @@ def open_merged(path: str, experts=None, exclude=None, *, verify: bool = False
   return path, manifest, cfg.with_experts(names)
 
 
-def load_merged(path: str, experts=None, exclude=None, *, dtype: str | None = None,
-                verify: bool = False) -> tuple[ModelConfig, dict]:
+def load_merged(path: str, experts=None, exclude=None, *, dtype: str | None = None
+                ) -> tuple[ModelConfig, dict]:
   """(config, parameters) of the model over the selected names, stacked ``[L, E, ...]``.
 
   Opting out here builds exactly the model a merge without those experts writes. ``top_k``
@@ -335,7 +337,7 @@ def load_merged(path: str, experts=None, exclude=None, *, dtype: str | None = No
   """
   from flexolmo_jax.model.transformer import pure_model
 
-  path, _, cfg = open_merged(path, experts, exclude, verify=verify)
+  path, _, cfg = open_merged(path, experts, exclude)
   names = cfg.experts
   if dtype:
     cfg = cfg.replace(dtype=dtype)

@@ -13,9 +13,12 @@ Manifest kinds:
 - ``merged``: the public model plus named experts (``checkpoint/merge.py``).
 - ``btm``: an ensemble of dense models (``eval/baselines.py``); it references its members.
 
-Every manifest lists the directory's files with their sizes and CRC-32s (``files``), so a truncated
-or corrupted file is found, and named, without decoding anything (``verify_files``,
-``copy_checked``).
+Every manifest lists the directory's files with their sizes and SHA-256 hashes (``files``). A
+saved directory comes from elsewhere as often as not (an owner's expert, a released model), so its
+manifest is untrusted input: the listed paths must stay inside the directory, and every read of a
+saved model verifies each file's size and hash first (:func:`read_manifest`; once per directory
+and process). ``FLEXOLMO_NO_VERIFY=1`` (the CLI's ``--no-verify``) skips the hashing for trusted
+local use; sizes are still checked.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping
 
@@ -32,15 +34,19 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flexolmo_jax import distributed, paths
+from flexolmo_jax import console, distributed, paths
 from flexolmo_jax.config import ModelConfig
 
-FORMAT = "flexolmo_jax/1"
+FORMAT = "flexolmo_jax/2"
 MANIFEST = "manifest.json"
 PARAMS = "params"
 KINDS = ("public", "expert", "dense", "merged", "btm")
 FILES = "files"
 _CHUNK = 8 << 20
+NO_VERIFY_ENV = console.NO_VERIFY_ENV
+MAX_FILES = 100_000        # entries of a manifest's file list
+MAX_MANIFEST_BYTES = 64 << 20
+_verified: set[tuple[str, float]] = set()    # (directory, manifest mtime) verified in this process
 # Where each command that trains or builds a model puts it inside its run directory:
 # pretrain and train-dense ``model/``, tune-router ``merged/``, train-expert ``expert/``.
 RUN_OUTPUTS = ("model", "merged", "expert")
@@ -59,6 +65,21 @@ def saved_dir(path: str) -> str:
   return path
 
 
+def refuse_to_replace(directory: str, steps: int) -> None:
+  """A model a run has published is never replaced by a different one: experts and merged models
+  name it by its fingerprint. Re-running the finished run as it was is fine (it resumes at its
+  end); asking it for another number of steps is refused, naming the flag."""
+  if not os.path.exists(os.path.join(directory, MANIFEST)):
+    return
+  manifest = read_manifest(directory, verify=False)
+  done = manifest.get("data_card", {}).get("steps")
+  if done is not None and done != steps:
+    raise FileExistsError(
+        f"{directory} is published (fingerprint {str(manifest.get('fingerprint'))[:16]}, "
+        f"{done} steps) and may be the anchor of experts; --steps {steps} would replace it. "
+        "Train into a new run directory (--out) instead.")
+
+
 def params_dir(directory: str) -> str:
   """The absolute ``params/`` of a saved directory: Orbax reads nothing from a relative path
   (its metadata of a relative path has no tree)."""
@@ -73,6 +94,24 @@ def fingerprint(params: Mapping[str, Any]) -> str:
     digest.update(f"{path}|{value.dtype.str}|{value.shape}\n".encode())
     digest.update(np.ascontiguousarray(value).tobytes())
   return digest.hexdigest()
+
+
+def check_fingerprint(directory: str, manifest: Mapping[str, Any], params=None) -> None:
+  """Recomputes a public model's fingerprint from its parameters (``params``, or restored from
+  ``directory`` one leaf at a time) and refuses a mismatch with the manifest's."""
+  if params is None:
+    shapes = saved_shapes(directory)
+    digest = hashlib.sha256()
+    for path, shape in sorted(shapes.items(), key=lambda item: "/".join(item[0])):
+      value = restore_leaves(directory, {path: shape})[path]
+      digest.update(f"{'/'.join(path)}|{value.dtype.str}|{value.shape}\n".encode())
+      digest.update(np.ascontiguousarray(value).tobytes())
+    recomputed = digest.hexdigest()
+  else:
+    recomputed = fingerprint(params)
+  if recomputed != manifest.get("fingerprint"):
+    raise ValueError(f"{directory}: its parameters do not match the fingerprint its manifest "
+                     "records (the checkpoint was modified, or its manifest was rewritten).")
 
 
 def host_value(leaf) -> np.ndarray:
@@ -157,7 +196,7 @@ def finish(partial: str, directory: str, manifest: Mapping[str, Any],
   if distributed.is_leader():
     known = dict(known or {})
     files = {rel: known.get(rel) or {"bytes": os.path.getsize(os.path.join(partial, rel)),
-                                     "crc32": _crc32(os.path.join(partial, rel))}
+                                     "sha256": _sha256(os.path.join(partial, rel))}
              for rel in _walk(partial)}
     record = {"format": FORMAT, **manifest, FILES: files}
     with open(os.path.join(partial, MANIFEST), "w") as fh:
@@ -177,12 +216,12 @@ def publish(partial: str, directory: str) -> None:
     os.rename(partial, directory)
 
 
-def _crc32(path: str) -> int:
-  crc = 0
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
   with open(path, "rb") as fh:
     while chunk := fh.read(_CHUNK):
-      crc = zlib.crc32(chunk, crc)
-  return crc
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def _walk(directory: str) -> list[str]:
@@ -191,14 +230,37 @@ def _walk(directory: str) -> list[str]:
                 if os.path.join(root, f) != os.path.join(directory, MANIFEST))
 
 
-def recorded_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, dict[str, int]]:
-  """The manifest's file list, after checking that every file is there with its size."""
+def _check_record(manifest_path: str, rel: Any, info: Any) -> None:
+  """One entry of a manifest's file list, as untrusted input: a plain relative path inside the
+  directory, a byte count and a SHA-256."""
+  where = f"{manifest_path}: files[{rel!r}]"
+  if (not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or "\0" in rel
+      or any(part in ("", ".", "..") for part in rel.split("/")) or rel == MANIFEST):
+    raise ValueError(f"{where}: not a plain relative path inside the checkpoint.")
+  if (not isinstance(info, Mapping) or not isinstance(info.get("bytes"), int)
+      or isinstance(info.get("bytes"), bool) or info["bytes"] < 0
+      or not isinstance(info.get("sha256"), str) or len(info["sha256"]) != 64
+      or any(c not in "0123456789abcdef" for c in info["sha256"])):
+    raise ValueError(f"{where}: needs a byte count and a SHA-256 (64 hex digits), got {info!r}.")
+
+
+def recorded_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """The manifest's file list, checked as untrusted input, after checking that every file is
+  there (a regular file inside ``directory``, not a link) with its size."""
+  where = os.path.join(directory, MANIFEST)
   files = manifest.get(FILES)
   if not isinstance(files, Mapping):
-    raise ValueError(f"{os.path.join(directory, MANIFEST)} lists no files; it was written by an "
-                     "older flexolmo_jax. Save it again (re-run the step that wrote it).")
+    raise ValueError(f"{where} lists no files; it was written by an older flexolmo_jax. Save it "
+                     "again (re-run the step that wrote it).")
+  if len(files) > MAX_FILES:
+    raise ValueError(f"{where} lists {len(files)} files, more than {MAX_FILES}.")
+  root = paths.absolute(directory)
   for rel, info in files.items():
-    path = os.path.join(directory, rel)
+    _check_record(where, rel, info)
+    path = os.path.join(root, rel)
+    if os.path.islink(path) or paths.absolute(path) != os.path.normpath(path):
+      raise ValueError(f"{path} is a symbolic link (or below one); a checkpoint holds plain "
+                       "files only.")
     if not os.path.isfile(path):
       raise ValueError(f"{path} is missing: the checkpoint {directory} is incomplete.")
     if os.path.getsize(path) != info["bytes"]:
@@ -207,40 +269,47 @@ def recorded_files(directory: str, manifest: Mapping[str, Any]) -> dict[str, dic
   return dict(files)
 
 
-def _check_crc(path: str, crc: int, info: Mapping[str, int]) -> None:
-  if crc != info["crc32"]:
-    raise ValueError(f"{path} is corrupted: its CRC-32 {crc:08x} differs from the manifest's "
-                     f"{info['crc32']:08x}.")
+def _check_hash(path: str, digest: str, info: Mapping[str, Any]) -> None:
+  if digest != info["sha256"]:
+    raise ValueError(f"{path} is corrupted or was modified: its SHA-256 {digest[:16]}... "
+                     f"differs from the manifest's {info['sha256'][:16]}...")
+
+
+def verification_enabled() -> bool:
+  return os.environ.get(NO_VERIFY_ENV, "") in ("", "0")
 
 
 def verify_files(directory: str, manifest: Mapping[str, Any]) -> None:
-  """Every recorded file present, of its size and CRC-32 (raises naming the first bad file)."""
+  """Every recorded file present, of its size and SHA-256 (raises naming the first bad file)."""
   for rel, info in recorded_files(directory, manifest).items():
-    _check_crc(os.path.join(directory, rel), _crc32(os.path.join(directory, rel)), info)
+    _check_hash(os.path.join(directory, rel), _sha256(os.path.join(directory, rel)), info)
 
 
 def copy_checked(jobs: Iterable[tuple[str, str, Mapping[str, int]]], workers: int = 0) -> int:
-  """Copies (source, destination, record) files, checking each CRC-32 on the way (one read, one
-  write); files run in parallel threads (zlib and file I/O release the GIL). Returns bytes."""
+  """Copies (source, destination, record) files, checking each SHA-256 on the way (one read, one
+  write); files run in parallel threads (hashlib and file I/O release the GIL). Returns bytes."""
 
   def one(job):
     source, dest, info = job
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    crc, buf = 0, bytearray(_CHUNK)
+    digest, buf = hashlib.sha256(), bytearray(_CHUNK)
     view = memoryview(buf)
     with open(source, "rb") as src, open(dest, "wb") as dst:
       while n := src.readinto(buf):
-        crc = zlib.crc32(view[:n], crc)
+        digest.update(view[:n])
         dst.write(view[:n])
-    _check_crc(source, crc, info)
+    _check_hash(source, digest.hexdigest(), info)
     return info["bytes"]
 
   with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
     return sum(pool.map(one, list(jobs)))
 
 
-def read_manifest(directory: str, kind: str | None = None) -> dict:
-  """The manifest of a saved directory; clear errors for a missing, partial or wrong-kind one."""
+def read_manifest(directory: str, kind: str | None = None, *, verify: bool | None = None) -> dict:
+  """The manifest of a saved directory, checked as untrusted input, with every file it lists
+  verified (size and SHA-256; ``verify=None`` follows ``FLEXOLMO_NO_VERIFY``, once per directory
+  and process). Clear errors for a missing, partial, tampered or wrong-kind one."""
+  directory = paths.absolute(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no such checkpoint directory.")
   path = os.path.join(directory, MANIFEST)
@@ -248,16 +317,37 @@ def read_manifest(directory: str, kind: str | None = None) -> dict:
     raise FileNotFoundError(
         f"{path} is missing: {directory} is not a complete flexolmo_jax checkpoint (an "
         "interrupted save, or a run directory whose model is not finished yet).")
+  if os.path.getsize(path) > MAX_MANIFEST_BYTES:
+    raise ValueError(f"{path} has {os.path.getsize(path)} bytes; a manifest has at most "
+                     f"{MAX_MANIFEST_BYTES}.")
   try:
     with open(path) as fh:
       manifest = json.load(fh)
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path}: not valid JSON ({e}).") from e
+  if not isinstance(manifest, dict):
+    raise ValueError(f"{path}: a manifest is a JSON object.")
   if manifest.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}.")
+    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r} (a "
+                     "checkpoint of another flexolmo_jax version: save it again).")
+  if manifest.get("kind") not in KINDS:
+    raise ValueError(f"{path}: kind {manifest.get('kind')!r} is not one of {KINDS}.")
   if kind is not None and manifest.get("kind") != kind:
     raise ValueError(
         f"{directory} holds a {manifest.get('kind')!r} checkpoint, but a {kind!r} one is needed.")
+  verify = verification_enabled() if verify is None else verify
+  key = (directory, os.path.getmtime(path))
+  if verify and key not in _verified:
+    verify_files(directory, manifest)
+    _verified.add(key)
+    # A checkpoint's sub-directories with manifests of their own (a merged model's public/ and
+    # experts/) were verified with it.
+    for rel in manifest[FILES]:
+      if rel.endswith("/" + MANIFEST):
+        sub = os.path.join(directory, os.path.dirname(rel))
+        _verified.add((sub, os.path.getmtime(os.path.join(sub, MANIFEST))))
+  else:
+    recorded_files(directory, manifest)
   return manifest
 
 
@@ -279,6 +369,13 @@ def load_params(directory: str, target: Any = None) -> dict:
     return checkpointer.restore(path, abstract)
   except ValueError as e:
     raise ValueError(f"{path}: the saved parameters do not match the expected structure: {e}") from e
+
+
+def saved_shapes(directory: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{leaf path: shape} of ``params/`` from Orbax's metadata (nothing is read)."""
+  tree = ocp.StandardCheckpointer().metadata(params_dir(directory)).item_metadata.tree
+  return {tuple(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def restore_leaves(directory: str, shapes: Mapping[tuple[str, ...], tuple[int, ...]]

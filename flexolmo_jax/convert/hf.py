@@ -23,12 +23,44 @@ NAMES_FILE = "flexolmo.json"     # written beside an export: expert names and pr
 BYTE_OFFSET = 3                  # pad 0, eos 1, unk 2, then the 256 bytes (ByT5's layout)
 
 
+# Bounds on a config.json's sizes, checked before anything is built from them (a config from
+# elsewhere asking for 1e9 layers must not make a billion tensor names): far above any released
+# OLMo or FlexOlmo.
+SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_hidden_layers": 1024,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+               "intermediate_size": 1 << 20, "max_position_embeddings": 1 << 22,
+               "num_experts": 1024, "num_experts_per_tok": 1024}
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size")
+
+
+def check_sizes(c: Mapping[str, Any], where: str = CONFIG) -> None:
+  """Every size of a transformers config an integer within :data:`SIZE_LIMITS`; the floats
+  positive numbers. Errors name the file and key."""
+  for key in REQUIRED + (("num_experts", "num_experts_per_tok")
+                         if c.get("model_type") == "flex_olmo" else ()):
+    if key not in c:
+      raise ValueError(f"{where}: {key!r} is missing.")
+  for key, limit in SIZE_LIMITS.items():
+    value = c.get(key)
+    if value is None:
+      continue
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+      raise ValueError(f"{where}: {key} = {value!r}; expected an integer from 1 to {limit}.")
+  for key in ("rope_theta", "rms_norm_eps"):
+    value = c.get(key, (c.get("rope_parameters") or {}).get(key))
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not 0 < value < float("inf")):
+      raise ValueError(f"{where}: {key} = {value!r}; expected a positive number.")
+
+
 def config_from_hf(hf_config: Mapping[str, Any], expert_names=None, **changes) -> ModelConfig:
   """A ModelConfig from a transformers config dict (``model_type`` olmo2 or flex_olmo)."""
   c = dict(hf_config)
   model_type = c.get("model_type")
   if model_type not in ("olmo2", "flex_olmo"):
     raise ValueError(f"Unsupported model_type {model_type!r}: expected 'olmo2' or 'flex_olmo'.")
+  check_sizes(c)
   rope = c.get("rope_parameters") or {}
   theta = rope.get("rope_theta", c.get("rope_theta", 500_000.0))
   kwargs = dict(
@@ -81,14 +113,19 @@ def read_hf_config(directory: str) -> dict:
   path = os.path.join(directory, CONFIG)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory} has no {CONFIG}: not a Hugging Face model directory.")
+  if os.path.getsize(path) > 1 << 20:
+    raise ValueError(f"{path}: {os.path.getsize(path)} bytes is not a model config.")
   try:
     with open(path) as fh:
       config = json.load(fh)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}).") from e
+  if not isinstance(config, dict):
+    raise ValueError(f"{path}: a config is a JSON object.")
   if config.get("model_type") not in ("olmo2", "flex_olmo"):
     raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not supported; "
                      "export-hf/import-hf handle 'olmo2' (dense) and 'flex_olmo' (MoE).")
+  check_sizes(config, path)
   return config
 
 

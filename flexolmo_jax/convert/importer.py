@@ -25,7 +25,7 @@ import numpy as np
 
 from flexolmo_jax.checkpoint import merge as merge_lib
 from flexolmo_jax.checkpoint import store
-from flexolmo_jax.config import PUBLIC, ModelConfig
+from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names
 from flexolmo_jax.convert import hf
 from flexolmo_jax.convert.safetensors_io import TensorReader
 from flexolmo_jax.data import tasks
@@ -82,8 +82,19 @@ def _names(hf_dir: str, config: dict, names: Sequence[str] | None) -> tuple[str,
     return (PUBLIC, *names)
   record = os.path.join(hf_dir, hf.NAMES_FILE)
   if os.path.exists(record):
-    with open(record) as fh:
-      saved = json.load(fh).get("experts")
+    try:
+      with open(record) as fh:
+        saved = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{record}: not valid JSON ({e}).") from e
+    saved = saved.get("experts") if isinstance(saved, dict) else None
+    if saved is not None:
+      if not isinstance(saved, list):
+        raise ValueError(f"{record}: 'experts' is a list of names.")
+      try:
+        validate_expert_names(saved)
+      except ValueError as e:
+        raise ValueError(f"{record}: {e}") from e
     if saved and len(saved) == n and saved[0] == PUBLIC:
       return tuple(saved)
   return None          # hf.config_from_hf's expert_1..n

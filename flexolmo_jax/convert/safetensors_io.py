@@ -13,7 +13,7 @@ import json
 import os
 import re
 import struct
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -106,6 +106,23 @@ class ShardedWriter:
                   indent=2)
 
 
+def _check_entry(path: str, name: str, info: Any) -> None:
+  """One tensor of a safetensors header, as untrusted input."""
+  where = f"{path}: tensor {name!r}"
+  if not isinstance(info, dict):
+    raise ValueError(f"{where}: not a JSON object.")
+  if info.get("dtype") not in DTYPES:
+    raise ValueError(f"{where} has dtype {info.get('dtype')!r}, not one of {sorted(DTYPES)}.")
+  shape, offsets = info.get("shape"), info.get("data_offsets")
+  integers = lambda v: isinstance(v, list) and all(
+      isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+  if not integers(shape) or len(shape) > 8:
+    raise ValueError(f"{where}: shape {shape!r} is not a list of at most 8 sizes.")
+  if not integers(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+    raise ValueError(f"{where}: data_offsets {offsets!r} is not [begin, end] with "
+                     "0 <= begin <= end.")
+
+
 class SafetensorsFile:
   """One safetensors file read by its header: tensors come from a memory map, any dtype in
   ``DTYPES`` (bf16 included, which numpy-only readers refuse)."""
@@ -122,20 +139,33 @@ class SafetensorsFile:
         raise ValueError(f"{path}: header length {n} exceeds the file (truncated?).")
       try:
         header = json.loads(fh.read(n))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: the header is not JSON ({e.msg}).") from None
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: the header is not JSON ({e}).") from None
+    if not isinstance(header, dict):
+      raise ValueError(f"{path}: the header is not a JSON object.")
     self.metadata = header.pop("__metadata__", {}) or {}
     self.start = 8 + n
     self.entries = header
+    spans = []
     for name, info in header.items():
+      _check_entry(path, name, info)
       begin, end = info["data_offsets"]
-      if info["dtype"] not in DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not one of "
-                         f"{sorted(DTYPES)}.")
       want = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
-      if end - begin != want or self.start + end > size:
+      if end - begin != want:
         raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes for shape "
-                         f"{info['shape']} (or lies past the end of the file: truncated?).")
+                         f"{info['shape']} ({want} expected).")
+      spans.append((begin, end, name))
+    # As the reference library requires: the tensors tile the data exactly, in offset order,
+    # with no gap and no overlap, and end where the file ends.
+    position = 0
+    for begin, end, name in sorted(spans):
+      if begin != position:
+        raise ValueError(f"{path}: tensor {name!r} starts at byte {begin} of the data, expected "
+                         f"{position} (overlapping or non-contiguous data_offsets).")
+      position = end
+    if self.start + position != size:
+      raise ValueError(f"{path}: the tensors cover {position} bytes of data, the file holds "
+                       f"{size - self.start} (truncated, or bytes no tensor accounts for).")
     self._map = np.memmap(path, np.uint8, mode="r") if size else None
 
   def keys(self) -> list[str]:
@@ -157,8 +187,16 @@ class TensorReader:
   def __init__(self, directory: str):
     index, single = os.path.join(directory, INDEX), os.path.join(directory, SINGLE)
     if os.path.exists(index):
-      with open(index) as fh:
-        weight_map = json.load(fh)["weight_map"]
+      try:
+        with open(index) as fh:
+          weight_map = json.load(fh)["weight_map"]
+      except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index with a weight_map ({e}).") from None
+      if not isinstance(weight_map, dict) or not all(
+          isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9_.-]+\.safetensors", f)
+          and not f.startswith(".") for f in weight_map.values()):
+        raise ValueError(f"{index}: the weight_map must name shard files of this directory "
+                         "(plain '*.safetensors' names).")
     elif os.path.exists(single):
       weight_map = None
     else:

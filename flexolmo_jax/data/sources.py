@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Iterator
 
@@ -71,6 +72,7 @@ class SourceStats:
   utf8_bytes: dict = dataclasses.field(default_factory=lambda: {"train": 0, "validation": 0})
   empty_skipped: int = 0
   invalid_utf8_replaced: int = 0
+  links_skipped: int = 0
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -87,20 +89,84 @@ def split_of(text: str, validation_fraction: float) -> str:
   return "validation" if hash_unit(text) < validation_fraction else "train"
 
 
-def list_files(spec: SourceSpec) -> list[str]:
+def _pattern(pattern: str) -> re.Pattern:
+  """A glob pattern over relative paths as a regex: ``**`` is any number of directories, ``*``
+  and ``?`` stay within one name, ``[...]`` (``[!...]``) is a character class."""
+  components = pattern.split("/")
+  regex = ""
+  for index, component in enumerate(components):
+    last = index == len(components) - 1
+    if component == "**":
+      regex += ".*" if last else "(?:[^/]+/)*"
+      continue
+    i = 0
+    while i < len(component):
+      c, end = component[i], component.find("]", i + 2)
+      if c == "*":
+        regex += "[^/]*"
+      elif c == "?":
+        regex += "[^/]"
+      elif c == "[" and end != -1:
+        inner = component[i + 1:end]
+        regex += "[" + ("^" + inner[1:] if inner.startswith("!") else inner) + "]"
+        i = end
+      else:
+        regex += re.escape(c)
+      i += 1
+    regex += "" if last else "/"
+  return re.compile(regex)
+
+
+def _directory_files(root: str, pattern: str, stats: SourceStats) -> list[str]:
+  """The regular files under ``root`` matching ``pattern``, symbolic links not followed (each is
+  counted and skipped: a link can lead out of the owner's directory, or loop); names starting
+  with '.' are hidden, as in a shell's glob."""
+  regex, found = _pattern(pattern), []
+  for directory, dirs, files in os.walk(root, followlinks=False):
+    for name in list(dirs):
+      if name.startswith(".") or os.path.islink(os.path.join(directory, name)):
+        stats.links_skipped += os.path.islink(os.path.join(directory, name))
+        dirs.remove(name)
+    for name in files:
+      path = os.path.join(directory, name)
+      if name.startswith("."):
+        continue
+      if os.path.islink(path):
+        stats.links_skipped += 1
+      elif os.path.isfile(path) and regex.fullmatch(os.path.relpath(path, root)):
+        found.append(path)
+  return sorted(found)
+
+
+def list_files(spec: SourceSpec, stats: SourceStats | None = None) -> list[str]:
+  stats = SourceStats() if stats is None else stats
   files = []
   for path in spec.paths:
     if os.path.isdir(path):
-      found = sorted(p for p in glob.glob(os.path.join(path, spec.pattern), recursive=True)
-                     if os.path.isfile(p))
+      found = _directory_files(path, spec.pattern, stats)
       if not found:
-        raise DataError(f"{path}: the directory has no files matching {spec.pattern!r}.")
+        raise DataError(f"{path}: the directory has no files matching {spec.pattern!r}"
+                        + (f" ({stats.links_skipped} symbolic links not followed)."
+                           if stats.links_skipped else "."))
       files.extend(found)
     elif os.path.isfile(path):
       files.append(path)
     else:
       raise DataError(f"{path}: no such file or directory.")
   return files
+
+
+def source_key(spec: SourceSpec) -> str:
+  """What a prepared dataset is keyed by: the spec, then every input file's path, size,
+  modification time and the SHA-256 of its bytes. Changed inputs give another key."""
+  digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+  for path in list_files(spec):
+    info = os.stat(path)
+    digest.update(f"\n{os.path.abspath(path)}|{info.st_size}|{info.st_mtime_ns}|".encode())
+    with open(path, "rb") as fh:
+      while chunk := fh.read(8 << 20):
+        digest.update(chunk)
+  return digest.hexdigest()
 
 
 def _decode(raw: bytes, where: str, spec: SourceSpec, stats: SourceStats) -> str:
@@ -143,7 +209,7 @@ def _jsonl_documents(path, spec, stats) -> Iterator[Document]:
 def iter_documents(spec: SourceSpec, stats: SourceStats | None = None) -> Iterator[Document]:
   """Every non-empty document of the spec, in a deterministic order."""
   stats = SourceStats() if stats is None else stats
-  for path in list_files(spec):
+  for path in list_files(spec, stats):
     stats.files += 1
     if _file_format(path, spec) == "jsonl":
       docs = _jsonl_documents(path, spec, stats)
@@ -172,6 +238,9 @@ def scan(spec: SourceSpec) -> SourceStats:
                 "replacement characters.", stats.invalid_utf8_replaced, list(spec.paths))
   if stats.empty_skipped:
     log.warning("%d empty document(s) skipped in %s.", stats.empty_skipped, list(spec.paths))
+  if stats.links_skipped:
+    log.warning("%d symbolic link(s) in %s skipped: links in an owner's data are not followed.",
+                stats.links_skipped, list(spec.paths))
   return stats
 
 
@@ -184,41 +253,59 @@ def _split_examples(spec: SourceSpec, split: str):
 def dataset_name(name: str) -> str:
   """TFDS dataset names are snake_case identifiers; the domain name must map onto one."""
   tfds_name = name.lower().replace("-", "_")
-  if not tfds_name.replace("_", "").isalnum() or not tfds_name[0].isalpha():
-    raise DataError(f"Invalid domain name {name!r}: use letters, digits, '_' or '-', "
+  if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", tfds_name):
+    raise DataError(f"Invalid domain name {name!r}: 1 to 64 letters, digits, '_' or '-', "
                     "starting with a letter.")
   return tfds_name
 
 
 def prepare(name: str, spec: SourceSpec, data_dir: str, *, version: str = "1.0.0",
-            overwrite: bool = False):
+            overwrite: bool = False, changed: str = "refuse"):
   """Builds (or reuses) the TFDS dataset ``name`` from the spec under ``data_dir``.
 
-  Returns ``(builder, stats)``. A dataset that is already complete is reused unless
-  ``overwrite``; an interrupted build leaves only TFDS's temporary directory, never a dataset
-  that loads.
+  Returns ``(builder, stats)``. A complete dataset is reused only when it was prepared from the
+  same inputs (:func:`source_key`: paths, sizes, modification times, bytes); when they changed,
+  ``changed="refuse"`` raises (``flexolmo data prepare``: pass ``overwrite``) and ``"rebuild"``
+  prepares it again and says so (the datasets a run prepares for itself). An interrupted build
+  leaves only TFDS's temporary directory, never a dataset that loads.
   """
   import tensorflow_datasets as tfds
 
   tfds_name = dataset_name(name)
   stats = scan(spec)   # all validation happens before anything is written
+  key = source_key(spec)
   final_dir = os.path.join(data_dir, tfds_name, version)
   # Complete = TFDS finished (dataset_info.json) *and* our record was written after it.
   if is_prepared(final_dir) and not overwrite:
-    _check_same_source(final_dir, spec, stats)
-    return tfds.builder_from_directory(final_dir), stats
+    if _recorded_key(final_dir) == key:
+      return tfds.builder_from_directory(final_dir), stats
+    if changed != "rebuild":
+      raise DataError(f"{final_dir} was prepared from other inputs than {list(spec.paths)} as "
+                      "they are now (a file was added, removed or changed); pass --overwrite to "
+                      "prepare it again, or use a new name.")
+    print(f"{name}: its inputs changed since {final_dir} was prepared; preparing it again.",
+          flush=True)
   if os.path.exists(final_dir):
     shutil.rmtree(final_dir)
   splits = {s: _split_examples(spec, s) for s in ("train", "validation") if stats.documents[s]}
-  with console.library_chatter():
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name=tfds_name, version=version,
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-        split_datasets=splits, data_dir=data_dir,
-        description=f"flexolmo_jax local corpus {name!r} from {list(spec.paths)}")
+  try:
+    with console.library_chatter():
+      tfds.dataset_builders.store_as_tfds_dataset(
+          name=tfds_name, version=version,
+          features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+          split_datasets=splits, data_dir=data_dir,
+          description=f"flexolmo_jax local corpus {name!r} from {list(spec.paths)}")
+  except (AssertionError, OSError, DataError) as e:
+    raise DataError(f"{list(spec.paths)} changed while {name!r} was being prepared ({e}); "
+                    "nothing was kept: run the command again.") from None
+  if source_key(spec) != key:
+    shutil.rmtree(final_dir, ignore_errors=True)
+    raise DataError(f"{list(spec.paths)} changed while {name!r} was being prepared; nothing "
+                    "was kept: run the command again.")
   tmp = os.path.join(final_dir, SOURCE_RECORD + ".tmp")
   with open(tmp, "w") as fh:
-    json.dump({"spec": dataclasses.asdict(spec), "stats": stats.to_json()}, fh, indent=1)
+    json.dump({"spec": dataclasses.asdict(spec), "stats": stats.to_json(), "source_key": key},
+              fh, indent=1)
   os.replace(tmp, os.path.join(final_dir, SOURCE_RECORD))
   return tfds.builder_from_directory(final_dir), stats
 
@@ -231,15 +318,12 @@ def is_prepared(dataset_dir: str) -> bool:
              for f in ("dataset_info.json", SOURCE_RECORD))
 
 
-def _check_same_source(final_dir: str, spec: SourceSpec, stats: SourceStats) -> None:
-  path = os.path.join(final_dir, SOURCE_RECORD)
-  with open(path) as fh:
-    recorded = json.load(fh)
-  if recorded["stats"]["documents"] != stats.documents:
-    raise DataError(
-        f"{final_dir} was prepared from different data ({recorded['stats']['documents']} "
-        f"documents, now {stats.documents}); pass overwrite=True (--overwrite) to rebuild it, or "
-        "use a new name.")
+def _recorded_key(final_dir: str) -> str | None:
+  try:
+    with open(os.path.join(final_dir, SOURCE_RECORD)) as fh:
+      return json.load(fh).get("source_key")
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def source_label(path: str) -> str:

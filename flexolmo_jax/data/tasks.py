@@ -190,10 +190,10 @@ def register_corpus(name: str, paths: Sequence[str], *, data_dir: str, format: s
     # Several processes share data_dir (a shared file system): process 0 builds, the others
     # then find it complete and reuse it.
     if distributed.is_leader():
-      dataset_dir = sources.prepare(name, spec, data_dir)[0].data_dir
+      dataset_dir = sources.prepare(name, spec, data_dir, changed="rebuild")[0].data_dir
     distributed.sync(f"prepare {name} in {data_dir}")
     if not distributed.is_leader():
-      dataset_dir = sources.prepare(name, spec, data_dir)[0].data_dir
+      dataset_dir = sources.prepare(name, spec, data_dir, changed="rebuild")[0].data_dir
   task = f"corpus_{sources.dataset_name(name)}"
   register_domain_task(task, dataset_dir, vocabulary)
   have = seqio.get_mixture_or_task(task).source.splits

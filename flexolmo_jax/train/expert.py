@@ -177,7 +177,9 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
   validate_expert_names([PUBLIC, name])
   data, output_dir = paths.absolute_all([data] if isinstance(data, str) else data), \
       paths.absolute(output_dir)
+  store.refuse_to_replace(os.path.join(output_dir, "expert"), train.steps)
   public_path, manifest, public_cfg = load_public(public)
+  loop.check_seq_len(train, public_cfg.max_seq_len)
   own_vocab = public_vocabulary(public_path, manifest)
   if vocabulary is not None:
     given = tasks.vocabulary_identity(vocabulary)

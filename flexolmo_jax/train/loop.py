@@ -19,7 +19,9 @@ equal those of an uninterrupted run. SIGTERM (preemption) saves at the end of th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import math
 import os
 import signal
 import threading
@@ -80,15 +82,41 @@ class TrainConfig:
   mesh: MeshConfig = MeshConfig(data=-1)
 
   def __post_init__(self):
+    # Values arrive from gin files and --gin. bindings as any Python literal: check their kinds.
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"TrainConfig: {field.name}={value!r} must be an integer.")
+      if field.type == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                    or not math.isfinite(value)):
+        raise ValueError(f"TrainConfig: {field.name}={value!r} must be a finite number.")
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every",
                  "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 1.")
+    for name in ("learning_rate", "eps"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be above 0.")
+    for name in ("warmup_steps", "eval_every", "eval_batches", "seed", "weight_decay",
+                 "grad_clip", "lm_z_loss_weight", "peak_tflops", "final_lr_fraction"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 0.")
+    for name in ("b1", "b2"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be in [0, 1).")
     if self.data_shards < 0:
       raise ValueError(f"TrainConfig: data_shards={self.data_shards} must be >= 0.")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"TrainConfig: batch_size={self.batch_size} is not divisible by "
                        f"grad_accum={self.grad_accum}.")
+
+
+def check_seq_len(cfg: TrainConfig, max_seq_len: int) -> None:
+  """Training sequences no longer than the model's positions (RoPE has no table past them, and
+  a longer run would publish a model asked to work beyond what it declares)."""
+  if cfg.seq_len > max_seq_len:
+    raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's max_seq_len "
+                     f"{max_seq_len}.")
 
 
 def stream_settings(cfg: TrainConfig) -> dict:
@@ -226,6 +254,14 @@ class Trainer:
     """How the training step takes its batch (``_device_batch`` lays batches out so)."""
     return self.batch_sharding
 
+  def state_structure(self) -> str:
+    """A digest of the training state's leaves (paths, shapes, dtypes): what a checkpoint must
+    match to be resumed by this trainer."""
+    leaves = jax.tree_util.tree_flatten_with_path(self.state)[0]
+    text = "\n".join(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}"
+                     for path, leaf in leaves)
+    return hashlib.sha256(text.encode()).hexdigest()
+
   def stream_settings(self) -> dict:
     """What defines the data stream and the step; a resume must find the same values."""
     return stream_settings(self.cfg)
@@ -290,18 +326,24 @@ class Trainer:
     if not steps:
       return None
     step = max(steps)
+    where = manager.directory / str(step)
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    saved, now = {"data_shards": 1, **meta["train_config"]}, self.stream_settings()
+    changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
+    if changed:
+      raise ValueError(
+          f"Cannot resume from {where}: {changed} (saved, now) define the data stream; use the "
+          "saved values or a new output directory.")
+    if meta.get("state_structure", self.state_structure()) != self.state_structure():
+      raise ValueError(
+          f"Cannot resume from {where}: it holds the state of another model (another --model, "
+          "config or experts than this command's); use the run's own settings or a new output "
+          "directory (--out).")
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         self.state, self.state_shardings)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    meta = restored["meta"]
-    saved, now = {"data_shards": 1, **meta["train_config"]}, self.stream_settings()
-    changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
-    if changed:
-      raise ValueError(
-          f"Cannot resume from {manager.directory / str(step)}: {changed} (saved, now) define the "
-          "data stream; use the saved values or a new output directory.")
     self.state = TrainState(*restored["state"])
     return meta
 
@@ -331,11 +373,16 @@ class Trainer:
     def meta_now(step):
       return {"step": step, "data_position": step, "rng": rng.tolist(),
               "tokens_seen": tokens_seen, "documents_seen": docs_seen,
-              "train_config": self.stream_settings()}
+              "train_config": self.stream_settings(),
+              "state_structure": self.state_structure(),
+              "metrics_window": _host_window(window)}
 
     try:
       batches = self.stream(start)
-      window, t_window, compile_s = [], None, None
+      # The steps since the last logged record: a resumed run continues the saved window, so
+      # its records equal an uninterrupted run's.
+      window = [] if meta is None else _restore_window(meta.get("metrics_window", []))
+      t_window, compile_s = None, None
       for step in range(start + 1, cfg.steps + 1):
         try:
           host_batch = next(batches)
@@ -348,11 +395,14 @@ class Trainer:
         t0 = time.perf_counter()
         self.state, m = self._step_fn(self.state, self.frozen, self._device_batch(host_batch))
         window.append(m)
-        if compile_s is None:
+        first = compile_s is None      # the first step of this process compiles
+        if first:
           jax.block_until_ready(m)
           compile_s = time.perf_counter() - t0
-          t_window, window = time.perf_counter(), []
-          writer.write(step, self._record([m], None, peak, compile_s))
+          t_window = time.perf_counter()
+        if first and step == 1:        # a fresh run logs its first step alone, with that time
+          writer.write(step, self._record(window, None, peak, compile_s))
+          window = []
         elif step % cfg.log_every == 0 or step == cfg.steps:
           jax.block_until_ready(m)
           now = time.perf_counter()
@@ -409,6 +459,20 @@ class Trainer:
     if threading.current_thread() is not threading.main_thread():
       return None
     return signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+
+
+def _host_window(window) -> list[dict]:
+  """The metrics of the steps not logged yet, as JSON for a checkpoint: [value, dtype] each."""
+  return [{k: [np.asarray(v).tolist(), np.asarray(v).dtype.str] for k, v in m.items()}
+          for m in jax.device_get(window)]
+
+
+def _restore_window(saved) -> list[dict]:
+  """:func:`_host_window` read back, values in their dtypes (so means round as before); their
+  token counts are zeroed, as their time was spent before the restart (tokens/s counts only
+  this process's steps)."""
+  return [{k: np.zeros((), dtype) if k == "tokens" else np.asarray(v, dtype)
+           for k, (v, dtype) in m.items()} for m in saved]
 
 
 def is_complete(step_dir) -> bool:

@@ -16,6 +16,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from flexolmo_jax import console
 from flexolmo_jax.config import ModelConfig
 
 
@@ -52,7 +53,7 @@ class MetricsWriter:
   def __init__(self, workdir: str, total_steps: int, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.total = total_steps
-    self.tty = sys.stderr.isatty()
+    self.tty = console.stderr_is_tty()
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if not self.enabled:
@@ -68,13 +69,33 @@ class MetricsWriter:
       print(f"TensorBoard events disabled: {e}", file=sys.stderr)
 
   def _truncate_after(self, step: int) -> None:
-    """On resume, drops records of steps after the restored checkpoint (they are redone)."""
+    """On resume, drops records of steps after the restored checkpoint (they are redone). A torn
+    last line (a write cut short: a full disk, a kill) is dropped with a warning; a bad line
+    anywhere else is an error naming the file and line."""
     if not os.path.exists(self.path):
       return
-    with open(self.path) as fh:
-      kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(self.path, "w") as fh:
+    with open(self.path, encoding="utf-8", errors="replace") as fh:
+      lines = fh.readlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+          raise ValueError("not a metrics record")
+      except ValueError as e:
+        if number == len(lines):
+          print(f"{self.path}:{number}: dropping a torn last record ({e}); it is written "
+                "again.", file=sys.stderr)
+          continue
+        raise ValueError(f"{self.path}:{number}: not a metrics record ({e}); fix or remove "
+                         "the line to resume.") from None
+      if record.get("step", 0) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    with open(self.path + ".tmp", "w") as fh:
       fh.writelines(kept)
+    os.replace(self.path + ".tmp", self.path)
 
   def write(self, step: int, record: Mapping[str, float], kind: str = "train") -> None:
     if not self.enabled:

@@ -60,6 +60,8 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
                      f"{list(cfg.experts)}.")
   data, output_dir = paths.absolute_all([data] if isinstance(data, str) else data), \
       paths.absolute(output_dir)
+  loop.check_seq_len(train, cfg.max_seq_len)
+  store.refuse_to_replace(os.path.join(output_dir, "model"), train.steps)
   vocab = tasks.vocabulary_from_spec(vocabulary)
   check_vocabulary(vocab, cfg, vocabulary)
   write_gin_config(output_dir)

@@ -136,6 +136,7 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   merged = store.saved_dir(merged)
   manifest = store.read_manifest(merged, merge_lib.KIND)
   cfg, params = merge_lib.load_merged(merged)
+  loop.check_seq_len(train, cfg.max_seq_len)
   cfg = cfg.replace(top_k=cfg.num_experts)        # all experts active
   names = cfg.experts
   # proxy_weight 0 tunes on the public data alone (the BTX-lite baseline): no proxy sets, so no
