@@ -195,6 +195,11 @@ def parse_run_config(run: str, args, flags: dict[str, str], model: str | None = 
   try:
     gin.parse_config_files_and_bindings(files, bindings + args.gin_bindings)
   except Exception as e:  # gin raises ValueError, KeyError, SyntaxError... name them all plainly
+    required = re.search(r"(\w+)/macro\.value set to `%gin\.REQUIRED`", str(e))
+    if required:
+      flag = {macro: dest for dest, macro in flags.items()}.get(required.group(1))
+      raise ValueError(f"missing required setting {required.group(1)}"
+                       + (f" (--{flag.replace('_', '-')})" if flag else "") + ".") from None
     raise ValueError(f"gin configuration ({', '.join(files)}; bindings {args.gin_bindings}): "
                      f"{type(e).__name__}: {e}") from e
 
@@ -519,23 +524,24 @@ def number(text: str) -> float:
   return value
 
 
-def natural(text: str) -> int:
-  """An argparse type: an integer >= 0."""
+def _integer(text: str, least: int) -> int:
   try:
     value = int(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"{value} is below 0")
+  if value < least:
+    raise argparse.ArgumentTypeError(f"{value} is below {least}")
   return value
+
+
+def natural(text: str) -> int:
+  """An argparse type: an integer >= 0."""
+  return _integer(text, 0)
 
 
 def count(text: str) -> int:
   """An argparse type: an integer >= 1."""
-  value = natural(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{value} is below 1")
-  return value
+  return _integer(text, 1)
 
 
 class Parser(argparse.ArgumentParser):

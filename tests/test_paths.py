@@ -13,10 +13,8 @@ import pytest
 
 from flexolmo_jax import cli, paths, sharding
 from flexolmo_jax.checkpoint import store
+from tests.artifacts import owner_data
 from tests.helpers import save_random_public
-
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-
 
 def test_absolute_resolves_every_spelling(tmp_path, monkeypatch):
   real = tmp_path / "work"
@@ -68,13 +66,6 @@ def test_a_run_directory_stands_for_its_model(tmp_path):
     store.saved_dir(str(tmp_path / "nowhere"))
 
 
-def _owner_data(path):
-  rs = np.random.RandomState(0)
-  with open(path, "w") as fh:
-    for _ in range(80):
-      fh.write(json.dumps({"text": " ".join(rs.choice(WORDS, size=rs.randint(20, 60)))}) + "\n")
-
-
 def _same_tree(a, b):
   """Two directories hold the same files with the same bytes (Orbax's own metadata aside: it
   records when it was written)."""
@@ -107,7 +98,7 @@ def test_commands_give_the_same_outputs_for_every_spelling_of_their_paths(tmp_pa
   work = tmp_path / "work"
   (work / "sub").mkdir(parents=True)
   save_random_public(work / "public")
-  _owner_data(work / "code.jsonl")
+  owner_data(work / "code.jsonl", documents=80)
   os.symlink(work, tmp_path / "link")
   monkeypatch.setenv("HOME", str(work))
   spellings = {                                   # name: (working directory, path prefix)

@@ -1,0 +1,72 @@
+"""Small real artifacts made once per test session, and the in-process CLI helpers of the
+hostile-input tests: a public model, one owner's expert trained against it, their merge and its
+Hugging Face export (tiny sizes, one device: seconds)."""
+import functools
+import json
+import os
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+
+from flexolmo_jax import cli, sharding
+from tests.helpers import save_random_public
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+ONE_DEVICE = functools.partial(sharding.make_mesh, devices=jax.devices()[:1])
+
+
+def flexolmo(capsys, *argv) -> tuple[int, str]:
+  """``flexolmo ARGV`` in this process: (exit status, its stderr); one device."""
+  with mock.patch.object(sharding, "make_mesh", ONE_DEVICE):
+    code = cli.main([str(a) for a in argv])
+  err = capsys.readouterr().err
+  assert "Traceback" not in err, err
+  return code, err
+
+
+def refused(capsys, *argv, naming: str) -> str:
+  """Runs a command that must be refused: exit 2, one line, naming ``naming``."""
+  code, err = flexolmo(capsys, *argv)
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert code == 2 and len(lines) == 1 and naming in lines[0], err
+  return lines[0]
+
+
+def owner_data(path, seed=0, documents=60):
+  rs = np.random.RandomState(seed)
+  path.write_text("".join(json.dumps({"text": " ".join(rs.choice(WORDS, rs.randint(20, 60)))})
+                          + "\n" for _ in range(documents)))
+  return path
+
+
+def snapshot(root) -> dict:
+  """{path: bytes} of every file under ``root``."""
+  out = {}
+  for directory, _, files in os.walk(root):
+    for name in files:
+      with open(os.path.join(directory, name), "rb") as fh:
+        out[os.path.join(directory, name)] = fh.read()
+  return out
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+  """A public model, one owner's expert trained against it, their merge and its HF export."""
+  root = tmp_path_factory.mktemp("hostile")
+  public, _, params = save_random_public(root / "public")
+  data = owner_data(root / "code.jsonl")
+  with mock.patch.object(sharding, "make_mesh", ONE_DEVICE):
+    assert cli.main(["train-expert", "--public", public, "--name", "code", "--data", str(data),
+                     "--out", str(root / "code"), "--steps", "2", "--batch-size", "2",
+                     "--seq-len", "32", "--router-init", "random"]) == 0
+  assert cli.main(["merge", "--public", public, "--expert", str(root / "code"),
+                   "--out", str(root / "merged")]) == 0
+  assert cli.main(["export-hf", "--model", str(root / "merged"), "--out", str(root / "hf"),
+                   "--drop-negative-bias"]) == 0
+  return {"root": root, "public": public, "params": params, "data": data,
+          "expert": str(root / "code" / "expert"), "merged": str(root / "merged"),
+          "hf": str(root / "hf")}
+
+
