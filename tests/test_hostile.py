@@ -189,7 +189,28 @@ def test_a_finished_public_model_is_never_replaced_by_more_steps(tmp_path, capsy
   assert flexolmo(capsys, *args, "--steps", "2")[0] == 0
   before = snapshot(tmp_path / "run" / "model")
   refused(capsys, *args, "--steps", "3", naming="--steps 3 would replace it")
+  # The same run resumed with another model: named, not buried in the checkpointer's errors.
+  refused(capsys, *args, "--steps", "2", "--gin.flexolmo.ModelConfig.d_model=32",
+          naming="holds the state of another model")
   assert snapshot(tmp_path / "run" / "model") == before
+
+
+def test_a_file_deleted_while_data_is_prepared_leaves_nothing(tmp_path, monkeypatch):
+  owner = tmp_path / "owner"
+  owner.mkdir()
+  for i in range(3):
+    (owner / f"doc{i}.txt").write_text(f"document number {i} " * 10)
+  examples = sources._split_examples                 # pylint: disable=protected-access
+
+  def deleting(spec, split):
+    (owner / "doc2.txt").unlink(missing_ok=True)     # the owner's sync job removes a file
+    yield from examples(spec, split)
+
+  monkeypatch.setattr(sources, "_split_examples", deleting)
+  spec = sources.SourceSpec(paths=(str(owner),), validation_fraction=0.0)
+  with pytest.raises(sources.DataError, match="changed while 'owner' was being prepared"):
+    sources.prepare("owner", spec, str(tmp_path / "tfds"))
+  assert not sources.is_prepared(str(tmp_path / "tfds" / "owner" / "1.0.0"))
 
 
 def _safetensors(path, entries, data: bytes):
