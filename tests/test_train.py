@@ -212,7 +212,7 @@ def test_gin_errors_are_reported_before_training(fake_public, tmp_path, capsys):
   assert code == 2 and "topk" in err
   code, err = run_cli(["train-expert", "--public", fake_public["model"], "--name", "code",
                        "--out", str(tmp_path / "out")], capsys)      # no --data
-  assert code == 2 and "DATA" in err and "REQUIRED" in err
+  assert code == 2 and "missing required setting DATA (--data)" in err
   assert not os.path.exists(tmp_path / "out" / "checkpoints")
 
 
