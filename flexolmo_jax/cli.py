@@ -60,7 +60,6 @@ def _cmd_data_flexmix(args) -> int:
 
 
 def _cmd_data_inspect(args) -> int:
-
   import tensorflow_datasets as tfds
 
   from flexolmo_jax.data import sources
