@@ -86,29 +86,26 @@ def params_dir(directory: str) -> str:
   return os.path.join(paths.absolute(directory), PARAMS)
 
 
-def fingerprint(params: Mapping[str, Any]) -> str:
-  """sha256 over every leaf's path, dtype, shape and bytes (one leaf on the host at a time)."""
+def _digest(leaves: Iterable[tuple[str, np.ndarray]]) -> str:
+  """sha256 over (path, dtype, shape, bytes) of each leaf, in the order given."""
   digest = hashlib.sha256()
-  for path, leaf in sorted(flatten(params).items()):
-    value = host_value(leaf)
+  for path, value in leaves:
     digest.update(f"{path}|{value.dtype.str}|{value.shape}\n".encode())
     digest.update(np.ascontiguousarray(value).tobytes())
   return digest.hexdigest()
 
 
-def check_fingerprint(directory: str, manifest: Mapping[str, Any], params=None) -> None:
-  """Recomputes a public model's fingerprint from its parameters (``params``, or restored from
-  ``directory`` one leaf at a time) and refuses a mismatch with the manifest's."""
-  if params is None:
-    shapes = saved_shapes(directory)
-    digest = hashlib.sha256()
-    for path, shape in sorted(shapes.items(), key=lambda item: "/".join(item[0])):
-      value = restore_leaves(directory, {path: shape})[path]
-      digest.update(f"{'/'.join(path)}|{value.dtype.str}|{value.shape}\n".encode())
-      digest.update(np.ascontiguousarray(value).tobytes())
-    recomputed = digest.hexdigest()
-  else:
-    recomputed = fingerprint(params)
+def fingerprint(params: Mapping[str, Any]) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes (one leaf on the host at a time)."""
+  return _digest((path, host_value(leaf)) for path, leaf in sorted(flatten(params).items()))
+
+
+def check_fingerprint(directory: str, manifest: Mapping[str, Any]) -> None:
+  """Recomputes a public model's fingerprint from its saved parameters (restored one leaf at a
+  time) and refuses a mismatch with the manifest's."""
+  shapes = {"/".join(path): (path, shape) for path, shape in saved_shapes(directory).items()}
+  recomputed = _digest((name, restore_leaves(directory, {path: shape})[path])
+                       for name, (path, shape) in sorted(shapes.items()))
   if recomputed != manifest.get("fingerprint"):
     raise ValueError(f"{directory}: its parameters do not match the fingerprint its manifest "
                      "records (the checkpoint was modified, or its manifest was rewritten).")
