@@ -18,8 +18,9 @@ ONE_DEVICE = functools.partial(sharding.make_mesh, devices=jax.devices()[:1])
 
 
 def flexolmo(capsys, *argv) -> tuple[int, str]:
-  """``flexolmo ARGV`` in this process: (exit status, its stderr); one device."""
-  with mock.patch.object(sharding, "make_mesh", ONE_DEVICE):
+  """``flexolmo ARGV`` in this process: (exit status, its stderr); one device. The environment
+  is restored afterwards (``--verbose`` and ``--no-verify`` set variables for the process)."""
+  with mock.patch.dict(os.environ), mock.patch.object(sharding, "make_mesh", ONE_DEVICE):
     code = cli.main([str(a) for a in argv])
   err = capsys.readouterr().err
   assert "Traceback" not in err, err

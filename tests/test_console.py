@@ -30,8 +30,9 @@ def test_native_noise_is_filtered_and_everything_else_kept():
 
 
 def test_switches_are_taken_from_anywhere_and_inherited(monkeypatch):
-  monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
-  monkeypatch.delenv(console.NO_VERIFY_ENV, raising=False)
+  # Recorded by monkeypatch, so the variables that take_switches sets are removed afterwards.
+  monkeypatch.setenv(console.VERBOSE_ENV, "")
+  monkeypatch.setenv(console.NO_VERIFY_ENV, "")
   assert console.take_switches(["eval", "--model", "m"]) == ["eval", "--model", "m"]
   assert not console.verbose()
   assert console.take_switches(["eval", "--verbose", "--model", "m", "--no-verify"]) == \
