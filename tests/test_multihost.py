@@ -3,6 +3,7 @@ devices and ``jax.distributed.initialize``, against one process with 8 devices r
 shards."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -103,6 +104,9 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
   assert_same_params(single / "model", multi / "model")
   # Its training checkpoint resumes in one process, on another host count (the stream is the
   # same 2 shards): step 6 there equals step 6 of the single-process run resumed the same way.
+  # A published model is never replaced by a longer run, so its owner removes it first.
+  for run in (single, multi):
+    shutil.rmtree(run / "model")
   run_all([(command(data, single, STEPS + 1), 8), (command(data, multi, STEPS + 1), 8)])
   one, two = train_losses(single), train_losses(multi)
   np.testing.assert_allclose(two[STEPS + 1], one[STEPS + 1], rtol=2e-6, atol=0)
