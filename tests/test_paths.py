@@ -13,6 +13,7 @@ import pytest
 
 from flexolmo_jax import cli, paths, sharding
 from flexolmo_jax.checkpoint import store
+from flexolmo_jax.convert import hf
 from tests.artifacts import owner_data
 from tests.helpers import save_random_public
 
@@ -67,17 +68,26 @@ def test_a_run_directory_stands_for_its_model(tmp_path):
 
 
 def _same_tree(a, b):
-  """Two directories hold the same files with the same bytes (Orbax's own metadata aside: it
-  records when it was written)."""
+  """Two saved directories hold the same things: every file byte for byte, except Orbax's
+  ``params/`` (its files record when and where they were written), whose parameters must be
+  equal bitwise instead."""
   cmp = filecmp.dircmp(a, b)
   assert not cmp.left_only and not cmp.right_only, (a, cmp.left_only, cmp.right_only)
   for name in cmp.common_files:
-    if name in ("_CHECKPOINT_METADATA", store.MANIFEST):
-      continue
-    with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
-      assert fa.read() == fb.read(), os.path.join(b, name)
+    if name == hf.NAMES_FILE:     # records where it was exported from: each run's own input
+      want, got = (json.load(open(os.path.join(d, name))) for d in (a, b))
+      assert {**got, "source": None} == {**want, "source": None}, os.path.join(b, name)
+    elif name != store.MANIFEST:
+      with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+        assert fa.read() == fb.read(), os.path.join(b, name)
   for name in cmp.common_dirs:
-    _same_tree(os.path.join(a, name), os.path.join(b, name))
+    if name == store.PARAMS:
+      want, got = store.load_params(a), store.load_params(b)
+      for path, leaf in store.flatten(want).items():
+        np.testing.assert_array_equal(np.asarray(store.flatten(got)[path]), np.asarray(leaf),
+                                      err_msg=os.path.join(b, path))
+    else:
+      _same_tree(os.path.join(a, name), os.path.join(b, name))
 
 
 def _manifest(path):
