@@ -299,7 +299,7 @@ def test_extraction_cli_finds_the_canaries_among_an_owners_training_documents(de
       (["--documents", str(short)], f"{short}: none of the 1 documents read has --min-length 128"),
       (["--documents", str(docs), "--total", "512"], "--total 512 is longer than the model's "
                                                     "max_seq_len 256"),
-      (["--documents", str(docs), "--prefix", "0"], "--prefix 0 must be above 0"),
+      (["--documents", str(docs), "--prefix", "0"], "argument --prefix: 0 is below 1"),
       (["--documents", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file")):
     assert cli.main(["extraction", "--model", dense, *argv]) == 2
     assert message in capsys.readouterr().err
