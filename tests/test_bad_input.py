@@ -119,7 +119,8 @@ CASES = [
 
 
 @pytest.fixture
-def places(world, tmp_path):
+def places(world, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)      # default outputs (eval's data/eval) land here, not in the repo
   broken = tmp_path / "broken.jsonl"
   broken.write_text('{"text": "fine"}\n{"text": \n')
   (tmp_path / "empty").mkdir()
