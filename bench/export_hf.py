@@ -23,8 +23,10 @@ import shutil
 import benchlib
 import numpy as np
 
-from flexolmo_jax.checkpoint import merge, store
-from flexolmo_jax.config import PUBLIC, load_model_config
+from flexolmo_jax.checkpoint import store
+from flexolmo_jax.config import load_model_config
+from flexolmo_jax.experts import PUBLIC
+from flexolmo_jax.flexolmo import merge
 from flexolmo_jax.model.transformer import pure_model
 
 
@@ -76,11 +78,12 @@ CHILD_NAIVE = """
 import json, os, resource, sys, time
 import numpy as np
 from safetensors.numpy import save_file
-from flexolmo_jax.checkpoint import merge
+from flexolmo_jax.checkpoint import merged_model
 from flexolmo_jax.convert import hf
+from flexolmo_jax.flexolmo import merge
 model, out = sys.argv[1:]
 start = time.perf_counter()
-cfg, params = merge.load_merged(model)
+cfg, params = merged_model.load_merged(model)
 cfg = cfg.replace(negative_bias=False)
 tensors = {}
 for t in hf.tensor_map(cfg):

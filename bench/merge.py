@@ -23,10 +23,11 @@ import benchlib
 import jax
 import numpy as np
 
-from flexolmo_jax.checkpoint import merge, store
-from flexolmo_jax.config import PUBLIC, load_model_config
+from flexolmo_jax.checkpoint import store
+from flexolmo_jax.config import load_model_config
+from flexolmo_jax.experts import PUBLIC
+from flexolmo_jax.flexolmo import merge, router_init
 from flexolmo_jax.model.transformer import pure_model
-from flexolmo_jax.train import router_init
 
 
 def build_inputs(workdir: str, n_experts: int) -> tuple[str, list[str]]:
@@ -71,7 +72,7 @@ def dir_bytes(path: str) -> int:
 
 CHILD = """
 import json, resource, sys, time
-from flexolmo_jax.checkpoint import merge
+from flexolmo_jax.flexolmo import merge
 public, out, *experts = sys.argv[1:]
 start = time.perf_counter()
 merge.merge(public, experts, out, progress=lambda msg: None)

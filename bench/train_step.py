@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax import sharding
-from flexolmo_jax.config import ModelConfig, MeshConfig, load_model_config
+from flexolmo_jax.config import MeshConfig, ModelConfig, load_model_config
 from flexolmo_jax.model.transformer import pure_model
 from flexolmo_jax.train import loop, metrics
 

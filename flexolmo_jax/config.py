@@ -8,19 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from typing import Sequence
 
 import gin
 
-PUBLIC = "public"
-"""Name of the public (anchor) expert. It is an ordinary routed expert (docs/method.md §3)."""
+from flexolmo_jax import experts as experts_lib
 
-DISPATCH_BACKENDS = ("dense", "capacity", "dropless", "ragged", "megablox")
 DTYPES = ("float32", "bfloat16")
-TOP_K_POLICIES = ("reject", "clamp")
-
-
 MAX_SIZE = 1 << 24         # any one size of a model config (the 7B presets' largest is 100352)
 MAX_EXPERTS = 1024
 
@@ -100,17 +94,14 @@ class ModelConfig:
       raise ValueError(
           f"ModelConfig: dtype={self.dtype!r} / param_dtype={self.param_dtype!r}; "
           f"choose from {DTYPES}.")
-    if self.dispatch not in DISPATCH_BACKENDS:
+    if self.top_k_policy not in experts_lib.TOP_K_POLICIES:
       raise ValueError(
-          f"ModelConfig: unknown dispatch backend {self.dispatch!r}; "
-          f"choose one of {', '.join(DISPATCH_BACKENDS)}.")
-    if self.top_k_policy not in TOP_K_POLICIES:
-      raise ValueError(
-          f"ModelConfig: top_k_policy={self.top_k_policy!r}; choose from {TOP_K_POLICIES}.")
+          f"ModelConfig: top_k_policy={self.top_k_policy!r}; choose from "
+          f"{experts_lib.TOP_K_POLICIES}.")
     if self.capacity_factor <= 0:
       raise ValueError(f"ModelConfig: capacity_factor={self.capacity_factor} must be > 0.")
     if self.experts:
-      validate_expert_names(self.experts)
+      experts_lib.validate(self.experts)
       if self.top_k < 1:
         raise ValueError(f"ModelConfig: top_k={self.top_k} must be >= 1.")
       if self.top_k > len(self.experts):
@@ -129,13 +120,11 @@ class ModelConfig:
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
-  def with_experts(self, names: Sequence[str], top_k: int | None = None) -> "ModelConfig":
+  def with_experts(self, names: Sequence[str]) -> "ModelConfig":
     """The config of the same model over ``names`` (top_k per ``top_k_policy`` if too large)."""
     names = tuple(names)
-    k = self.top_k if top_k is None else top_k
-    if names and k > len(names) and self.top_k_policy == "clamp":
-      k = len(names)
-    return self.replace(experts=names, top_k=k)
+    return self.replace(experts=names,
+                        top_k=experts_lib.active(self.top_k, self.top_k_policy, names))
 
   def num_params(self) -> int:
     """Number of parameters (all experts counted)."""
@@ -149,22 +138,6 @@ class ModelConfig:
     """Parameters touched per token (top_k experts)."""
     inactive = 3 * self.d_model * self.d_ff * (self.num_experts - self.top_k) if self.is_moe else 0
     return self.num_params() - self.n_layers * inactive
-
-
-# An expert's name becomes a directory name in merged checkpoints and a key in files from other
-# organisations: one strict pattern (so never '.', '..', a path or a list).
-EXPERT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-
-
-def validate_expert_names(names: Sequence[str]) -> None:
-  seen = set()
-  for name in names:
-    if not isinstance(name, str) or not EXPERT_NAME.fullmatch(name):
-      raise ValueError(f"Invalid expert name {name!r}: a name is 1 to 64 letters, digits, '_' "
-                       "or '-', starting with a letter or digit.")
-    if name in seen:
-      raise ValueError(f"Duplicate expert name {name!r} in {list(names)}.")
-    seen.add(name)
 
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")

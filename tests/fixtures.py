@@ -16,7 +16,8 @@ import pytest
 from flexolmo_jax import cli, sharding
 from flexolmo_jax.config import MeshConfig
 from flexolmo_jax.data import flexmix_mini, tasks
-from flexolmo_jax.train import expert, loop
+from flexolmo_jax.flexolmo import expert
+from flexolmo_jax.train import loop
 from tests.helpers import run_cli
 
 TRAIN = dict(batch_size=8, seq_len=128, log_every=50, async_checkpoints=False, peak_tflops=1.0)
@@ -115,5 +116,5 @@ def experts(demo_run, code_expert):
 def validation(flexmix, domains=None, seq_len=128, batch_size=8):
   """{domain: its validation batches} of FlexMix-mini (byte vocabulary)."""
   vocab = tasks.vocabulary_from_spec("byte")
-  return {d: list(cli.eval_batches({d: [flexmix[d]]}, vocab, "unused", seq_len, batch_size)[d])
+  return {d: list(tasks.eval_batches({d: [flexmix[d]]}, vocab, "unused", seq_len, batch_size)[d])
           for d in domains or flexmix}

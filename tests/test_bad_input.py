@@ -71,7 +71,7 @@ CASES = [
       "{out}"], "no such expert among the inputs"),
     (["merge", "--public", "{public}", "--expert", "{expert}", "--expert", "{expert}", "--out",
       "{out}"], "Two experts are named 'code'"),
-    (["merge", "--public", "{expert}", "--out", "{out}"], "not the public model"),
+    (["merge", "--public", "{expert}", "--out", "{out}"], "not a dense public model"),
     (["merge", "--public", "{public}", "--expert", "{expert}", "--out", "{tmp}"],
      "already exists"),
     (["merge", "--public", "{public}", "--expert", "{expert}", "--top-k", "0", "--out", "{out}"],

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 
 from flexolmo_jax import cli
-from flexolmo_jax.checkpoint import merge, store
-from flexolmo_jax.eval import baselines, perplexity
-from flexolmo_jax.train import pretrain
+from flexolmo_jax.baselines import btm, btx, soup
+from flexolmo_jax.baselines import members as baseline_members
+from flexolmo_jax.checkpoint import merged_model, saved, store
+from flexolmo_jax.eval import perplexity
+from flexolmo_jax.flexolmo import merge
+from flexolmo_jax.flexolmo import public as pretrain
+from flexolmo_jax.model import logprobs
 from tests.fixtures import train_config, validation
 from tests.helpers import lm_batch, run_cli
 
@@ -35,7 +39,7 @@ def test_btm_mixture_equals_the_loop_oracle(top_k):
   rs = np.random.RandomState(0)
   logp = np.log(rs.uniform(0.01, 1.0, (3, 2, 12)))
   positions = np.array([list(range(5)) + list(range(7)), list(range(12))])
-  got = baselines.ensemble_logprobs(logp, positions, tau=0.7, top_k=top_k)
+  got = btm.ensemble_logprobs(logp, positions, tau=0.7, top_k=top_k)
   np.testing.assert_allclose(np.asarray(got), naive_btm(logp, positions, 0.7, top_k), rtol=1e-5)
 
 
@@ -53,41 +57,41 @@ def dense(public, flexmix, tmp_path_factory):
 def test_dense_soup_and_btm(public, dense, flexmix, tmp_path):
   manifest = store.read_manifest(dense["code"], "dense")
   assert manifest["anchor_fingerprint"] == store.read_manifest(public["model"])["fingerprint"]
-  soup = baselines.soup(list(dense.values()), str(tmp_path / "soup"))
-  members = [perplexity.load_dense(p)[1] for p in dense.values()]
-  averaged = perplexity.load_dense(soup)[1]
+  averaged_dir = soup.soup(list(dense.values()), str(tmp_path / "soup"))
+  members = [saved.open_dense(p)[1] for p in dense.values()]
+  averaged = saved.open_dense(averaged_dir)[1]
   jax.tree.map(lambda s, a, b: np.testing.assert_allclose(s, (np.float64(a) + b) / 2, rtol=1e-6),
                averaged, *members)
   assert cli.main(["btm", "--dense", dense["code"], "--dense", dense["math"], "--tau", "1.0",
                    "--out", str(tmp_path / "btm")]) == 0
   scorer, _ = perplexity.open_model(str(tmp_path / "btm"))
   batch = lm_batch(256, batch=2, length=32)
-  logps = np.stack([np.asarray(perplexity.model_scorer(
+  logps = np.stack([np.asarray(logprobs.model_scorer(
       store.config_from_json(manifest["config"], "code"), p)(batch)) for p in members])
   np.testing.assert_allclose(np.asarray(scorer(batch)),
                              naive_btm(logps, batch["decoder_positions"], 1.0), rtol=1e-5,
                              atol=1e-5)   # fp32 prefix sums of NLLs vs the float64 oracle
   # Every baseline evaluates like any model.
   json_path = tmp_path / "losses.json"
-  for model in (dense["code"], soup, str(tmp_path / "btm")):
+  for model in (dense["code"], averaged_dir, str(tmp_path / "btm")):
     assert cli.main(["eval", "--model", model, "--data", f"code={flexmix['code']}",
                      "--seq-len", "128", "--batch-size", "8", "--json", str(json_path)]) == 0
     assert os.path.getsize(json_path) > 0
   with pytest.raises(ValueError, match="at least 2 dense models"):
-    baselines.soup([dense["code"]], str(tmp_path / "one"))
+    soup.soup([dense["code"]], str(tmp_path / "one"))
 
 
 @pytest.mark.slow
 def test_btx_lite(public, dense, flexmix, tmp_path):
   """Dense FFNs become experts, the rest is averaged, the router learns on public data only."""
-  out = baselines.btx(public["run"], list(dense.values()), str(tmp_path / "btx"))
+  out = btx.btx(public["run"], list(dense.values()), str(tmp_path / "btx"))
   manifest = store.read_manifest(out, "merged")
   assert manifest["experts"] == ["public", "code", "math"]
   assert manifest["router"]["source"] == "btx"
-  cfg, params = merge.load_merged(out)
+  cfg, params = merged_model.load_merged(out)
   assert not cfg.negative_bias and cfg.top_k == 3
-  models = {"public": perplexity.load_dense(public["model"])[1],
-            **{n: perplexity.load_dense(p)[1] for n, p in dense.items()}}
+  models = {"public": saved.open_dense(public["model"])[1],
+            **{n: saved.open_dense(p)[1] for n, p in dense.items()}}
   # Expert e's FFN is model e's, bit for bit; every other weight is the mean of the three.
   ffn = params["blocks"]["ffn"]
   for e, name in enumerate(manifest["experts"]):
@@ -100,15 +104,15 @@ def test_btx_lite(public, dense, flexmix, tmp_path):
     np.testing.assert_allclose(leaf, np.mean(np.float64(members), axis=0), rtol=1e-6, atol=1e-7,
                                err_msg=path)
   # Opted in to one expert, the MoE is the averaged trunk with that expert's FFN as a dense model.
-  one_cfg, one = merge.load_merged(out, experts="code")
+  one_cfg, one = merged_model.load_merged(out, experts="code")
   dense_cfg = one_cfg.replace(experts=(), top_k=1)
   as_dense = {**one, "blocks": {**one["blocks"], "ffn": {
       "gate_proj": one["blocks"]["ffn"]["w_gate"][:, 0],
       "up_proj": one["blocks"]["ffn"]["w_up"][:, 0],
       "down_proj": one["blocks"]["ffn"]["w_down"][:, 0]}}}
   batch = lm_batch(256, batch=2, length=32)
-  np.testing.assert_allclose(np.asarray(perplexity.model_scorer(one_cfg, one)(batch)),
-                             np.asarray(perplexity.model_scorer(dense_cfg, as_dense)(batch)),
+  np.testing.assert_allclose(np.asarray(logprobs.model_scorer(one_cfg, one)(batch)),
+                             np.asarray(logprobs.model_scorer(dense_cfg, as_dense)(batch)),
                              atol=2e-5)
   # The router is trained on the public data alone (no proxy sets, no domain embeddings).
   run = run_cli(["tune-router", "--merged", out, "--proxy-weight", "0",
@@ -132,4 +136,4 @@ def test_btx_lite(public, dense, flexmix, tmp_path):
   # A dense model continued from another public model is refused, naming it.
   other = {**store.read_manifest(public["model"]), "fingerprint": "0" * 64}
   with pytest.raises(ValueError, match=r"dense model 'code' .* was continued from public model"):
-    baselines.check_anchor(baselines.read_members(list(dense.values())), "elsewhere", other)
+    baseline_members.check_anchor(baseline_members.read_members(list(dense.values())), "elsewhere", other)

@@ -11,10 +11,11 @@ import pytest
 
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.data import tasks
-from flexolmo_jax.model.transformer import pure_model
+from flexolmo_jax.flexolmo import expert, router_init
+from flexolmo_jax.model.transformer import pure_model, run_on_batch
 from flexolmo_jax.privacy import accounting, documents, dpsgd
 from flexolmo_jax.privacy import router as private_router
-from flexolmo_jax.train import expert, loop, router_init
+from flexolmo_jax.train import loop
 from tests.helpers import save_random_public, tiny
 
 WEIGHT = documents.WEIGHT_KEY
@@ -96,7 +97,7 @@ def test_dp_gradient_of_the_expert_equals_a_per_document_loop():
   frozen = {"anchor": anchor, "public_router": jnp.asarray(r_pub)}
 
   def apply(p, fz, batch):
-    return loop.run_on_batch(moe, expert.assemble(fz["anchor"], fz["public_router"], p), batch)
+    return run_on_batch(moe, expert.assemble(fz["anchor"], fz["public_router"], p), batch)
 
   docs = doc_set([list(rs.randint(3, cfg.vocab_size, size=n)) + [1] for n in (5, 40, 17)],
                  seq_len=16, chunks=2)

@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+from flexolmo_jax.checkpoint import saved
 from flexolmo_jax.data import tasks
 from flexolmo_jax.eval import generate, perplexity, scoring
+from flexolmo_jax.model import logprobs
 from flexolmo_jax.model.transformer import pure_model
 from tests.helpers import lm_batch, save_random_public, tiny
 
@@ -85,7 +87,7 @@ def test_domain_stats_loss_perplexity_and_bits_per_byte(model):
   vocab = tasks.vocabulary_from_spec("byte")
   batch = lm_batch(259, batch=2, length=32)
   batch["decoder_target_tokens"][0, 5] = 1            # an EOS target: a token, not a byte
-  scorer = perplexity.model_scorer(cfg, params)
+  scorer = logprobs.model_scorer(cfg, params)
   stats = perplexity.domain_stats(scorer, [batch], vocab=vocab)
   logp = np.asarray(scorer(batch), np.float64)
   w = batch["decoder_loss_weights"]
@@ -274,8 +276,8 @@ def test_extraction_cli_finds_the_canaries_among_an_owners_training_documents(de
   assert (np.mean([similarity[w] for w in canary_lines])
           > np.mean([similarity[w] for w in ordinary]) + 0.2)
   # The oracle: the library call on the same token ids and settings.
-  cfg, params, _ = perplexity.load_model(dense)
-  vocab = cli.model_vocabulary(dense)
+  cfg, params, _ = saved.open_saved(dense)
+  vocab = saved.vocabulary(dense)
   config = extraction.ExtractionConfig(total=128, min_length=127, seed=3)
   ids = [vocab.encode(t) for t in texts[:-1]]
   direct = extraction.extraction(cfg, params, ids, config, eos_id=vocab.eos_id)

@@ -12,11 +12,12 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from flexolmo_jax import cli
-from flexolmo_jax.checkpoint import merge, store
+from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.convert import export, importer
 from flexolmo_jax.convert.safetensors_io import INDEX, SINGLE, TensorReader
 from flexolmo_jax.data import tasks
 from flexolmo_jax.eval import generate
+from flexolmo_jax.flexolmo import merge
 from flexolmo_jax.model.transformer import Transformer, pure_model
 from tests.helpers import hf_logits, hf_reference, spread_router, tiny
 
@@ -56,7 +57,7 @@ def load_hf(path):
 
 def ours(path, **select):
   if store.read_manifest(path)["kind"] == "merged":
-    return merge.load_merged(path, **select)
+    return merged_model.load_merged(path, **select)
   cfg = store.config_from_json(store.read_manifest(path)["config"], path)
   return cfg, store.load_params(path, pure_model(cfg).abstract.to_pure_dict())
 
@@ -213,7 +214,7 @@ def test_split_import_names_the_experts_and_keeps_the_parts(tmp_path):
     artifact = store.read_manifest(str(tmp_path / "out" / "experts" / name), "expert")
     assert artifact["anchor_fingerprint"] == public["fingerprint"]
   # HF expert 1 was named math: its weights are the merged model's "math" expert.
-  cfg, params = merge.load_merged(str(tmp_path / "out" / "merged"))
+  cfg, params = merged_model.load_merged(str(tmp_path / "out" / "merged"))
   sd = load_file(os.path.join(flex, SINGLE))
   np.testing.assert_array_equal(params["blocks"]["ffn"]["w_up"][0, cfg.experts.index("math")],
                                 sd["model.layers.0.mlp.experts.1.up_proj.weight"].T)
@@ -269,7 +270,8 @@ def test_clear_errors(tmp_path):
 @pytest.mark.slow
 def test_a_released_flexolmo_model_is_extended_with_a_new_expert(tmp_path):
   """import-hf --split, train-expert against the imported public model, merge into the import."""
-  from flexolmo_jax.train import expert, loop
+  from flexolmo_jax.train import loop
+  from flexolmo_jax.flexolmo import expert
 
   flex = hf_checkpoint("flex_olmo", str(tmp_path / "flex"))
   importer.import_hf(flex, str(tmp_path / "release"), split=True, vocabulary="byte",
@@ -286,11 +288,11 @@ def test_a_released_flexolmo_model_is_extended_with_a_new_expert(tmp_path):
   released = str(tmp_path / "release" / "merged")
   extended = merge.merge(released, [artifact], str(tmp_path / "extended"), top_k=2,
                          progress=lambda _: None)
-  cfg, params = merge.load_merged(extended)
+  cfg, params = merged_model.load_merged(extended)
   assert cfg.experts == ("public", "expert_1", "expert_2", "expert_3", "shell")
   # The released experts are untouched; opting the new one out gives the released model back.
-  old_cfg, old = merge.load_merged(released)
-  _, without = merge.load_merged(extended, exclude="shell")
+  old_cfg, old = merged_model.load_merged(released)
+  _, without = merged_model.load_merged(extended, exclude="shell")
   # (the new expert brings a negative bias; the released experts' are zero)
   np.testing.assert_array_equal(without["blocks"]["ffn"].pop("negative_bias"), 0.0)
   jax.tree.map(np.testing.assert_array_equal, without, old)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flexolmo_jax import sharding
-from flexolmo_jax.model.transformer import pure_model
+from flexolmo_jax.model.transformer import pure_model, run_on_batch
 from flexolmo_jax.train import loop, metrics, optim
 from tests.helpers import lm_batch, synthetic_stream, tiny
 
@@ -25,7 +25,7 @@ def make_trainer(workdir, stream=None, **train_changes):
   settings.update(train_changes)
   tcfg = loop.TrainConfig(**settings)
   mesh = sharding.make_mesh(tcfg.mesh)
-  apply = lambda p, _, b: loop.run_on_batch(model, p, b)
+  apply = lambda p, _, b: run_on_batch(model, p, b)
   return loop.Trainer(
       tcfg, workdir=str(workdir), apply=apply, params=model.init(0), frozen={},
       param_shardings=model.shardings(mesh, RULES), frozen_shardings={}, mesh=mesh, rules=RULES,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from flexolmo_jax import cli
-from flexolmo_jax.checkpoint import merge, store
+from flexolmo_jax.checkpoint import merged_model, store
+from flexolmo_jax.flexolmo import expert, merge
 from flexolmo_jax.model.transformer import pure_model
-from flexolmo_jax.train import expert
 from tests.helpers import lm_batch
 
 
@@ -51,11 +51,11 @@ def test_merged_pair_equals_the_trained_two_expert_model(public, code_expert, me
   reference = logits_of(cfg2, jax.device_get(trained), tokens)
 
   pair = merge.merge(public["model"], [code_expert["run"]], str(tmp_path / "pair"))
-  cfg, params = merge.load_merged(pair)
+  cfg, params = merged_model.load_merged(pair)
   assert cfg.experts == ("public", "code") and cfg.top_k == 2 and cfg.negative_bias
   np.testing.assert_array_equal(logits_of(cfg, params, tokens), reference)     # bitwise
   # The same pair opted in from the merge of every expert.
-  cfg, params = merge.load_merged(merged_all, experts="public,code")
+  cfg, params = merged_model.load_merged(merged_all, experts="public,code")
   np.testing.assert_array_equal(logits_of(cfg, params, tokens), reference)
 
 
@@ -63,7 +63,7 @@ def test_merged_pair_equals_the_trained_two_expert_model(public, code_expert, me
 def test_every_owner_opted_out_leaves_the_public_model(public, merged_all, tokens):
   """The extraction evaluation's "expert out" side: the merged model opted in to the public
   expert alone (its router softmax over one expert is exactly 1) computes the public model."""
-  cfg, params = merge.load_merged(merged_all, experts="public")
+  cfg, params = merged_model.load_merged(merged_all, experts="public")
   assert cfg.experts == ("public",) and cfg.top_k == 1
   manifest = store.read_manifest(public["model"], "public")
   dense_cfg = store.config_from_json(manifest["config"], "public")
@@ -98,13 +98,13 @@ def test_process_0_of_a_multi_process_launch_merges_like_one_process(public, exp
 def test_opt_out_is_exact(public, experts, merged_all, tmp_path, tokens):
   without = merge.merge(public["run"], [p for n, p in experts.items() if n != "math"],
                         str(tmp_path / "without"))
-  cfg_a, params_a = merge.load_merged(merged_all, exclude="math")
-  cfg_b, params_b = merge.load_merged(without)
+  cfg_a, params_a = merged_model.load_merged(merged_all, exclude="math")
+  cfg_b, params_b = merged_model.load_merged(without)
   assert cfg_a == cfg_b
   np.testing.assert_array_equal(logits_of(cfg_a, params_a, tokens),
                                 logits_of(cfg_b, params_b, tokens))
   # ... and it differs from the model with math in it.
-  cfg_all, params_all = merge.load_merged(merged_all)
+  cfg_all, params_all = merged_model.load_merged(merged_all)
   assert np.abs(logits_of(cfg_all, params_all, tokens) - logits_of(cfg_b, params_b, tokens)).max() > 0
   # merge --exclude writes exactly that merge, from the inputs or from the merged model.
   excluded = merge.merge(public["run"], list(experts.values()), str(tmp_path / "excl"),
@@ -119,13 +119,13 @@ def test_opt_out_is_exact(public, experts, merged_all, tmp_path, tokens):
 def test_top_k_is_clamped_or_rejected(public, experts, tmp_path):
   paths = list(experts.values())
   clamp = merge.merge(public["run"], paths, str(tmp_path / "clamp"))
-  cfg, _ = merge.load_merged(clamp, experts=["public", "code"])
-  assert cfg.top_k == 2 and merge.load_merged(clamp)[0].top_k == 4
+  cfg, _ = merged_model.load_merged(clamp, experts=["public", "code"])
+  assert cfg.top_k == 2 and merged_model.load_merged(clamp)[0].top_k == 4
   strict = merge.merge(public["run"], paths, str(tmp_path / "strict"), top_k_policy="reject")
   with pytest.raises(ValueError, match="top_k=4 is larger than the 2 experts"):
-    merge.load_merged(strict, experts=["public", "code"])
+    merged_model.load_merged(strict, experts=["public", "code"])
   with pytest.raises(ValueError, match=r"Unknown expert\(s\) \['news'\]"):
-    merge.load_merged(strict, exclude=["news"])
+    merged_model.load_merged(strict, exclude=["news"])
 
 
 def edited_copy(src, dst, edit):

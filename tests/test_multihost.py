@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from flexolmo_jax.checkpoint import store
+from flexolmo_jax.checkpoint import merged_model, store
 from tests.test_loop import train_losses
 from tests.test_resume import corpus
 
@@ -116,7 +116,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
 def test_an_owner_and_the_builder_train_on_two_processes_like_on_one(tmp_path):
   """An owner's expert, a dense continuation and router tuning on 2 hosts: the same losses and
   artifacts as on one host of 8 devices."""
-  from flexolmo_jax.checkpoint import merge
+  from flexolmo_jax.flexolmo import merge
 
   data = tmp_path / "public.jsonl"
   corpus(data)
@@ -139,7 +139,7 @@ def test_an_owner_and_the_builder_train_on_two_processes_like_on_one(tmp_path):
   merged = merge.merge(public, [str(tmp_path / "expert1" / "expert")], str(tmp_path / "merged"))
   tune = ("tune-router", "--merged", merged, "--expert-dropout", "0.5")
   one_and_two(data, tmp_path / "tune1", tmp_path / "tune2", STEPS, tune)
-  rows1, rows2 = (merge.read_router(str(tmp_path / d / "merged")) for d in ("tune1", "tune2"))
+  rows1, rows2 = (merged_model.read_router(str(tmp_path / d / "merged")) for d in ("tune1", "tune2"))
   assert sorted(rows1) == sorted(rows2)
   for key in rows1:
     np.testing.assert_allclose(rows2[key], rows1[key], rtol=1e-5, atol=1e-6, err_msg=key)

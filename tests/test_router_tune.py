@@ -3,9 +3,10 @@ import os
 
 import pytest
 
-from flexolmo_jax.checkpoint import merge, store
+from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.data import flexmix_mini
 from flexolmo_jax.eval import perplexity
+from flexolmo_jax.flexolmo import merge
 from tests.fixtures import validation
 from tests.helpers import run_cli
 
@@ -46,14 +47,14 @@ def test_router_tuning_lowers_the_average_loss_and_reads_no_closed_data(public, 
   assert mean(after) < mean(before)
   # Only the router changed: the experts' files are the untuned merge's, byte for byte.
   untuned_files = store.read_manifest(untuned)["files"]
-  assert {k: v for k, v in manifest["files"].items() if k != merge.ROUTER_FILE} == \
-         {k: v for k, v in untuned_files.items() if k != merge.ROUTER_FILE}
+  assert {k: v for k, v in manifest["files"].items() if k != merged_model.ROUTER_FILE} == \
+         {k: v for k, v in untuned_files.items() if k != merged_model.ROUTER_FILE}
 
 
 def test_expert_dropout_masks_keep_public_and_drop_each_owner_per_sequence():
   import numpy as np
 
-  from flexolmo_jax.train import router_tune
+  from flexolmo_jax.flexolmo import router_tune
 
   names = ("public", "code", "math", "news")
   keep = router_tune.expert_keep(names, (4000, 16), 0.25, (0, 7))

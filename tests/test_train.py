@@ -8,8 +8,9 @@ import pytest
 
 from flexolmo_jax import cli
 from flexolmo_jax.checkpoint import store
+from flexolmo_jax.flexolmo import expert, router_init
+from flexolmo_jax.flexolmo import public as pretrain
 from flexolmo_jax.model.transformer import pure_model
-from flexolmo_jax.train import expert, pretrain, router_init
 from tests.helpers import lm_batch, tiny
 
 def dir_bytes(path):

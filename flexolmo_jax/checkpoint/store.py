@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from flexolmo_jax import console, distributed, paths
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model.dispatch import check_backend
 
 FORMAT = "flexolmo_jax/2"
 MANIFEST = "manifest.json"
@@ -148,7 +149,12 @@ def config_from_json(data: Mapping[str, Any], where: str) -> ModelConfig:
   unknown = sorted(set(data) - known)
   if unknown:
     raise ValueError(f"{where}: unknown model config keys {unknown}.")
-  return ModelConfig(**data)
+  try:
+    cfg = ModelConfig(**data)
+    check_backend(cfg.dispatch)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{where}: {e}") from None
+  return cfg
 
 
 def save(directory: str, params: Mapping[str, Any], manifest: Mapping[str, Any], *,

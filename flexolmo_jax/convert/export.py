@@ -24,11 +24,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from flexolmo_jax.checkpoint import merge as merge_lib
-from flexolmo_jax.checkpoint import store
-from flexolmo_jax.config import PUBLIC, ModelConfig
+from flexolmo_jax.checkpoint import merged_model, store
+from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.convert import hf
 from flexolmo_jax.convert.safetensors_io import ShardedWriter, parse_size
+from flexolmo_jax.experts import PUBLIC
 
 DTYPES = {"fp32": "F32", "bf16": "BF16"}
 
@@ -40,10 +40,10 @@ class Source:
     path = store.saved_dir(path)
     manifest = store.read_manifest(path)
     kind = manifest.get("kind")
-    if kind == merge_lib.KIND:
-      self.path, self.manifest, self.cfg = merge_lib.open_merged(path, experts, exclude)
-      self.trunk = os.path.join(self.path, merge_lib.PUBLIC_DIR)
-      self.rows = merge_lib.read_router(self.path)
+    if kind == merged_model.KIND:
+      self.path, self.manifest, self.cfg = merged_model.open_merged(path, experts, exclude)
+      self.trunk = os.path.join(self.path, merged_model.PUBLIC_DIR)
+      self.rows = merged_model.read_router(self.path)
       self._check_bias(drop_negative_bias)
       self.cfg = self.cfg.replace(negative_bias=False)
     elif kind in ("public", "dense"):
@@ -78,9 +78,9 @@ class Source:
     if t.per_expert:
       name = self.cfg.experts[expert]
       if name == PUBLIC:
-        path, leaf = self.trunk, ("blocks", "ffn", merge_lib.DENSE_FFN[t.ours[-1]])
+        path, leaf = self.trunk, ("blocks", "ffn", merged_model.DENSE_FFN[t.ours[-1]])
       else:
-        path, leaf = os.path.join(self.path, merge_lib.EXPERTS_DIR, name), (t.ours[-1],)
+        path, leaf = os.path.join(self.path, merged_model.EXPERTS_DIR, name), (t.ours[-1],)
       return store.restore_leaves(path, {leaf: shape()})[leaf]
     return store.restore_leaves(self.trunk, {t.ours: shape()})[t.ours]
 

@@ -16,11 +16,12 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from flexolmo_jax.config import PUBLIC, ModelConfig
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.data.tasks import BYTE_OFFSET
+from flexolmo_jax.experts import PUBLIC
 
 CONFIG = "config.json"
 NAMES_FILE = "flexolmo.json"     # written beside an export: expert names and provenance
-BYTE_OFFSET = 3                  # pad 0, eos 1, unk 2, then the 256 bytes (ByT5's layout)
 
 
 # Bounds on a config.json's sizes, checked before anything is built from them (a config from

@@ -23,13 +23,15 @@ from typing import Sequence
 
 import numpy as np
 
-from flexolmo_jax.checkpoint import merge as merge_lib
 from flexolmo_jax.checkpoint import store
-from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names
+from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.convert import hf
 from flexolmo_jax.convert.safetensors_io import TensorReader
 from flexolmo_jax.data import tasks
-from flexolmo_jax.train import router_init
+from flexolmo_jax.experts import PUBLIC
+from flexolmo_jax.experts import validate as validate_expert_names
+from flexolmo_jax.flexolmo import merge as merge_lib
+from flexolmo_jax.flexolmo import router_init
 
 SP_FILE = "vocabulary.model"
 

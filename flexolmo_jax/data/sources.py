@@ -9,7 +9,6 @@ existing document to the other split.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import logging

@@ -20,6 +20,8 @@ import tensorflow as tf
 
 from flexolmo_jax.data import sources
 
+BYTE_OFFSET = 3   # the byte vocabulary's ids: pad 0, eos 1, unk 2, then the 256 bytes
+
 # TensorFlow only runs the input pipeline; it must not take accelerator memory from JAX.
 try:
   tf.config.set_visible_devices([], "GPU")
@@ -242,3 +244,15 @@ def vocabulary_identity(spec: str) -> dict:
   with open(spec, "rb") as fh:
     digest = hashlib.sha256(fh.read()).hexdigest()
   return {"kind": "sentencepiece", "size": vocab.vocab_size, "sha256": digest}
+
+
+def eval_batches(data: Mapping[str, Sequence[str]], vocabulary, data_dir: str, seq_len: int,
+                 batch_size: int) -> dict:
+  """{domain: validation batches} of ``{name: paths}`` data (raw paths or prepared datasets)."""
+  out = {}
+  for name, paths in data.items():
+    task = register_corpus(name, paths, data_dir=data_dir, vocabulary=vocabulary,
+                           require=("validation",))
+    out[name] = lm_batches(task, seq_len=seq_len, batch_size=batch_size, split="validation",
+                           shuffle=False, num_epochs=1, drop_remainder=False)
+  return out

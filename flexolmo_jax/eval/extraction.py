@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.data import sources
 from flexolmo_jax.eval import generate
 
 
@@ -29,6 +30,38 @@ class ExtractionConfig:
   temperature: float = 1.0
   seed: int = 0
   batch_documents: int = 8        # documents sampled together (x ``samples`` rows)
+
+  def __post_init__(self):
+    if not 0 < self.prefix < self.total:
+      raise ValueError(f"--prefix {self.prefix} must be above 0 and below --total {self.total}.")
+    if self.min_length < self.prefix + 1:
+      raise ValueError(f"--min-length {self.min_length} leaves nothing to continue after the "
+                       f"{self.prefix}-token prefix.")
+
+
+def documents_to_test(spec: sources.SourceSpec, vocab, config: ExtractionConfig,
+                      train_split_only: bool = False, max_documents: int | None = None
+                      ) -> tuple[list[tuple[str, list[int]]], int]:
+  """([(where, token ids)] of the owner's documents long enough to test, documents read).
+
+  ``train_split_only`` keeps the documents ``data prepare`` puts in the train split (what a
+  model trained on the prepared data saw); ``max_documents`` draws that many with the seed."""
+  read, tested = 0, []
+  for doc in sources.iter_documents(spec):
+    if train_split_only and sources.split_of(doc.text, spec.validation_fraction) != "train":
+      continue
+    read += 1
+    ids = list(vocab.encode(doc.text))
+    if len(ids) >= config.min_length:
+      tested.append((doc.key, ids))
+  if not tested:
+    split = " (train split)" if train_split_only else ""
+    raise sources.DataError(f"{', '.join(spec.paths)}: none of the {read} documents read{split} "
+                            f"has --min-length {config.min_length} tokens to test extraction on.")
+  if max_documents and len(tested) > max_documents:
+    keep = np.random.default_rng(config.seed).choice(len(tested), max_documents, replace=False)
+    tested = [tested[i] for i in sorted(keep)]
+  return tested, read
 
 
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
@@ -102,3 +135,16 @@ def document_loss(cfg: ModelConfig, params, documents: Sequence[Sequence[int]],
     raise ValueError("document_loss needs at least one document of two or more tokens.")
   scored = scoring.Scorer(cfg, params).score([(d[:1], d[1:]) for d in docs])
   return -sum(logprob for logprob, _ in scored) / sum(len(d) - 1 for d in docs)
+
+
+def evaluate(cfg: ModelConfig, params, tested: Sequence[tuple[str, Sequence[int]]],
+             config: ExtractionConfig, eos_id: int | None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+  """:func:`extraction` of ``tested`` ((where, token ids) each) plus the teacher-forced loss
+  and each document's best similarity under its name."""
+  docs = [ids for _, ids in tested]
+  result = extraction(cfg, params, docs, config, eos_id=eos_id, progress=progress)
+  result["loss"] = document_loss(cfg, params, docs, config.total)
+  result["per_document"] = [{"document": where, "best_similarity": best}
+                            for (where, _), best in zip(tested, result["per_document"])]
+  return result

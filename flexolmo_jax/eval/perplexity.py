@@ -1,108 +1,26 @@
 """Validation loss per domain of any saved model (``flexolmo eval``).
 
-A *scorer* turns a packed batch into per-token log-probabilities of the targets; the loss of a
-domain is the mean negative log-probability over its validation split (nats per token; per byte
+A *scorer* (model/logprobs.py) gives the targets' log-probabilities; the loss of a domain is
+the mean negative log-probability over its validation split (nats per token; per byte
 with the byte vocabulary). Models are opened by the kind their manifest names:
 
 - ``public`` / ``dense``: a dense model (the public model, a dense baseline, a soup);
 - ``merged``: the FlexOlmo MoE, over all its experts or a selection (``experts`` / ``exclude``);
-- ``btm``: the BTM ensemble of dense models (eval/baselines.py).
+- ``btm``: the BTM ensemble of dense models (baselines/btm.py).
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import seqio
 
 from flexolmo_jax import distributed
-from flexolmo_jax.checkpoint import merge as merge_lib
-from flexolmo_jax.checkpoint import store
-from flexolmo_jax.config import PUBLIC, ModelConfig
-from flexolmo_jax.convert.hf import BYTE_OFFSET
-from flexolmo_jax.model.transformer import pure_model
-from flexolmo_jax.train import loop
-
-Scorer = Callable[[Mapping[str, np.ndarray]], jax.Array]   # batch -> [B, T] target log-probs
-
-
-def target_logprobs(logits_btv, targets_bt):
-  logz = jax.nn.logsumexp(logits_btv, axis=-1)
-  return jnp.take_along_axis(logits_btv, targets_bt[..., None], -1)[..., 0] - logz
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _score(cfg: ModelConfig, params, batch):
-  logits, _ = loop.run_on_batch(pure_model(cfg), params, batch)
-  return target_logprobs(logits, batch["decoder_target_tokens"])
-
-
-def program_config(cfg: ModelConfig) -> ModelConfig:
-  """``cfg`` with the non-public experts renamed by position: models that differ only in which
-  owners they hold (an opt-out, ``public + X``) share one compiled program."""
-  if not cfg.is_moe:
-    return cfg
-  return cfg.replace(experts=tuple(n if n == PUBLIC else f"expert_{i}"
-                                   for i, n in enumerate(cfg.experts)))
-
-
-def padded_rows(score: Callable[[Mapping[str, np.ndarray]], jax.Array]) -> Scorer:
-  """A scorer that pads short batches (the last of a split) to the widest seen so far, with zero
-  loss weight, and cuts the result back: every batch of an evaluation runs one program."""
-  widest = 0
-
-  def scorer(batch):
-    nonlocal widest
-    rows = len(batch["decoder_target_tokens"])
-    widest = max(widest, rows)
-    if rows < widest:
-      pad = lambda v: np.pad(np.asarray(v), [(0, widest - rows)] + [(0, 0)] * (np.ndim(v) - 1))
-      batch = {k: pad(v) for k, v in batch.items()}
-    return score(batch)[:rows]
-
-  return scorer
-
-
-def model_scorer(cfg: ModelConfig, params) -> Scorer:
-  """Target log-probs of the model; models of equal shape reuse one compiled program."""
-  key = program_config(cfg)
-  return padded_rows(lambda batch: _score(key, params, batch))
-
-
-def load_dense(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict, dict]:
-  """(config, params, manifest) of a ``public`` or ``dense`` model directory."""
-  manifest = store.read_manifest(path)
-  if manifest.get("kind") not in ("public", "dense"):
-    raise ValueError(f"{path} holds a {manifest.get('kind')!r} checkpoint, not a dense model.")
-  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
-  if dtype:
-    cfg = cfg.replace(dtype=dtype)
-  store.recorded_files(path, manifest)
-  params = store.load_params(path, pure_model(cfg).abstract.to_pure_dict())
-  return cfg, params, manifest
-
-
-def load_model(path: str, experts=None, exclude=None, dtype: str | None = None
-               ) -> tuple[ModelConfig, dict, dict]:
-  """(config, params, manifest) of a public, dense or merged model (experts opted in or out)."""
-  path = store.saved_dir(path)
-  manifest = store.read_manifest(path)
-  kind = manifest.get("kind")
-  if kind != "merged" and (experts or exclude):
-    raise ValueError(f"--experts / --exclude apply to merged models; {path} is {kind!r}.")
-  if kind == "merged":
-    cfg, params = merge_lib.load_merged(path, experts, exclude, dtype=dtype)
-    return cfg, params, manifest
-  if kind in ("public", "dense"):
-    return load_dense(path, dtype)
-  raise ValueError(f"{path}: a {kind!r} checkpoint cannot be run on its own"
-                   + ("; merge it with its public model first (flexolmo merge)."
-                      if kind == "expert" else "."))
+from flexolmo_jax.baselines import btm
+from flexolmo_jax.checkpoint import saved, store
+from flexolmo_jax.data.tasks import BYTE_OFFSET
+from flexolmo_jax.model.logprobs import Scorer, model_scorer
 
 
 def open_model(path: str, experts=None, exclude=None, dtype: str | None = None
@@ -113,9 +31,8 @@ def open_model(path: str, experts=None, exclude=None, dtype: str | None = None
   if manifest.get("kind") == "btm":
     if experts or exclude:
       raise ValueError(f"--experts / --exclude apply to merged models; {path} is 'btm'.")
-    from flexolmo_jax.eval import baselines
-    return baselines.btm_scorer(path, manifest, dtype), {"kind": "btm"}
-  cfg, params, manifest = load_model(path, experts, exclude, dtype)
+    return btm.btm_scorer(path, manifest, dtype), {"kind": "btm"}
+  cfg, params, manifest = saved.open_saved(path, experts, exclude, dtype)
   description = {"kind": manifest["kind"]}
   if cfg.is_moe:
     description.update(experts=list(cfg.experts), top_k=cfg.top_k)
@@ -158,12 +75,6 @@ def domain_stats(scorer: Scorer, batches: Iterable[Mapping[str, np.ndarray]],
   return {"loss": nll / weight, "perplexity": math.exp(min(nll / weight, 700.0)),
           "bits_per_byte": nll / math.log(2) / nbytes if nbytes else None,
           "tokens": int(weight), "bytes": nbytes}
-
-
-def domain_loss(scorer: Scorer, batches: Iterable[Mapping[str, np.ndarray]],
-                max_batches: int | None = None) -> float:
-  """Mean negative log-probability over the loss-weighted target tokens."""
-  return domain_stats(scorer, batches, max_batches)["loss"]
 
 
 def evaluate(path: str, data: Mapping[str, Iterable], experts=None, exclude=None,

@@ -308,13 +308,16 @@ BACKENDS = {
 }
 
 
+def check_backend(name: str) -> str:
+  """``name`` if it is a registered backend; otherwise a clear error listing them."""
+  if name not in BACKENDS:
+    raise ValueError(f"unknown dispatch backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+  return name
+
+
 def dispatch(backend: str, x_td, weights_tk, experts_tk, w_gate_edf, w_up_edf, w_down_efd, *,
              capacity_factor: float = 1.25, block_size: int = 0):
   """Runs the routed SwiGLU experts with the named backend. Returns (y [T, d], DispatchStats)."""
-  try:
-    fn = BACKENDS[backend]
-  except KeyError:
-    raise ValueError(
-        f"Unknown dispatch backend {backend!r}; choose one of {', '.join(BACKENDS)}.") from None
-  return fn(x_td, weights_tk, experts_tk, w_gate_edf, w_up_edf, w_down_efd,
+  return BACKENDS[check_backend(backend)](
+      x_td, weights_tk, experts_tk, w_gate_edf, w_up_edf, w_down_efd,
             capacity_factor=capacity_factor, block_size=block_size)

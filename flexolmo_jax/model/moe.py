@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flexolmo_jax import sharding
-from flexolmo_jax.config import PUBLIC, ModelConfig
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.model import dispatch as dispatch_lib
 from flexolmo_jax.model.layers import dtype_of, make_param
 

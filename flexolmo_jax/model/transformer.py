@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flexolmo_jax import experts as experts_lib
 from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model.dispatch import check_backend
 from flexolmo_jax.model.layers import (Attention, FeedForward, RMSNorm, attention_mask, dtype_of,
                                        make_param, rope_cos_sin)
 from flexolmo_jax.model.moe import MoE, MoEStats
@@ -74,6 +76,7 @@ class Transformer(nnx.Module):
   """OLMo-2 / FlexOlmo decoder. ``model(tokens, experts=("public", "code"))`` runs a subset."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    check_backend(cfg.dispatch)   # the dispatch registry is the one list of backends
     self.cfg = cfg
     pd, std = dtype_of(cfg.param_dtype), cfg.init_std
     self.embed = make_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=std,
@@ -155,30 +158,17 @@ class Hidden(NamedTuple):
   final: jax.Array           # [B, T, d] the final-normed state that feeds the lm_head
 
 
-def select_experts(cfg: ModelConfig, experts: Sequence[str] | None):
+def select_experts(cfg: ModelConfig, experts: Sequence[str] | str | None):
   """Validates a selection by name; returns (static indices in model order or None, top_k)."""
   if experts is None:
     return None, (cfg.top_k if cfg.is_moe else None)
   if not cfg.is_moe:
     raise ValueError(f"experts={list(experts)} given, but this is a dense model (no experts).")
-  if isinstance(experts, str):
-    experts = [e for e in experts.split(",") if e]
-  unknown = [e for e in experts if e not in cfg.experts]
-  if unknown:
-    raise ValueError(f"Unknown expert(s) {unknown}; this model has {list(cfg.experts)}.")
-  if not experts:
+  if not experts_lib.parse(experts):
     raise ValueError("The expert selection is empty; select at least one expert.")
-  chosen = set(experts)
-  index = tuple(i for i, name in enumerate(cfg.experts) if name in chosen)
-  top_k = cfg.top_k
-  if top_k > len(index):
-    if cfg.top_k_policy == "clamp":
-      top_k = len(index)
-    else:
-      raise ValueError(
-          f"top_k={cfg.top_k} is larger than the {len(index)} selected experts "
-          f"{[cfg.experts[i] for i in index]}; select more experts or set top_k_policy='clamp'.")
-  return index, top_k
+  kept = experts_lib.select(cfg.experts, experts)
+  index = tuple(cfg.experts.index(name) for name in kept)
+  return index, experts_lib.active(cfg.top_k, cfg.top_k_policy, kept)
 
 
 def pool_stats(cfg: ModelConfig, stats: MoEStats | None) -> ModelAux:
@@ -219,3 +209,9 @@ class PureModel(NamedTuple):
 def pure_model(cfg: ModelConfig) -> PureModel:
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
   return PureModel(cfg, graphdef, abstract)
+
+
+def run_on_batch(model, params, batch, **kwargs):
+  """A PureModel on a packed batch: its tokens with their positions and segments."""
+  return model(params, batch["decoder_input_tokens"], positions_bt=batch["decoder_positions"],
+               segment_ids_bt=batch["decoder_segment_ids"], **kwargs)

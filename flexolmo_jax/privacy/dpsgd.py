@@ -22,7 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flexolmo_jax.privacy.documents import WEIGHT_KEY
-from flexolmo_jax.train.loop import BATCH_KEYS, Trainer, TrainState, lm_loss_sums
+from flexolmo_jax.train.loop import BATCH_KEYS, TrainState, Trainer, lm_loss_sums
 
 
 def gaussian_noise(key, tree, std: float):

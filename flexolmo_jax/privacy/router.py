@@ -18,9 +18,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from flexolmo_jax.model.embedding import segment_embedder
 from flexolmo_jax.model.transformer import PureModel
 from flexolmo_jax.privacy import documents as documents_lib
-from flexolmo_jax.train.router_init import segment_embedder
 
 
 def sensitivity(n_layers: int) -> float:

@@ -145,12 +145,6 @@ def lm_loss_sums(logits_btv, batch) -> LossSums:
   return LossSums(jnp.sum((logz - target) * w), jnp.sum(jnp.square(logz) * w), jnp.sum(w))
 
 
-def run_on_batch(model, params, batch, **kwargs):
-  """A PureModel on a packed batch: its tokens with their positions and segments."""
-  return model(params, batch["decoder_input_tokens"], positions_bt=batch["decoder_positions"],
-               segment_ids_bt=batch["decoder_segment_ids"], **kwargs)
-
-
 class TrainResult(NamedTuple):
   params: Any
   step: int

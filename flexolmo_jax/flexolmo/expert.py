@@ -27,12 +27,15 @@ from jax.sharding import NamedSharding
 
 from flexolmo_jax import paths, sharding
 from flexolmo_jax.checkpoint import store
-from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names, write_gin_config
+from flexolmo_jax.config import ModelConfig, write_gin_config
 from flexolmo_jax.data import tasks
-from flexolmo_jax.model.transformer import PureModel, pure_model
+from flexolmo_jax.experts import PUBLIC
+from flexolmo_jax.experts import validate as validate_expert_names
+from flexolmo_jax.flexolmo import router_init
+from flexolmo_jax.model.transformer import PureModel, pure_model, run_on_batch
 from flexolmo_jax.privacy import accounting, documents, dpsgd
 from flexolmo_jax.privacy import router as private_router
-from flexolmo_jax.train import loop, metrics, router_init, streams
+from flexolmo_jax.train import loop, metrics, streams
 
 # Logical axes of the trainable tree (for its shardings).
 EXPERT_AXES = {"w_gate": ("layers", "embed", "mlp"), "w_up": ("layers", "embed", "mlp"),
@@ -217,7 +220,7 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
 
   def apply(params, frozen, batch):
     merged = assemble(frozen["anchor"], frozen["public_router"], params)
-    return loop.run_on_batch(moe, merged, batch)
+    return run_on_batch(moe, merged, batch)
 
   common = dict(
       workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=params,

@@ -1,18 +1,7 @@
 """``flexolmo merge``: the public model plus named experts as one MoE checkpoint (docs/method.md §6).
 
-A merged checkpoint stores one subtree per name; nothing is stacked on disk::
-
-    <out>/manifest.json     kind "merged": the MoE config (experts in the model's order), the
-                            vocabulary, the anchor fingerprint, each expert's data card
-    <out>/public/           the public model exactly as ``pretrain`` wrote it
-    <out>/experts/<name>/   each expert artifact exactly as ``train-expert`` wrote it
-    <out>/router.npz        the live router: ``<name>/router`` [L, d] for every expert (``public``
-                            included) and ``<name>/negative_bias`` [L]; ``tune-router`` rewrites it
-
-The model's order is ``public`` first, then the other names sorted, so the order of ``--expert``
-flags never matters. Loading (:func:`load_merged`) stacks the chosen names into the ``[L, E, ...]``
-arrays the model computes with; opting experts out at load time builds exactly the model a merge
-without them writes.
+The layout it writes is ``checkpoint/merged.py``'s. The model's order is ``public`` first, then
+the other names sorted, so the order of ``--expert`` flags never matters.
 
 Merging never decodes the experts' weights. The inputs are checked by their manifests (kind,
 anchor fingerprint, shape-defining config, vocabulary, the public router row each expert trained
@@ -30,26 +19,21 @@ import os
 import shutil
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from flexolmo_jax import distributed
-from flexolmo_jax.checkpoint import store
-from flexolmo_jax.config import PUBLIC, ModelConfig, validate_expert_names
+from flexolmo_jax import experts as experts_lib
+from flexolmo_jax.checkpoint import merged_model, saved, store
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.experts import PUBLIC
+from flexolmo_jax.flexolmo import router_init
 from flexolmo_jax.privacy import accounting
-from flexolmo_jax.train import router_init
 
-KIND = "merged"
-PUBLIC_DIR = "public"
-EXPERTS_DIR = "experts"
-ROUTER_FILE = "router.npz"
 DEFAULT_TOP_K = 4   # the paper's 8-expert table; quality plateaus near 4 active experts
 # ModelConfig fields every expert must share with the public model.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                 "max_seq_len", "rope_theta", "norm_eps", "param_dtype")
-FFN_KEYS = ("w_gate", "w_up", "w_down")
-DENSE_FFN = dict(zip(FFN_KEYS, ("gate_proj", "up_proj", "down_proj")))   # expert leaf -> dense
 
 
 @dataclasses.dataclass
@@ -65,31 +49,18 @@ def router_fingerprint(row) -> str:
   return store.fingerprint({"public_router": np.asarray(row, np.float32)})
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  L, d, f = cfg.n_layers, cfg.d_model, cfg.d_ff
-  return {"w_gate": (L, d, f), "w_up": (L, d, f), "w_down": (L, f, d), "router": (L, d),
-          "negative_bias": (L,)}
-
-
 def _check_leaves(path: str, cfg: ModelConfig, has_bias: bool, what: str) -> None:
   params = store.params_dir(path)
   try:
     tree = ocp.StandardCheckpointer().metadata(params).item_metadata.tree
   except Exception as e:   # noqa: BLE001 (Orbax raises many kinds for a broken directory)
     raise ValueError(f"{what}: cannot read the Orbax metadata of {params}: {e}") from e
-  want = _expected_shapes(cfg)
+  want = merged_model.expected_shapes(cfg)
   if not has_bias:
     want.pop("negative_bias")
   got = {k: tuple(v.shape) for k, v in tree.items()}
   if got != want:
     raise ValueError(f"{what}: {params} holds {got}, expected {want} for this config.")
-
-
-def _restore_small(path: str, keys: Sequence[str], cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Only the named (small) leaves of an artifact, as host numpy arrays."""
-  shapes = _expected_shapes(cfg)
-  got = store.restore_leaves(path, {(k,): shapes[k] for k in keys})
-  return {k: got[(k,)] for k in keys}
 
 
 def read_expert(path: str, public_manifest: dict, public_cfg: ModelConfig,
@@ -119,7 +90,8 @@ def read_expert(path: str, public_manifest: dict, public_cfg: ModelConfig,
                      f"['public', {name!r}].")
   store.recorded_files(path, manifest)         # every file present at its size
   _check_leaves(path, cfg, cfg.negative_bias, what)
-  small = _restore_small(path, ("router", "negative_bias") if cfg.negative_bias else ("router",),
+  small = merged_model.restore_small(
+      path, ("router", "negative_bias") if cfg.negative_bias else ("router",),
                          cfg)
   return Expert(name, path, manifest, small["router"], small.get("negative_bias"))
 
@@ -139,48 +111,32 @@ class Source:
   router: dict[str, np.ndarray] | None = None    # from a merged input (tuned rows are kept)
 
 
-def read_public(path: str) -> tuple[str, dict, ModelConfig]:
-  """The public model, its anchor fingerprint recomputed from its parameters: an expert is
-  merged only with the very parameters it was trained against, whatever the manifest says."""
-  path = store.saved_dir(path)
-  manifest = store.read_manifest(path)
-  if manifest.get("kind") != "public":
-    raise ValueError(f"{path} is a {manifest.get('kind')!r} checkpoint, not the public model.")
-  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
-  store.check_fingerprint(path, manifest)
-  return path, manifest, cfg
-
-
 def read_sources(public: str, experts: Sequence[str]) -> Source:
   """The public model (or a merged checkpoint, whose experts come along) plus expert artifacts."""
   public = store.saved_dir(public)
   manifest = store.read_manifest(public)
   merged_router = None
   paths = list(experts)
-  if manifest.get("kind") == KIND:
-    paths = [os.path.join(public, EXPERTS_DIR, n) for n in manifest["experts"] if n != PUBLIC]
+  if manifest.get("kind") == merged_model.KIND:
+    paths = [os.path.join(public, merged_model.EXPERTS_DIR, n) for n in manifest["experts"]
+             if n != PUBLIC]
     paths += list(experts)
-    merged_router = read_router(public)
-    public = os.path.join(public, PUBLIC_DIR)
-  public_path, public_manifest, public_cfg = read_public(public)
+    merged_router = merged_model.read_router(public)
+    public = os.path.join(public, merged_model.PUBLIC_DIR)
+  public_path, public_manifest, public_cfg = saved.open_public(public, verify_parameters=True)
   seen: dict[str, str] = {}
   out = []
   for path in paths:
     expert = read_expert(path, public_manifest, public_cfg, public_path)
     if expert.name == PUBLIC:
       raise ValueError(f"{expert.path}: the name 'public' is reserved for the public model.")
-    validate_expert_names([expert.name])
+    experts_lib.validate([expert.name])
     if expert.name in seen:
       raise ValueError(f"Two experts are named {expert.name!r}: {seen[expert.name]} and "
                        f"{expert.path}; names identify experts, so each must be unique.")
     seen[expert.name] = expert.path
     out.append(expert)
   return Source(public_path, public_manifest, public_cfg, out, merged_router)
-
-
-def read_router(path: str) -> dict[str, np.ndarray]:
-  with np.load(os.path.join(path, ROUTER_FILE)) as f:
-    return {k: np.asarray(v) for k, v in f.items()}
 
 
 def _own_rows(e: Expert) -> dict[str, np.ndarray]:
@@ -265,8 +221,9 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
   out, partial = store.begin(out, overwrite)
   try:
     jobs, known = [], {}
-    inputs = [(PUBLIC_DIR, source.public_path, source.public_manifest)]
-    inputs += [(os.path.join(EXPERTS_DIR, e.name), e.path, e.manifest) for e in source.experts]
+    inputs = [(merged_model.PUBLIC_DIR, source.public_path, source.public_manifest)]
+    inputs += [(os.path.join(merged_model.EXPERTS_DIR, e.name), e.path, e.manifest)
+               for e in source.experts]
     for rel_dir, path, manifest in inputs:
       for rel, info in store.recorded_files(path, manifest).items():
         jobs.append((os.path.join(path, rel), os.path.join(partial, rel_dir, rel), info))
@@ -280,9 +237,9 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
       progress(f"merge: {len(names)} experts {list(names)}, copying and checking "
                f"{total / 1e6:,.1f} MB")
       store.copy_checked(jobs)
-      np.savez(os.path.join(partial, ROUTER_FILE), **rows)
+      np.savez(os.path.join(partial, merged_model.ROUTER_FILE), **rows)
     manifest = {
-        "kind": KIND, "config": store.config_to_json(cfg), "experts": list(names),
+        "kind": merged_model.KIND, "config": store.config_to_json(cfg), "experts": list(names),
         "vocabulary": source.public_manifest["vocabulary"],
         "anchor_fingerprint": source.public_manifest["fingerprint"],
         "data_cards": {PUBLIC: source.public_manifest.get("data_card", {}),
@@ -299,66 +256,6 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
   return out
 
 
-def selection(all_names: Sequence[str], experts: Sequence[str] | str | None = None,
-              exclude: Sequence[str] | str | None = None) -> tuple[str, ...]:
-  """The names kept (in the model's order) by ``--experts a,b`` or ``--exclude x``."""
-  split = lambda v: [n for n in (v.split(",") if isinstance(v, str) else v or ()) if n]
-  experts, exclude = split(experts), split(exclude)
-  if experts and exclude:
-    raise ValueError("Give --experts or --exclude, not both.")
-  unknown = [n for n in experts + exclude if n not in all_names]
-  if unknown:
-    raise ValueError(f"Unknown expert(s) {unknown}; this model has {list(all_names)}.")
-  kept = tuple(n for n in all_names if (n in experts if experts else n not in exclude))
-  if not kept:
-    raise ValueError("No expert is left: select at least one.")
-  return kept
-
-
-def open_merged(path: str, experts=None, exclude=None) -> tuple[str, dict, ModelConfig]:
-  """(directory, manifest, config over the selected experts) of a merged checkpoint (its files
-  verified by :func:`store.read_manifest`)."""
-  path = store.saved_dir(path)
-  manifest = store.read_manifest(path, KIND)
-  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
-  names = selection(cfg.experts, experts, exclude)
-  if cfg.top_k > len(names) and cfg.top_k_policy != "clamp":
-    raise ValueError(f"top_k={cfg.top_k} is larger than the {len(names)} experts selected "
-                     f"{list(names)}; select more, or merge with --top-k-policy clamp.")
-  return path, manifest, cfg.with_experts(names)
-
-
-def load_merged(path: str, experts=None, exclude=None, *, dtype: str | None = None
-                ) -> tuple[ModelConfig, dict]:
-  """(config, parameters) of the model over the selected names, stacked ``[L, E, ...]``.
-
-  Opting out here builds exactly the model a merge without those experts writes. ``top_k``
-  follows the config's ``top_k_policy`` when fewer experts remain (clamp, or an error).
-  """
-  from flexolmo_jax.model.transformer import pure_model
-
-  path, _, cfg = open_merged(path, experts, exclude)
-  names = cfg.experts
-  if dtype:
-    cfg = cfg.replace(dtype=dtype)
-  dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
-  dense = store.load_params(os.path.join(path, PUBLIC_DIR),
-                            pure_model(dense_cfg).abstract.to_pure_dict())
-  rows = read_router(path)
-  ffn = {PUBLIC: {key: dense["blocks"]["ffn"][DENSE_FFN[key]] for key in FFN_KEYS}}
-  shapes = _expected_shapes(cfg)
-  for name in names[1:] if names[0] == PUBLIC else names:
-    ffn[name] = _restore_small(os.path.join(path, EXPERTS_DIR, name), FFN_KEYS, cfg)
-  stack = lambda xs: np.stack([np.asarray(x) for x in xs], axis=1)
-  moe = {key: stack([ffn[n][key] for n in names]) for key in FFN_KEYS}
-  moe["router_embedding"] = stack([rows[f"{n}/router"] for n in names])
-  if cfg.negative_bias:
-    zero = np.zeros(shapes["negative_bias"], np.float32)
-    moe["negative_bias"] = stack([rows.get(f"{n}/negative_bias", zero) for n in names])
-  params = {**dense, "blocks": {**dense["blocks"], "ffn": moe}}
-  return cfg, jax.tree.map(np.asarray, params)
-
-
 def save_moe(out: str, cfg: ModelConfig, params: Mapping[str, Any], *, vocabulary: dict,
              extra_files: Mapping[str, str] | None = None, public_card: dict | None = None,
              expert_cards: Mapping[str, dict] | None = None,
@@ -370,7 +267,7 @@ def save_moe(out: str, cfg: ModelConfig, params: Mapping[str, Any], *, vocabular
   (``parts/public``, ``parts/experts/<name>``); by default they are temporary."""
   if cfg.experts[0] != PUBLIC:
     raise ValueError(f"Expert 0 must be {PUBLIC!r}, got {cfg.experts[0]!r}.")
-  validate_expert_names(cfg.experts)
+  experts_lib.validate(cfg.experts)
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f"{out} already exists; choose another output or overwrite.")
@@ -378,23 +275,24 @@ def save_moe(out: str, cfg: ModelConfig, params: Mapping[str, Any], *, vocabular
   ffn = params["blocks"]["ffn"]
   take = lambda key, e: np.asarray(ffn[key][:, e], np.float32)
   trunk = {**params, "blocks": {**params["blocks"], "ffn": {
-      DENSE_FFN[key]: take(key, 0) for key in FFN_KEYS}}}
+      merged_model.DENSE_FFN[key]: take(key, 0) for key in merged_model.FFN_KEYS}}}
   fingerprint = store.fingerprint(trunk)
   dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
   try:
-    public_path = store.save(os.path.join(work, PUBLIC_DIR), trunk, {
+    public_path = store.save(os.path.join(work, merged_model.PUBLIC_DIR), trunk, {
         "kind": "public", "config": store.config_to_json(dense_cfg), "vocabulary": vocabulary,
         "fingerprint": fingerprint, "data_card": dict(public_card or {})},
         extra_files=extra_files, overwrite=overwrite)
     rows = {f"{PUBLIC}/router": take("router_embedding", 0)}
     artifacts = []
     for e, name in enumerate(cfg.experts[1:], start=1):
-      expert_params = {key: take(key, e) for key in FFN_KEYS}
+      expert_params = {key: take(key, e) for key in merged_model.FFN_KEYS}
       expert_params["router"] = rows[f"{name}/router"] = take("router_embedding", e)
       if cfg.negative_bias:
         expert_params["negative_bias"] = rows[f"{name}/negative_bias"] = take("negative_bias", e)
       expert_cfg = cfg.replace(experts=(PUBLIC, name), top_k=min(cfg.top_k, 2))
-      artifacts.append(store.save(os.path.join(work, EXPERTS_DIR, name), expert_params, {
+      artifacts.append(store.save(os.path.join(work, merged_model.EXPERTS_DIR, name),
+                                  expert_params, {
           "kind": "expert", "name": name, "anchor_fingerprint": fingerprint,
           "config": store.config_to_json(expert_cfg), "vocabulary": vocabulary,
           "public_router_fingerprint": router_fingerprint(rows[f"{PUBLIC}/router"]),

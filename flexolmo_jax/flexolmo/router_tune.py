@@ -34,13 +34,14 @@ import jax
 import numpy as np
 
 from flexolmo_jax import paths, sharding
-from flexolmo_jax.checkpoint import merge as merge_lib
-from flexolmo_jax.checkpoint import store
-from flexolmo_jax.config import PUBLIC, write_gin_config
+from flexolmo_jax.checkpoint import merged_model, saved, store
+from flexolmo_jax.config import write_gin_config
 from flexolmo_jax.data import sources, tasks
-from flexolmo_jax.model.transformer import pure_model
-from flexolmo_jax.train import expert as expert_lib
-from flexolmo_jax.train import loop, metrics, router_init, streams
+from flexolmo_jax.experts import PUBLIC
+from flexolmo_jax.flexolmo import merge as merge_lib
+from flexolmo_jax.flexolmo import router_init
+from flexolmo_jax.model.transformer import pure_model, run_on_batch
+from flexolmo_jax.train import loop, metrics, streams
 
 
 @gin.configurable(module="flexolmo")
@@ -65,9 +66,9 @@ def domain_embeddings(merged_path: str, names: Sequence[str]) -> dict[str, np.nd
   out = {}
   for name in names:
     if name == PUBLIC:
-      path = os.path.join(merged_path, merge_lib.PUBLIC_DIR, router_init.EMBEDDING_FILE)
+      path = os.path.join(merged_path, merged_model.PUBLIC_DIR, router_init.EMBEDDING_FILE)
     else:
-      path = os.path.join(merged_path, merge_lib.EXPERTS_DIR, name,
+      path = os.path.join(merged_path, merged_model.EXPERTS_DIR, name,
                           router_init.DOMAIN_EMBEDDING_FILE)
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} is missing: expert {name!r} carries no domain embedding, "
@@ -84,7 +85,7 @@ def proxy_weights(dense_cfg, dense_params, batches, embeddings, cfg: RouterTuneC
 
   @jax.jit
   def embed(params, batch):
-    _, _, hidden = loop.run_on_batch(model, params, batch, return_hidden=True)
+    _, _, hidden = run_on_batch(model, params, batch, return_hidden=True)
     return router_init.segment_embeddings(hidden.final, batch["decoder_segment_ids"])
 
   domains = [n for n in embeddings if n != PUBLIC]
@@ -134,16 +135,16 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   data, output_dir = paths.absolute_all([data] if isinstance(data, str) else data), \
       paths.absolute(output_dir)
   merged = store.saved_dir(merged)
-  manifest = store.read_manifest(merged, merge_lib.KIND)
-  cfg, params = merge_lib.load_merged(merged)
+  manifest = store.read_manifest(merged, merged_model.KIND)
+  cfg, params = merged_model.load_merged(merged)
   loop.check_seq_len(train, cfg.max_seq_len)
   cfg = cfg.replace(top_k=cfg.num_experts)        # all experts active
   names = cfg.experts
   # proxy_weight 0 tunes on the public data alone (the BTX-lite baseline): no proxy sets, so no
   # domain embedding is read.
   embeddings = domain_embeddings(merged, names) if tune.proxy_weight else None
-  vocab = tasks.vocabulary_from_spec(expert_lib.public_vocabulary(
-      os.path.join(merged, merge_lib.PUBLIC_DIR), manifest))
+  vocab = tasks.vocabulary_from_spec(saved.vocabulary_spec(
+      os.path.join(merged, merged_model.PUBLIC_DIR), manifest))
   write_gin_config(output_dir)
   task = tasks.register_corpus("public", data, data_dir=os.path.join(output_dir, "data"),
                                vocabulary=vocab)
@@ -161,7 +162,7 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
     print(f"tuning on {len(batches)} batches of public data, no proxy sets (proxy_weight 0)")
   else:
     dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
-    dense_params = store.load_params(os.path.join(merged, merge_lib.PUBLIC_DIR),
+    dense_params = store.load_params(os.path.join(merged, merged_model.PUBLIC_DIR),
                                      pure_model(dense_cfg).abstract.to_pure_dict())
     weights, counts = proxy_weights(dense_cfg, dense_params, batches, embeddings, tune)
     del dense_params
@@ -190,7 +191,7 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   def apply(p, fz, batch):
     full = {**fz, "blocks": {**fz["blocks"], "ffn": {**fz["blocks"]["ffn"],
                                                      "router_embedding": p["router"]}}}
-    return loop.run_on_batch(moe, full, batch, expert_keep_bte=batch.get("expert_keep"))
+    return run_on_batch(moe, full, batch, expert_keep_bte=batch.get("expert_keep"))
 
   mesh = sharding.make_mesh(train.mesh)
   all_shardings = moe.shardings(mesh, rules)
@@ -206,7 +207,7 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   if result.preempted:
     return result, None
   tuned = store.host_value(result.params["router"])                 # [L, E, d]
-  rows = {k: v for k, v in merge_lib.read_router(merged).items() if k.endswith("/negative_bias")}
+  rows = {k: v for k, v in merged_model.read_router(merged).items() if k.endswith("/negative_bias")}
   rows.update({f"{n}/router": tuned[:, e] for e, n in enumerate(names)})
   record = {"source": "tune-router", "proxy_segments": counts,
             "public_sources": [sources.source_label(p) for p in data],

@@ -20,41 +20,14 @@ import os
 from typing import Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from flexolmo_jax.model.embedding import segment_embedder
 from flexolmo_jax.model.transformer import PureModel
 
 MODES = ("shared", "per_layer", "random")
 EMBEDDING_FILE = "public_embedding.npz"   # pretrain writes it beside the public parameters
 DOMAIN_EMBEDDING_FILE = "domain_embedding.npz"   # train-expert writes it into the artifact
-
-
-def segment_embeddings(hidden_btd, segment_ids_bt):
-  """L2-normalized mean over each packed segment -> ([B*T, d], [B*T] valid), segment order."""
-  b, t, d = hidden_btd.shape
-  ids = (jnp.arange(b)[:, None] * t + segment_ids_bt).reshape(-1)     # segment 0 is padding
-  valid_tok = (segment_ids_bt > 0).reshape(-1).astype(jnp.float32)
-  h = hidden_btd.reshape(-1, d).astype(jnp.float32) * valid_tok[:, None]
-  sums = jax.ops.segment_sum(h, ids, num_segments=b * t)
-  counts = jax.ops.segment_sum(valid_tok, ids, num_segments=b * t)
-  mean = sums / jnp.maximum(counts, 1.0)[:, None]
-  norm = jnp.linalg.norm(mean, axis=-1, keepdims=True)
-  return mean / jnp.maximum(norm, 1e-12), counts > 0
-
-
-def segment_embedder(model: PureModel):
-  """jitted ``(params, tokens, positions, segments) -> (final [B*T, d], per_layer [L, B*T, d],
-  valid [B*T])``: every packed segment's normalized embeddings (segment_embeddings' order)."""
-
-  @jax.jit
-  def embed(params, tokens, positions, segments):
-    _, _, hidden = model(params, tokens, positions_bt=positions, segment_ids_bt=segments,
-                         return_hidden=True)
-    final, valid = segment_embeddings(hidden.final, segments)
-    per_layer = jax.vmap(lambda h: segment_embeddings(h, segments)[0])(hidden.router_inputs)
-    return final, per_layer, valid
-  return embed
 
 
 def domain_embedding(model: PureModel, params, batches: Iterable[Mapping[str, np.ndarray]],

@@ -14,11 +14,12 @@ import jax
 import numpy as np
 
 from flexolmo_jax import paths, sharding
-from flexolmo_jax.checkpoint import store
+from flexolmo_jax.checkpoint import saved, store
 from flexolmo_jax.config import ModelConfig, write_gin_config
 from flexolmo_jax.data import tasks
-from flexolmo_jax.model.transformer import pure_model
-from flexolmo_jax.train import loop, metrics, router_init, streams
+from flexolmo_jax.flexolmo import router_init
+from flexolmo_jax.model.transformer import pure_model, run_on_batch
+from flexolmo_jax.train import loop, metrics, streams
 
 EMBEDDING_FILE = router_init.EMBEDDING_FILE
 
@@ -51,9 +52,8 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   rules = rules or sharding.ShardingRules()
   anchor = None
   if init_from is not None:
-    from flexolmo_jax.train import expert as expert_lib
-    public_path, public_manifest, cfg = expert_lib.load_public(init_from)
-    vocabulary = expert_lib.public_vocabulary(public_path, public_manifest)
+    public_path, public_manifest, cfg = saved.open_public(init_from)
+    vocabulary = saved.vocabulary_spec(public_path, public_manifest)
     anchor = (public_path, public_manifest)
   if cfg.is_moe:
     raise ValueError(f"pretrain trains the dense public model, but the config has experts "
@@ -79,7 +79,7 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
                  model_fn.abstract.to_pure_dict(), shardings)))
   trainer = loop.Trainer(
       train, workdir=output_dir, mesh=mesh, rules=rules,
-      apply=lambda p, _, b: loop.run_on_batch(model_fn, p, b),
+      apply=lambda p, _, b: run_on_batch(model_fn, p, b),
       params=initial, frozen={},
       param_shardings=shardings, frozen_shardings={},
       stream=streams.train_stream(task, train),

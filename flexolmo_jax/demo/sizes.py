@@ -1,0 +1,40 @@
+"""The demo's sizes: ``default`` (``make demo``) and ``quick`` (the tests)."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  pretrain_steps: int
+  expert_steps: int
+  tune_steps: int
+  batch: int
+  seq: int
+  # Router tuning is short here, so faster than the reference's 2e-3 (measured at quick size,
+  # 60 steps: average loss 2.770 at 1e-2, 2.786 at 3e-2; 20 steps at 2e-3: 2.816).
+  tune_lr: float = 1e-2
+  # Expert dropout in router tuning (router_tune.py; not in the paper). Measured at quick size:
+  # opting math out gave math 1.816 (public 1.361) after 60 steps without it, 1.476 after 200
+  # steps with 0.5; the full model's average went 2.136 -> 2.121.
+  tune_dropout: float = 0.5
+  # The canary owner's expert once more with DP-SGD (flexolmo_jax/privacy): this epsilon at
+  # delta 1e-5, documents cut to this many rows of ``seq`` tokens.
+  dp_epsilon: float = 8.0
+  dp_chunks: int = 2
+  # Noise dominates its gradients, so a smaller step: at quick size the DP expert's legal loss
+  # was 0.247 over the non-DP expert's at lr 3e-3 and 0.063 at 5e-4 (the public model: 0.051).
+  dp_lr: float = 5e-4
+
+
+# Quick router tuning runs 400 steps: opting math out overshot the public model by 0.201 and 0.211
+# after 200 steps, 0.159 and 0.169 after 400 (seeds 1 and 2), and the full model's math loss fell
+# by 0.03-0.05 (default size tunes on 3x the tokens of 200 quick steps already).
+# Quick pre-training runs 1000 steps: an expert trained against a 300-step public model (public
+# validation loss 1.32) memorized the canaries only to 0.85 nats per token and reached no sampled
+# extraction (0/4); against 450 steps (0.87) 0.48 and 0/4; against 600 (0.69) 0.40 and 4/4 in one
+# run, but 2/4, 1/4 and (CI) 0/4 in others: sampling seeds 0-3 on that last one's expert gave
+# 0, 0, 0, 1 of 4. Against 1000 steps, on the same data: 4, 4, 4, 3 of 4. The FFN expert cannot
+# move the frozen lm-head and norms, so a weak public model caps the probability it can give a
+# memorized token (0.92 at most after 300 steps, while top-p 0.95 needs above 0.95).
+SIZES = {"default": Size(500, 150, 150, 16, 256), "quick": Size(1000, 200, 400, 8, 128)}

@@ -1,0 +1,192 @@
+"""The demo's stages 1-6: FlexMix-mini, the public model, the experts (one process each), the
+dense models, the merge with its router tuning, and the baselines."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from flexolmo_jax.demo.processes import done, run_stages
+from flexolmo_jax.demo.sizes import SIZES
+from flexolmo_jax.experts import PUBLIC
+
+
+class Training:
+  """Stages 1-6: the data, every training run and every combination of models."""
+
+  def __init__(self, workdir: str, size: str, seed: int = 0, jobs: int = 2):
+    self.workdir, self.size_name, self.size, self.seed = workdir, size, SIZES[size], seed
+    self.jobs = jobs          # training processes at once where stages are independent
+    self.path = lambda *p: os.path.join(workdir, *p)
+    s = self.size
+    self.worked = False      # did this run do any work (else every stage was reused)
+    # The training processes share JAX's persistent compilation cache (in the work directory,
+    # unless JAX_COMPILATION_CACHE_DIR names another): the experts and the dense models are
+    # the same programs, compiled once. Measured in the quick demo: see README.
+    self.env = {"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                or self.path("compile_cache")}
+    # The seed of every training stage (model init, data order, router init, expert dropout).
+    self.common = ["--batch-size", str(s.batch), "--seq-len", str(s.seq), "--log-every", "50",
+                   "--seed", str(seed)]
+
+  def train(self, out: str, argv: list[str], what: str) -> None:
+    self.train_all([(out, argv, what)])
+
+  def train_all(self, runs: list[tuple[str, list[str], str]]) -> None:
+    """Each ``(output, argv, label)`` not finished yet, ``self.jobs`` processes at once."""
+    todo = []
+    for out, argv, what in runs:
+      if done(out):
+        print(f"  {what}: reusing {out}")
+      else:
+        todo.append((what, argv))
+    if todo:
+      self.worked = True
+      run_stages(todo, self.jobs, self.env)
+
+  # -- 1-4: data and training -------------------------------------------------------------------
+  def data(self) -> None:
+    from flexolmo_jax.data import flexmix_mini
+
+    fm_dir = self.path("flexmix_mini")
+    if os.path.exists(os.path.join(fm_dir, flexmix_mini.CARD_FILE)):
+      self.card = flexmix_mini.read_card(fm_dir)
+      print(f"[1/10] FlexMix-mini: reusing {fm_dir} (--fresh to rebuild)")
+    else:
+      print(f"[1/10] FlexMix-mini: building into {fm_dir}")
+      self.worked = True
+      self.card = flexmix_mini.build(fm_dir, self.size_name)
+    for name, info in self.card["domains"].items():
+      print(f"  {name:>6}: {info['byte_tokens']['train']:,} train byte tokens")
+    domains = self.card["domains"]
+    self.raw = {d: info["dataset_dir"] for d, info in domains.items()}
+    self.closed = [d for d in domains if d != PUBLIC]
+    # A domain too small to hold validation documents (quick sizes) is trained, not evaluated.
+    self.evaluable = [d for d in domains if domains[d]["documents"]["validation"] > 0]
+
+  def public(self) -> None:
+    s, run = self.size, self.path("public")
+    print(f"[2/10] public model: {s.pretrain_steps} steps on the public data -> {run}/model")
+    self.train(os.path.join(run, "model"), [
+        "pretrain", "--model", "tiny", "--data", self.raw[PUBLIC], "--out", run,
+        "--steps", str(s.pretrain_steps), "--warmup", str(s.pretrain_steps // 10), "--lr", "3e-3",
+        *[f"--eval-data={d}={self.raw[d]}" for d in self.evaluable if d != PUBLIC],
+        *self.common], "public model")
+
+  def per_domain(self, command: str, directory: str, artifact: str,
+                 what: str) -> list[tuple[str, list[str], str]]:
+    """``command`` once per closed domain, each run given the public model and its own data."""
+    s = self.size
+    return [(os.path.join(self.path(directory, d), artifact), [
+        command, "--public", self.path("public"), "--name", d, "--data", self.raw[d],
+        "--out", self.path(directory, d), "--steps", str(s.expert_steps),
+        "--warmup", str(s.expert_steps // 10), "--lr", "3e-3", *self.common], f"{what} {d}")
+            for d in self.closed]
+
+  def experts(self) -> None:
+    print(f"[3/10] experts: each owner alone, {self.size.expert_steps} steps on its own data "
+          f"only ({self.jobs} processes at once)")
+    self.train_all(self.per_domain("train-expert", "experts", "expert", "expert")
+                   + self.private_expert())
+    self.merge_private_expert()
+
+  def private_expert(self) -> list[tuple[str, list[str], str]]:
+    """The canary owner's expert trained again with DP-SGD (merged with the public model alone
+    by ``merge_private_expert``)."""
+    info, s = self.card.get("canaries"), self.size
+    self.dp_owner = info["domain"] if info else None
+    if not self.dp_owner:
+      return []
+    run = self.dp_run()
+    print(f"  and {self.dp_owner} again with DP-SGD (epsilon {s.dp_epsilon}, delta 1e-5)")
+    return [(os.path.join(run, "expert"), [
+        "train-expert", "--public", self.path("public"), "--name", self.dp_owner,
+        "--data", self.raw[self.dp_owner], "--out", run, "--steps", str(s.expert_steps),
+        "--warmup", str(s.expert_steps // 10), "--lr", str(s.dp_lr), "--dp",
+        "--target-epsilon", str(s.dp_epsilon), "--delta", "1e-5",
+        "--dp-chunks", str(s.dp_chunks), *self.common], f"{self.dp_owner} DP")]
+
+  def dp_run(self) -> str:
+    return self.path("experts", f"{self.dp_owner}_dp")
+
+  def merge_private_expert(self) -> None:
+    from flexolmo_jax.checkpoint import store
+    from flexolmo_jax.flexolmo import merge
+
+    if not self.dp_owner:
+      return
+    run = self.dp_run()
+    self.merged_dp = self.path("merged_dp")
+    if not done(self.merged_dp):
+      self.worked = True
+      merge.merge(self.path("public"), [run], self.merged_dp)
+    self.dp_card = store.read_manifest(os.path.join(run, "expert"))["data_card"]["dp"]
+
+  def dense(self) -> None:
+    print(f"[4/10] baselines' dense models: the public model continued {self.size.expert_steps} "
+          "steps on each domain")
+    self.train_all(self.per_domain("train-dense", "dense", "model", "dense"))
+
+  # -- 5-6: combining ---------------------------------------------------------------------------
+  def tune(self, merged: str, run: str, proxy_weight: float | None = None,
+           expert_dropout: float = 0.0) -> str:
+    s = self.size
+    self.train(os.path.join(run, "merged"), [
+        "tune-router", "--merged", merged, "--data", self.raw[PUBLIC], "--out", run,
+        "--steps", str(s.tune_steps), "--warmup", str(max(1, s.tune_steps // 10)),
+        "--lr", str(s.tune_lr), "--expert-dropout", str(expert_dropout),
+        *(["--proxy-weight", str(proxy_weight)] if proxy_weight is not None else []),
+        *self.common], f"router tuning of {merged}")
+    return os.path.join(run, "merged")
+
+  def merge(self) -> None:
+    from flexolmo_jax.flexolmo import merge
+
+    print("[5/10] merge every expert, then tune the router on public data")
+    self.merged = self.path("merged")
+    if done(self.merged):
+      print(f"  merge: reusing {self.merged}")
+    else:
+      self.worked = True
+      merge.merge(self.path("public"), [self.path("experts", d) for d in self.closed],
+                  self.merged, top_k=1 + len(self.closed))
+    self.tuned = self.tune(self.merged, self.path("tuned"), expert_dropout=self.size.tune_dropout)
+
+  def baselines(self) -> None:
+    from flexolmo_jax.baselines import btm, btx, soup
+
+    print("[6/10] baselines: model soup, BTM, BTX-lite")
+    dense = [os.path.join(self.path("dense", d), "model") for d in self.closed]
+    out = {"soup": self.path("baselines", "soup"), "btm": self.path("baselines", "btm"),
+           "btx": self.path("baselines", "btx")}
+    self.worked |= not all(done(p) for p in out.values())
+    if not done(out["soup"]):
+      soup.soup(dense, out["soup"])
+    if not done(out["btm"]):
+      btm.btm(dense, out["btm"], tau=1.0)
+    if not done(out["btx"]):
+      btx.btx(self.path("public"), dense, out["btx"], top_k=1 + len(self.closed))
+    self.baseline_paths = {**out, "btx": self.tune(out["btx"], self.path("baselines", "btx_tuned"),
+                                                   proxy_weight=0.0)}
+
+  def timed(self, name: str, stage) -> None:
+    """Runs ``stage``; its seconds are added to timing.json's when it did any work (so a run
+    that resumed after an interruption still reports the whole demo's time)."""
+    worked, self.worked = self.worked, False
+    start = time.perf_counter()
+    stage()
+    seconds = time.perf_counter() - start
+    path = self.path("timing.json")
+    timing = {"seconds": 0.0, "stages": {}}
+    if os.path.exists(path):
+      with open(path) as fh:
+        timing = {"stages": {}, **json.load(fh)}
+    if self.worked:
+      timing["seconds"] += seconds
+      timing["stages"][name] = timing["stages"].get(name, 0.0) + seconds
+      with open(path + ".tmp", "w") as fh:
+        json.dump(timing, fh)
+      os.replace(path + ".tmp", path)
+      print(f"  ({name}: {seconds:.0f} s)")
+    self.worked = worked or self.worked
+    self.timing = timing
