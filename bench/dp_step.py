@@ -21,6 +21,7 @@ from bench.train_step import RULES, batch_of, best_of, expert_trainer, train_cfg
 from flexolmo_jax import sharding
 from flexolmo_jax.config import MeshConfig, load_model_config
 from flexolmo_jax.privacy import accounting, documents, dpsgd
+from flexolmo_jax.train import loop
 
 
 def dp_batch(cfg, b, t):
@@ -59,7 +60,7 @@ def main():
         f"model {args.model}, {b} x {t} tokens per step")
   with tempfile.TemporaryDirectory() as tmp:
     plain = make(tmp)
-    base_s, base_mem = measure(plain, plain._device_batch(batch_of(cfg, b, t)), args.reps)  # pylint: disable=protected-access
+    base_s, base_mem = measure(plain, plain.train_batch(batch_of(cfg, b, t)), args.reps)
   print(f"{'step':>22} {'ms':>9} {'/ non-DP':>9} {'temp MB':>9} {'/ non-DP':>9}")
   print(f"{'non-DP expert':>22} {base_s * 1e3:9.1f} {1.0:9.2f} {base_mem / 1e6:9.1f} {1.0:9.2f}")
   for micro in [int(m) for m in args.microbatches.split(",")]:
@@ -68,12 +69,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
       ref = make(tmp)
       mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-      trainer = dpsgd.DPTrainer(
-          train_cfg(b, t), dp=dp, guarantee=guarantee, workdir=tmp, mesh=mesh, rules=RULES,
+      trainer = loop.Trainer(
+          train_cfg(b, t), workdir=tmp, mesh=mesh, rules=RULES,
           apply=ref.apply, params=ref.state.params, frozen=ref.frozen,
           param_shardings=ref.state_shardings.params, frozen_shardings=ref.frozen_shardings,
-          stream=None)
-      s, mem = measure(trainer, trainer._device_batch(dp_batch(cfg, b, t)), args.reps)  # pylint: disable=protected-access
+          stream=None, gradient=dpsgd.dp_gradient(ref.apply, train_cfg(b, t), dp, guarantee))
+      s, mem = measure(trainer, trainer.train_batch(dp_batch(cfg, b, t)), args.reps)
     print(f"{f'DP, micro-batch {micro}':>22} {s * 1e3:9.1f} {s / base_s:9.2f} {mem / 1e6:9.1f} "
           f"{mem / base_mem:9.2f}")
 

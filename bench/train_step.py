@@ -58,7 +58,7 @@ def best_of(step, reps):
 def time_trainer(make_trainer, cfg, b, t, reps):
   with tempfile.TemporaryDirectory() as tmp:
     trainer = make_trainer(tmp)
-    batch = trainer._device_batch(batch_of(cfg, b, t))  # pylint: disable=protected-access
+    batch = trainer.train_batch(batch_of(cfg, b, t))
 
     def step():
       trainer.state, m = trainer._step_fn(trainer.state, trainer.frozen, batch)  # pylint: disable=protected-access

@@ -11,7 +11,7 @@ import pytest
 
 from flexolmo_jax import sharding
 from flexolmo_jax.model.transformer import pure_model, run_on_batch
-from flexolmo_jax.train import loop, metrics, optim
+from flexolmo_jax.train import checkpoints, loop, metrics, optim
 from tests.helpers import lm_batch, synthetic_stream, tiny
 
 RULES = sharding.ShardingRules()
@@ -122,8 +122,11 @@ def test_unfinished_checkpoints_are_never_restored(tmp_path):
   os.remove(ckpts / "8" / "_CHECKPOINT_METADATA")
   assert not loop.is_complete(ckpts / "8") and loop.is_complete(ckpts / "4")
   trainer = make_trainer(tmp_path, steps=6)
-  meta = trainer._restore(trainer._manager())
-  assert meta["step"] == 4 and int(trainer.state.step) == 4
+  mgr = checkpoints.manager(str(tmp_path), keep=3, asynchronous=False)
+  state, meta = checkpoints.restore(mgr, trainer.state, trainer.state_shardings,
+                                    trainer.stream_settings())
+  mgr.close()
+  assert meta["step"] == 4 and int(state.step) == 4
 
 
 def test_resume_refuses_a_changed_data_stream(tmp_path):

@@ -230,12 +230,12 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
                     if tasks.has_split(task, "validation") else {}),
       flops_per_token=metrics.flops_per_token(cfg, train.seq_len), expert_names=cfg.experts)
   if dp.enabled:
-    trainer = dpsgd.DPTrainer(
-        train, dp=dp, guarantee=guarantee, stream=documents.stream(
-            docs, dp.sampling, train.batch_size, train.steps, train.seed,
-            pad_to=dp.microbatch_size), **common)
+    stream = documents.stream(docs, dp.sampling, train.batch_size, train.steps, train.seed,
+                              pad_to=dp.microbatch_size)
+    common["gradient"] = dpsgd.dp_gradient(apply, train, dp, guarantee)
   else:
-    trainer = loop.Trainer(train, stream=streams.train_stream(task, train), **common)
+    stream = streams.train_stream(task, train)
+  trainer = loop.Trainer(train, stream=stream, **common)
   result = trainer.train()
   if result.preempted:
     return result, None

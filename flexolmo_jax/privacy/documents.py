@@ -23,7 +23,7 @@ import numpy as np
 import seqio
 from jax_privacy import batch_selection
 
-from flexolmo_jax.train.loop import BATCH_KEYS
+from flexolmo_jax.train.objective import BATCH_KEYS
 
 WEIGHT_KEY = "example_weight"
 

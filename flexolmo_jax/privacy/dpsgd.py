@@ -7,7 +7,7 @@ new expert's FFN, router row and negative bias; the frozen public model is a con
     sum   = sum_b  g_b * min(1, C / ||g_b||)                       (jax_privacy.clipped_grad)
     grad  = (sum + N(0, (sigma C)^2 I)) / B                        (B: expected batch size)
 
-then AdamW exactly as in non-DP training. Per-document gradients exist ``microbatch_size`` at a
+then AdamW exactly as in non-DP training (:func:`dp_gradient` is the step's ``Gradient``). Per-document gradients exist ``microbatch_size`` at a
 time (vmapped inside a sequential loop over micro-batches), so memory grows with that, not with
 the batch. Padding examples have weight 0, hence a zero gradient. The noise key of step s is
 ``fold_in(key(seed), s)``: a resumed run adds the same noise as an uninterrupted one.
@@ -18,11 +18,9 @@ import jax
 import jax.numpy as jnp
 import jax_privacy
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from flexolmo_jax.privacy.documents import WEIGHT_KEY
-from flexolmo_jax.train.loop import BATCH_KEYS, TrainState, Trainer, lm_loss_sums
+from flexolmo_jax.train.objective import BATCH_KEYS, Gradient, lm_loss_sums
 
 
 def gaussian_noise(key, tree, std: float):
@@ -68,64 +66,36 @@ def example_loss(apply, params, frozen, example, lm_z_loss_weight: float):
                 "router_z_loss": aux.router_z_loss, "expert_share": aux.expert_share}
 
 
-class DPTrainer(Trainer):
-  """The loop of train/loop.py with DP-SGD steps over per-document batches.
+def dp_gradient(apply, cfg, dp, guarantee) -> Gradient:
+  """The training step's gradient under DP-SGD, over per-document batches (replicated on the
+  mesh: Poisson batches vary in size). ``cfg`` is the run's TrainConfig, ``dp`` its DPConfig
+  and ``guarantee`` its accounting.Guarantee (the noise multiplier and expected batch size)."""
+  if cfg.grad_accum != 1:
+    raise ValueError(f"DP training: grad_accum={cfg.grad_accum}; DP micro-batching is "
+                     f"DPConfig.microbatch_size ({dp.microbatch_size}), keep grad_accum 1.")
+  if jax.process_count() > 1:
+    raise ValueError("DP training runs in one process (one host, any number of its devices); "
+                     f"this run has {jax.process_count()} processes.")
+  noise_key = jax.random.key(cfg.seed + 0x5EED)
 
-  ``dp`` is a DPConfig and ``guarantee`` its accounting.Guarantee (the noise multiplier used and
-  the expected batch size)."""
-
-  def __init__(self, cfg, *, dp, guarantee, **kwargs):
-    if cfg.grad_accum != 1:
-      raise ValueError(f"DP training: grad_accum={cfg.grad_accum}; DP micro-batching is "
-                       f"DPConfig.microbatch_size ({dp.microbatch_size}), keep grad_accum 1.")
-    if jax.process_count() > 1:
-      raise ValueError("DP training runs in one process (one host, any number of its devices); "
-                       f"this run has {jax.process_count()} processes.")
-    self.dp, self.guarantee = dp, guarantee
-    super().__init__(cfg, **kwargs)
-    self.noise_key = jax.random.key(cfg.seed + 0x5EED)
-
-  def _step_batch_sharding(self):
-    """Per-document batches vary in size (Poisson) and are replicated on the mesh."""
-    return NamedSharding(self.mesh, PartitionSpec())
-
-  def stream_settings(self) -> dict:
-    return {**super().stream_settings(), "dp_sampling": self.dp.sampling,
-            "dp_noise_multiplier": self.guarantee.noise_multiplier, "dp_clip": self.dp.clip,
-            "dp_chunks_per_document": self.dp.chunks_per_document}
-
-  def _train_step(self, state: TrainState, frozen, batch):
+  def fn(params, frozen, batch, step):
     grad_fn = private_gradient(
-        lambda p, ex: example_loss(self.apply, p, frozen, ex, self.cfg.lm_z_loss_weight),
-        clip=self.dp.clip,
-        noise_multiplier=self.guarantee.noise_multiplier,
-        expected_batch_size=float(self.guarantee.batch_size),
-        microbatch_size=self.dp.microbatch_size)
-    grads, (_, per_example), norms = grad_fn(state.params, batch,
-                                            jax.random.fold_in(self.noise_key, state.step))
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+        lambda p, ex: example_loss(apply, p, frozen, ex, cfg.lm_z_loss_weight),
+        clip=dp.clip, noise_multiplier=guarantee.noise_multiplier,
+        expected_batch_size=float(guarantee.batch_size), microbatch_size=dp.microbatch_size)
+    grads, (_, per_example), norms = grad_fn(params, batch, jax.random.fold_in(noise_key, step))
     w = batch[WEIGHT_KEY]
     docs = jnp.maximum(jnp.sum(w), 1.0)
-    metrics = {"loss": jnp.sum(w * per_example["nll"]) / docs, "lm_z_loss": jnp.float32(0),
-               "router_z_loss": jnp.sum(w * per_example["router_z_loss"]) / docs,
-               "grad_norm": optax.global_norm(grads), "lr": self.lr(state.step),
-               "tokens": jnp.sum(w * per_example["tokens"]),
-               "expert_share": jnp.sum(w[:, None] * per_example["expert_share"], 0) / docs,
-               "clipped_fraction": jnp.sum(w * (norms > self.dp.clip)) / docs}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return grads, {"loss": jnp.sum(w * per_example["nll"]) / docs, "lm_z_loss": jnp.float32(0),
+                   "router_z_loss": jnp.sum(w * per_example["router_z_loss"]) / docs,
+                   "tokens": jnp.sum(w * per_example["tokens"]),
+                   "expert_share": jnp.sum(w[:, None] * per_example["expert_share"], 0) / docs,
+                   "clipped_fraction": jnp.sum(w * (norms > dp.clip)) / docs}
 
-  def _device_batch(self, batch):
-    if set(batch) == set(BATCH_KEYS) | {WEIGHT_KEY}:
-      return jax.device_put(batch, self._step_batch_sharding())
-    return super()._device_batch(batch)       # the packed validation batches
-
-  def _count(self, host_batch) -> tuple[int, int]:
-    return (int(np.sum(host_batch[WEIGHT_KEY])),
-            int(np.sum(host_batch["decoder_loss_weights"])))
-
-  def _record(self, host_metrics, seconds, peak, compile_s=None) -> dict:
-    rec = super()._record(host_metrics, seconds, peak, compile_s)
-    rec["clipped"] = float(np.mean([x["clipped_fraction"] for x in host_metrics]))
-    return rec
-
+  return Gradient(
+      fn, replicated_batch=True,
+      count=lambda host: (int(np.sum(host[WEIGHT_KEY])), int(np.sum(host["decoder_loss_weights"]))),
+      stream_settings={"dp_sampling": dp.sampling,
+                       "dp_noise_multiplier": guarantee.noise_multiplier, "dp_clip": dp.clip,
+                       "dp_chunks_per_document": dp.chunks_per_document},
+      record=lambda host: {"clipped": float(np.mean([x["clipped_fraction"] for x in host]))})

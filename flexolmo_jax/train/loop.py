@@ -4,25 +4,17 @@ A trainer supplies ``apply(params, frozen, batch) -> (logits, ModelAux)`` plus t
 *trainable* tree ``params`` and the *frozen* tree (empty for pre-training, the public model for
 expert training). Gradients, optimizer state and updates exist for ``params`` only.
 
-The objective per step is ``CE + lm_z_loss_weight * mean(logsumexp(logits)^2) + ModelAux.moe_loss``
-(router z-loss), with token means taken under the packing's ``decoder_loss_weights``. With
-``grad_accum = n`` the batch is split into n micro-batches whose gradients are summed with the
-*global* token count as denominator, so the update equals the one of the whole batch.
-
-Checkpoints (Orbax ``CheckpointManager`` under ``<workdir>/checkpoints``) hold the step, the
-trainable parameters and the optimizer state, plus a JSON item with the data-stream position, the
-RNG and the run's stream-defining settings. A save is finalized by an atomic rename, so a save
-killed half-way leaves a temporary directory that is never restored from. Re-running the same
+The objective and how a step differentiates it are train/objective.py's (a ``Gradient``: the
+default, or DP-SGD's from privacy/dpsgd.py). Between steps run hooks (train/hooks.py): the
+metrics log, evaluation, checkpoints (train/checkpoints.py) and any ``add_hook``. Re-running the same
 command restores the newest complete checkpoint and continues with the same batches: the losses
 equal those of an uninterrupted run. SIGTERM (preemption) saves at the end of the current step.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import math
-import os
 import signal
 import threading
 import time
@@ -33,16 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flexolmo_jax import distributed, sharding
 from flexolmo_jax.config import MeshConfig
 from flexolmo_jax.train import metrics as metrics_lib
-from flexolmo_jax.train import optim
+from flexolmo_jax.train import checkpoints, optim
+from flexolmo_jax.train.objective import (BATCH_KEYS, Apply, Gradient, lm_gradient, lm_loss_sums,
+                                          packed_count)
+from flexolmo_jax.train.hooks import Hook, StepLog
 
-BATCH_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
-              "decoder_positions", "decoder_loss_weights")
 # Settings that define the data stream and the step: a resume must not change them.
 STREAM_KEYS = ("batch_size", "seq_len", "grad_accum", "seed", "data_shards")
 # Keys a stream may add to its batches (leading dims [B, T] like the others): router tuning's
@@ -132,19 +124,6 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-class LossSums(NamedTuple):
-  nll: jax.Array       # sum over target tokens of -log p, weighted by the loss weights
-  z: jax.Array         # sum of logsumexp(logits)^2, weighted
-  weight: jax.Array    # sum of the loss weights (tokens that count)
-
-
-def lm_loss_sums(logits_btv, batch) -> LossSums:
-  w = batch["decoder_loss_weights"].astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits_btv, axis=-1)
-  target = jnp.take_along_axis(logits_btv, batch["decoder_target_tokens"][..., None], -1)[..., 0]
-  return LossSums(jnp.sum((logz - target) * w), jnp.sum(jnp.square(logz) * w), jnp.sum(w))
-
-
 class TrainResult(NamedTuple):
   params: Any
   step: int
@@ -156,7 +135,14 @@ class TrainResult(NamedTuple):
   optimizer_params: int       # floats in the first Adam moment = trainable parameters tracked
 
 
-Apply = Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, Any]]
+@dataclasses.dataclass
+class Progress:
+  """Where a run is: what a checkpoint's meta records besides the state."""
+
+  step: int = 0
+  tokens_seen: int = 0
+  documents_seen: int = 0
+  rng: list = dataclasses.field(default_factory=list)
 
 
 class Trainer:
@@ -171,16 +157,33 @@ class Trainer:
                param_shardings, frozen_shardings, mesh, rules: sharding.ShardingRules,
                stream: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
                eval_streams: Mapping[str, Callable[[], Iterator]] | None = None,
-               flops_per_token: float = 0.0, expert_names=()):
+               flops_per_token: float = 0.0, expert_names=(), gradient: Gradient | None = None):
     self.cfg, self.workdir, self.apply = cfg, workdir, apply
     self.mesh, self.rules = mesh, rules
     self.stream, self.eval_streams = stream, dict(eval_streams or {})
     self.flops_per_token, self.expert_names = flops_per_token, tuple(expert_names)
+    self.gradient = gradient or lm_gradient(apply, cfg)
     self.tx = optim.adamw(cfg, params)
     self.lr = optim.schedule(cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction)
-    replicated = NamedSharding(mesh, PartitionSpec())
     self.frozen_shardings = frozen_shardings
     self.frozen = jax.device_put(frozen, frozen_shardings)
+    self._place_state(params, param_shardings)
+    self.batch_sharding = sharding.batch_sharding(mesh, rules, (cfg.batch_size, cfg.seq_len))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.train_batch_sharding = replicated if self.gradient.replicated_batch else self.batch_sharding
+    self.hooks: list[Hook] = []
+    self._stop = threading.Event()
+    self._step_fn = sharding.jit_sharded(
+        self._train_step, mesh, rules,
+        in_shardings=(self.state_shardings, frozen_shardings, self.train_batch_sharding),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    self._eval_fn = sharding.jit_sharded(
+        self._eval_step, mesh, rules,
+        in_shardings=(param_shardings, frozen_shardings, self.batch_sharding),
+        out_shardings=replicated)
+
+  def _place_state(self, params, param_shardings) -> None:
+    replicated = NamedSharding(self.mesh, PartitionSpec())
     # The state is donated to the step: it must own its buffers (never alias ``frozen``'s).
     params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params),
                             param_shardings)
@@ -190,51 +193,18 @@ class Trainer:
     self.state_shardings = TrainState(replicated, param_shardings, opt_shardings)
     self.state = TrainState(jax.device_put(jnp.int32(0), replicated), params,
                             jax.device_put(opt_state, opt_shardings))
-    shape = (cfg.batch_size, cfg.seq_len)
-    self.batch_sharding = sharding.batch_sharding(mesh, rules, shape)
-    self._stop = threading.Event()
-    self._step_fn = sharding.jit_sharded(
-        self._train_step, mesh, rules,
-        in_shardings=(self.state_shardings, frozen_shardings, self._step_batch_sharding()),
-        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-    self._eval_fn = sharding.jit_sharded(
-        self._eval_step, mesh, rules,
-        in_shardings=(param_shardings, frozen_shardings, self.batch_sharding),
-        out_shardings=replicated)
+
+  def add_hook(self, fn: Callable[[int], None], every: int, at_last: bool = True) -> None:
+    """Calls ``fn(step)`` after every ``every``-th step (and after the last one)."""
+    self.hooks.append(Hook(fn, every, at_last))
 
   # ------------------------------------------------------------------ jitted functions
 
   def _train_step(self, state: TrainState, frozen, batch):
-    cfg = self.cfg
-    n = cfg.grad_accum
-    total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
-
-    def objective(params, micro):
-      logits, aux = self.apply(params, frozen, micro)
-      sums = lm_loss_sums(logits, micro)
-      value = (sums.nll + cfg.lm_z_loss_weight * sums.z) / total_weight + aux.moe_loss / n
-      return value, (sums, aux)
-
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-    if n == 1:
-      (_, (sums, aux)), grads = grad_fn(state.params, batch)
-    else:
-      micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
-
-      def accumulate(acc, mb):
-        (_, out), g = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, acc, g), out
-
-      grads, (sums, aux) = jax.lax.scan(
-          accumulate, jax.tree.map(jnp.zeros_like, state.params), micro)
-      sums = jax.tree.map(jnp.sum, sums)
-      aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
+    grads, metrics = self.gradient.fn(state.params, frozen, batch, state.step)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": sums.nll / total_weight, "lm_z_loss": sums.z / total_weight,
-               "router_z_loss": aux.router_z_loss, "grad_norm": optax.global_norm(grads),
-               "lr": self.lr(state.step), "tokens": sums.weight,
-               "expert_share": aux.expert_share}
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": self.lr(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
   def _eval_step(self, params, frozen, batch):
@@ -244,30 +214,12 @@ class Trainer:
 
   # ------------------------------------------------------------------ data
 
-  def _step_batch_sharding(self):
-    """How the training step takes its batch (``_device_batch`` lays batches out so)."""
-    return self.batch_sharding
-
-  def state_structure(self) -> str:
-    """A digest of the training state's leaves (paths, shapes, dtypes): what a checkpoint must
-    match to be resumed by this trainer."""
-    leaves = jax.tree_util.tree_flatten_with_path(self.state)[0]
-    text = "\n".join(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}"
-                     for path, leaf in leaves)
-    return hashlib.sha256(text.encode()).hexdigest()
-
   def stream_settings(self) -> dict:
     """What defines the data stream and the step; a resume must find the same values."""
-    return stream_settings(self.cfg)
+    return {**stream_settings(self.cfg), **self.gradient.stream_settings}
 
-  def _count(self, host_batch) -> tuple[int, int]:
-    """(documents, tokens) of a step, counted on the host (no device sync); hosts read equal
-    shares of the batch."""
-    docs = np.sum((host_batch["decoder_positions"] == 0) & (host_batch["decoder_segment_ids"] > 0))
-    tokens = np.sum(host_batch["decoder_loss_weights"])
-    return int(docs) * jax.process_count(), int(tokens) * jax.process_count()
-
-  def _device_batch(self, batch: Mapping[str, np.ndarray]):
+  def device_batch(self, batch: Mapping[str, np.ndarray]):
+    """This host's packed rows as one global batch, data-parallel over the mesh."""
     rows = self.cfg.batch_size // jax.process_count()
     out = {}
     for key in BATCH_KEYS + tuple(k for k in OPTIONAL_BATCH_KEYS if k in batch):
@@ -276,6 +228,17 @@ class Trainer:
         x = np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
       out[key] = jax.make_array_from_process_local_data(self.batch_sharding, x)
     return out
+
+  def train_batch(self, batch: Mapping[str, np.ndarray]):
+    """A training batch laid out as the step takes it."""
+    if self.gradient.replicated_batch:
+      return jax.device_put(dict(batch), self.train_batch_sharding)
+    return self.device_batch(batch)
+
+  def step(self, batch: Mapping[str, np.ndarray]):
+    """One optimizer step on a host batch; returns its (device) metrics."""
+    self.state, metrics = self._step_fn(self.state, self.frozen, self.train_batch(batch))
+    return metrics
 
   def evaluate(self, params=None) -> dict[str, float]:
     """Mean validation loss per domain (every batch of each stream, up to ``eval_batches``).
@@ -297,151 +260,113 @@ class Trainer:
         batches += [empty] * (count - len(batches))
       total = np.zeros(2)
       for batch in batches:
-        total += np.asarray(self._eval_fn(params, self.frozen, self._device_batch(batch)))
+        total += np.asarray(self._eval_fn(params, self.frozen, self.device_batch(batch)))
       losses[name] = float(total[0] / max(total[1], 1.0))
     return losses
-
-  # ------------------------------------------------------------------ checkpoints
-
-  def _manager(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(self.workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=self.cfg.keep_checkpoints, create=True,
-            enable_async_checkpointing=self.cfg.async_checkpoints))
-
-  def _save(self, manager, meta: dict, force: bool = False) -> None:
-    step = int(meta["step"])
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
-                                               meta=ocp.args.JsonSave(meta)), force=force)
-
-  def _restore(self, manager) -> dict | None:
-    steps = [s for s in manager.all_steps() if is_complete(manager.directory / str(s))]
-    if not steps:
-      return None
-    step = max(steps)
-    where = manager.directory / str(step)
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    saved, now = {"data_shards": 1, **meta["train_config"]}, self.stream_settings()
-    changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
-    if changed:
-      raise ValueError(
-          f"Cannot resume from {where}: {changed} (saved, now) define the data stream; use the "
-          "saved values or a new output directory.")
-    if meta.get("state_structure", self.state_structure()) != self.state_structure():
-      raise ValueError(
-          f"Cannot resume from {where}: it holds the state of another model (another --model, "
-          "config or experts than this command's); use the run's own settings or a new output "
-          "directory (--out).")
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        self.state, self.state_shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    self.state = TrainState(*restored["state"])
-    return meta
 
   # ------------------------------------------------------------------ the loop
 
   def train(self) -> TrainResult:
     cfg = self.cfg
-    manager = self._manager()
-    meta = self._restore(manager)
-    start = 0 if meta is None else int(meta["step"])
-    tokens_seen = 0 if meta is None else int(meta["tokens_seen"])
-    docs_seen = 0 if meta is None else int(meta["documents_seen"])
-    rng = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)) if meta is None
-                     else meta["rng"], np.uint32)
-    writer = metrics_lib.MetricsWriter(self.workdir, cfg.steps, resume_step=start)
-    if start:
-      writer.console(start, {"kind": "resume", "from": f"checkpoint {start}"})
-    if cfg.peak_tflops:
-      peak = cfg.peak_tflops * 1e12 * jax.device_count()
-    else:   # measured on one device; CPU "devices" share one host, whose peak this already is
-      peak = metrics_lib.measure_matmul_peak()
-      peak *= 1 if jax.default_backend() == "cpu" else jax.device_count()
-    previous = self._install_sigterm()
-    preempted = False
+    mgr = checkpoints.manager(self.workdir, cfg.keep_checkpoints, cfg.async_checkpoints)
+    progress, window = self._resume(mgr)
+    writer = metrics_lib.MetricsWriter(self.workdir, cfg.steps, resume_step=progress.step)
+    if progress.step:
+      writer.console(progress.step, {"kind": "resume", "from": f"checkpoint {progress.step}"})
+    log = StepLog(writer, self._record_fn(), cfg.log_every, cfg.steps, window)
     eval_losses: dict = {}
 
-    def meta_now(step):
-      return {"step": step, "data_position": step, "rng": rng.tolist(),
-              "tokens_seen": tokens_seen, "documents_seen": docs_seen,
-              "train_config": self.stream_settings(),
-              "state_structure": self.state_structure(),
-              "metrics_window": _host_window(window)}
+    def evaluate(step):
+      eval_losses.update(self.evaluate())
+      writer.write(step, {"loss": dict(eval_losses)}, kind="eval")
 
+    hooks = ([Hook(evaluate, cfg.eval_every, at_last=False)]
+             if cfg.eval_every and self.eval_streams else []) + self.hooks
+    save = lambda step, force=False: checkpoints.save(
+        mgr, self.state, self._meta(progress, log.window), force=force)
+    previous = self._install_sigterm()
     try:
-      batches = self.stream(start)
-      # The steps since the last logged record: a resumed run continues the saved window, so
-      # its records equal an uninterrupted run's.
-      window = [] if meta is None else _restore_window(meta.get("metrics_window", []))
-      t_window, compile_s = None, None
-      for step in range(start + 1, cfg.steps + 1):
-        try:
-          host_batch = next(batches)
-        except StopIteration:
-          raise ValueError(f"The training stream ended before step {step}; use a repeating "
-                           "stream (num_epochs=None) or fewer steps.") from None
-        docs, tokens = self._count(host_batch)
-        docs_seen += docs
-        tokens_seen += tokens
-        t0 = time.perf_counter()
-        self.state, m = self._step_fn(self.state, self.frozen, self._device_batch(host_batch))
-        window.append(m)
-        first = compile_s is None      # the first step of this process compiles
-        if first:
-          jax.block_until_ready(m)
-          compile_s = time.perf_counter() - t0
-          t_window = time.perf_counter()
-        if first and step == 1:        # a fresh run logs its first step alone, with that time
-          writer.write(step, self._record(window, None, peak, compile_s))
-          window = []
-        elif step % cfg.log_every == 0 or step == cfg.steps:
-          jax.block_until_ready(m)
-          now = time.perf_counter()
-          host = jax.device_get(window)
-          writer.write(step, self._record(host, now - t_window, peak))
-          t_window, window = now, []
-        if cfg.eval_every and step % cfg.eval_every == 0 and self.eval_streams:
-          eval_losses = self.evaluate()
-          writer.write(step, {"loss": eval_losses}, kind="eval")
-        if self._stop_requested():
-          self._save(manager, meta_now(step), force=True)
-          writer.console(step, {"kind": "preempted", "saved": f"checkpoint {step}"})
-          preempted = True
-          break
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-          self._save(manager, meta_now(step))
-      if not preempted and self.eval_streams and not eval_losses:
-        eval_losses = self.evaluate()
-        writer.write(int(self.state.step), {"loss": eval_losses}, kind="eval")
+      preempted = self._run(progress, log, hooks, save)
+      if preempted:
+        writer.console(progress.step, {"kind": "preempted", "saved": f"checkpoint {progress.step}"})
+      elif self.eval_streams and not eval_losses:
+        evaluate(int(self.state.step))
     finally:
-      manager.wait_until_finished()
-      manager.close()
+      mgr.wait_until_finished()
+      mgr.close()
       writer.close()
       if previous is not None:
         signal.signal(signal.SIGTERM, previous)
-    return TrainResult(self.state.params, int(self.state.step), preempted, tokens_seen, docs_seen,
-                       eval_losses, self.frozen, optim.count_state_params(self.state.opt_state))
+    return TrainResult(self.state.params, int(self.state.step), preempted, progress.tokens_seen,
+                       progress.documents_seen, eval_losses, self.frozen,
+                       optim.count_state_params(self.state.opt_state))
 
-  def _record(self, host_metrics, seconds, peak, compile_s=None) -> dict:
-    last = host_metrics[-1]
-    rec = {"loss": float(np.mean([x["loss"] for x in host_metrics])),
-           "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
-           "lm_z_loss": float(last["lm_z_loss"])}
-    if self.expert_names:
-      share = np.mean([x["expert_share"] for x in host_metrics], axis=0)
-      rec["router_z_loss"] = float(last["router_z_loss"])
-      rec["expert_share"] = {n: float(s) for n, s in zip(self.expert_names, share)}
-    if compile_s is not None:
-      rec["compile_s"] = compile_s
-    elif seconds:
-      tps = float(sum(x["tokens"] for x in host_metrics)) / seconds
-      rec["tokens_per_s"] = tps
-      if self.flops_per_token:
-        rec["mfu"] = tps * self.flops_per_token / peak
-    return rec
+  def _run(self, progress: Progress, log: StepLog, hooks: list[Hook], save) -> bool:
+    """The steps from ``progress.step``; True if preempted (saved at the step it stopped)."""
+    cfg, count = self.cfg, self.gradient.count or packed_count
+    batches = self.stream(progress.step)
+    for step in range(progress.step + 1, cfg.steps + 1):
+      try:
+        host_batch = next(batches)
+      except StopIteration:
+        raise ValueError(f"The training stream ended before step {step}; use a repeating "
+                         "stream (num_epochs=None) or fewer steps.") from None
+      docs, tokens = count(host_batch)
+      progress.step, progress.documents_seen = step, progress.documents_seen + docs
+      progress.tokens_seen += tokens
+      started = time.perf_counter()
+      log.add(step, self.step(host_batch), started)
+      for hook in hooks:
+        if hook.due(step, cfg.steps):
+          hook.fn(step)
+      if self._stop_requested():
+        save(step, force=True)
+        return True
+      if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        save(step)
+    return False
+
+  def _resume(self, mgr) -> tuple[Progress, list]:
+    """The run's progress and unlogged metrics from its newest checkpoint (or a fresh start)."""
+    restored = checkpoints.restore(mgr, self.state, self.state_shardings, self.stream_settings())
+    if restored is None:
+      rng = np.asarray(jax.random.key_data(jax.random.key(self.cfg.seed)), np.uint32)
+      return Progress(rng=rng.tolist()), []
+    state, meta = restored
+    self.state = TrainState(*state)
+    return (Progress(int(meta["step"]), int(meta["tokens_seen"]), int(meta["documents_seen"]),
+                     list(meta["rng"])),
+            checkpoints.restore_window(meta.get("metrics_window", [])))
+
+  def _meta(self, progress: Progress, window) -> dict:
+    return {"step": progress.step, "data_position": progress.step, "rng": progress.rng,
+            "tokens_seen": progress.tokens_seen, "documents_seen": progress.documents_seen,
+            "train_config": self.stream_settings(),
+            "state_structure": checkpoints.state_structure(self.state),
+            "metrics_window": checkpoints.host_window(window)}
+
+  def _record_fn(self):
+    """``(host_metrics, seconds, compile_s) -> record`` of the logged steps."""
+    if self.cfg.peak_tflops:
+      peak = self.cfg.peak_tflops * 1e12 * jax.device_count()
+    else:   # measured on one device; CPU "devices" share one host, whose peak this already is
+      peak = metrics_lib.measure_matmul_peak()
+      peak *= 1 if jax.default_backend() == "cpu" else jax.device_count()
+
+    def record(host_metrics, seconds, compile_s) -> dict:
+      rec = metrics_lib.train_record(host_metrics, self.expert_names)
+      if compile_s is not None:
+        rec["compile_s"] = compile_s
+      elif seconds:
+        tps = float(sum(x["tokens"] for x in host_metrics)) / seconds
+        rec["tokens_per_s"] = tps
+        if self.flops_per_token:
+          rec["mfu"] = tps * self.flops_per_token / peak
+      if self.gradient.record is not None:
+        rec.update(self.gradient.record(host_metrics))
+      return rec
+
+    return record
 
   def _stop_requested(self) -> bool:
     """SIGTERM reached this process, or (several hosts) any of them: all stop at the same step."""
@@ -455,23 +380,4 @@ class Trainer:
     return signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
 
 
-def _host_window(window) -> list[dict]:
-  """The metrics of the steps not logged yet, as JSON for a checkpoint: [value, dtype] each."""
-  return [{k: [np.asarray(v).tolist(), np.asarray(v).dtype.str] for k, v in m.items()}
-          for m in jax.device_get(window)]
-
-
-def _restore_window(saved) -> list[dict]:
-  """:func:`_host_window` read back, values in their dtypes (so means round as before); their
-  token counts are zeroed, as their time was spent before the restart (tokens/s counts only
-  this process's steps)."""
-  return [{k: np.zeros((), dtype) if k == "tokens" else np.asarray(v, dtype)
-           for k, (v, dtype) in m.items()} for m in saved]
-
-
-def is_complete(step_dir) -> bool:
-  """A finalized Orbax step directory (temporary directories of unfinished saves have other names)."""
-  step_dir = os.fspath(step_dir)
-  return (os.path.basename(step_dir).isdigit()
-          and os.path.exists(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
-          and os.path.exists(os.path.join(step_dir, "meta", "metadata")))
+is_complete = checkpoints.is_complete

@@ -15,6 +15,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flexolmo_jax import console
 from flexolmo_jax.config import ModelConfig
@@ -136,6 +137,20 @@ class MetricsWriter:
       self._fh.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def train_record(host_metrics, expert_names=()) -> dict:
+  """The logged steps' mean loss and the last step's learning rate, gradient norm and z-loss;
+  with experts, the router z-loss and each expert's mean share of the routing."""
+  last = host_metrics[-1]
+  rec = {"loss": float(np.mean([x["loss"] for x in host_metrics])),
+         "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
+         "lm_z_loss": float(last["lm_z_loss"])}
+  if expert_names:
+    share = np.mean([x["expert_share"] for x in host_metrics], axis=0)
+    rec["router_z_loss"] = float(last["router_z_loss"])
+    rec["expert_share"] = {n: float(s) for n, s in zip(expert_names, share)}
+  return rec
 
 
 def _plain(value):
