@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from flexolmo_jax import experts as experts_lib
 from flexolmo_jax import paths, sharding
-from flexolmo_jax.checkpoint import store
+from flexolmo_jax.checkpoint import saved, store
 from flexolmo_jax.config import ModelConfig, write_gin_config
 from flexolmo_jax.data import tasks
 from flexolmo_jax.experts import PUBLIC
-from flexolmo_jax.experts import validate as validate_expert_names
 from flexolmo_jax.flexolmo import router_init
 from flexolmo_jax.model.transformer import PureModel, pure_model, run_on_batch
 from flexolmo_jax.privacy import accounting, documents, dpsgd
@@ -61,25 +61,6 @@ class ExpertConfig:
                        f"{router_init.MODES}.")
     if self.top_k not in (1, 2):
       raise ValueError(f"ExpertConfig: top_k={self.top_k}; the 2-expert model takes 1 or 2.")
-
-
-def load_public(path: str) -> tuple[str, dict, ModelConfig]:
-  """(directory, manifest, config) of a dense public model; clear errors otherwise."""
-  path = store.saved_dir(path)
-  manifest = store.read_manifest(path)
-  if manifest.get("kind") != "public":
-    raise ValueError(f"{path} is a {manifest.get('kind')!r} checkpoint, not a dense public model; "
-                     "pass the output of `flexolmo pretrain` (or an imported dense model).")
-  cfg = store.config_from_json(manifest["config"], os.path.join(path, store.MANIFEST))
-  if cfg.is_moe:
-    raise ValueError(f"{path}: the model has experts {list(cfg.experts)}; expert training needs "
-                     "the dense public model.")
-  return path, manifest, cfg
-
-
-def public_vocabulary(path: str, manifest: dict) -> str:
-  spec = manifest["vocabulary"]["spec"]
-  return spec if spec == "byte" else os.path.join(path, spec)
 
 
 def expert_config(public_cfg: ModelConfig, name: str, ecfg: ExpertConfig) -> ModelConfig:
@@ -161,6 +142,60 @@ def private_setup(dp, task: str, train: loop.TrainConfig, model: PureModel, anch
   return docs, guarantee, embedding
 
 
+def check_public(public: str, name: str, vocabulary: str | None, train: loop.TrainConfig
+                 ) -> tuple[str, dict, ModelConfig]:
+  """The public model an owner trains against, checked against the owner's settings: a free
+  name, a sequence length it supports and (when given) the same vocabulary."""
+  if name == PUBLIC:
+    raise ValueError(f"The expert name {PUBLIC!r} is reserved for the public model; choose "
+                     "another name for this data owner's expert.")
+  experts_lib.validate([PUBLIC, name])
+  public_path, manifest, public_cfg = saved.open_public(public)
+  loop.check_seq_len(train, public_cfg.max_seq_len)
+  if vocabulary is not None:
+    given = tasks.vocabulary_identity(vocabulary)
+    expected = {k: v for k, v in manifest["vocabulary"].items() if k != "spec"}
+    if given != expected:
+      raise ValueError(f"The data's vocabulary {vocabulary!r} ({given}) differs from the public "
+                       f"model's ({expected}, {os.path.join(public_path, store.MANIFEST)}).")
+  return public_path, manifest, public_cfg
+
+
+def load_anchor(dense: PureModel, public_path: str, manifest: dict, mesh, rules):
+  """(parameters, shardings) of the public model on the mesh, checked against its fingerprint."""
+  shardings = dense.shardings(mesh, rules)
+  anchor = store.load_params(public_path, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      dense.abstract.to_pure_dict(), shardings))
+  if store.fingerprint(anchor) != manifest["fingerprint"]:
+    raise ValueError(f"{public_path}: the parameters do not match the manifest's fingerprint "
+                     "(the checkpoint is corrupt or was modified).")
+  return anchor, shardings
+
+
+def save_artifact(output_dir: str, name: str, result, manifest: dict, cfg: ModelConfig,
+                  frozen: dict, data, train, ecfg: ExpertConfig, embedding: dict,
+                  dp_card: dict | None) -> str:
+  """The expert artifact: only the trainable tree, its manifest and the domain embedding."""
+  out = os.path.join(output_dir, "expert")
+  artifact = {
+      "kind": "expert", "name": name, "anchor_fingerprint": manifest["fingerprint"],
+      "config": store.config_to_json(cfg), "vocabulary": manifest["vocabulary"],
+      "public_router_fingerprint": store.fingerprint({"public_router": frozen["public_router"]}),
+      "data_card": streams.data_card(name, data, result, train,
+                                     expert_config=dataclasses.asdict(ecfg)),
+  }
+  if dp_card is not None:
+    artifact["data_card"]["dp"] = dp_card
+  emb_path = os.path.join(output_dir, router_init.DOMAIN_EMBEDDING_FILE)
+  if jax.process_index() == 0:   # store.save copies it in from process 0
+    np.savez(emb_path, **embedding)
+  store.save(out, result.params, artifact, overwrite=True,
+             extra_files={router_init.DOMAIN_EMBEDDING_FILE: emb_path})
+  print(f"expert {name!r} -> {out}")
+  return out
+
+
 @gin.configurable(module="flexolmo")
 def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
                  data: Sequence[str] = gin.REQUIRED, output_dir: str = gin.REQUIRED,
@@ -172,38 +207,18 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
 
   With ``dp.enabled`` the expert is trained with DP-SGD (flexolmo_jax/privacy)."""
   train, ecfg = train or loop.TrainConfig(), expert or ExpertConfig()
-  dp = dp or accounting.DPConfig()
-  rules = rules or sharding.ShardingRules()
-  if name == PUBLIC:
-    raise ValueError(f"The expert name {PUBLIC!r} is reserved for the public model; choose "
-                     "another name for this data owner's expert.")
-  validate_expert_names([PUBLIC, name])
+  dp, rules = dp or accounting.DPConfig(), rules or sharding.ShardingRules()
   data, output_dir = paths.absolute_all([data] if isinstance(data, str) else data), \
       paths.absolute(output_dir)
   store.refuse_to_replace(os.path.join(output_dir, "expert"), train.steps)
-  public_path, manifest, public_cfg = load_public(public)
-  loop.check_seq_len(train, public_cfg.max_seq_len)
-  own_vocab = public_vocabulary(public_path, manifest)
-  if vocabulary is not None:
-    given = tasks.vocabulary_identity(vocabulary)
-    expected = {k: v for k, v in manifest["vocabulary"].items() if k != "spec"}
-    if given != expected:
-      raise ValueError(f"The data's vocabulary {vocabulary!r} ({given}) differs from the public "
-                       f"model's ({expected}, {os.path.join(public_path, store.MANIFEST)}).")
+  public_path, manifest, public_cfg = check_public(public, name, vocabulary, train)
   if dtype:
     public_cfg = public_cfg.replace(dtype=dtype)
   cfg = expert_config(public_cfg, name, ecfg)
-  vocab = tasks.vocabulary_from_spec(own_vocab)
+  vocab = tasks.vocabulary_from_spec(saved.vocabulary_spec(public_path, manifest))
   dense, moe = pure_model(public_cfg), pure_model(cfg)
   mesh = sharding.make_mesh(train.mesh)
-  anchor_shardings = dense.shardings(mesh, rules)
-  anchor = store.load_params(public_path, jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      dense.abstract.to_pure_dict(), anchor_shardings))
-  if store.fingerprint(anchor) != manifest["fingerprint"]:
-    raise ValueError(f"{public_path}: the parameters do not match the manifest's fingerprint "
-                     "(the checkpoint is corrupt or was modified).")
-
+  anchor, anchor_shardings = load_anchor(dense, public_path, manifest, mesh, rules)
   write_gin_config(output_dir)
   data_dir = os.path.join(output_dir, "data")
   task = tasks.register_corpus(name, data, data_dir=data_dir, vocabulary=vocab)
@@ -216,44 +231,24 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
                              owner_embedding, train.seed)
   frozen = {"anchor": anchor, "public_router": jnp.asarray(r_pub, jnp.float32)}
   params = initial_expert(anchor, r_own, ecfg)
-  router_sharding = NamedSharding(mesh, rules.spec(EXPERT_AXES["router"]))
-
-  def apply(params, frozen, batch):
-    merged = assemble(frozen["anchor"], frozen["public_router"], params)
-    return run_on_batch(moe, merged, batch)
-
-  common = dict(
-      workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=params,
+  apply = lambda p, fz, batch: run_on_batch(moe, assemble(fz["anchor"], fz["public_router"], p),
+                                            batch)
+  trainer = loop.Trainer(
+      train, workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=params,
       frozen=frozen, param_shardings=expert_shardings(params, mesh, rules),
-      frozen_shardings={"anchor": anchor_shardings, "public_router": router_sharding},
+      frozen_shardings={"anchor": anchor_shardings,
+                        "public_router": NamedSharding(mesh, rules.spec(EXPERT_AXES["router"]))},
+      stream=(documents.stream(docs, dp.sampling, train.batch_size, train.steps, train.seed,
+                               pad_to=dp.microbatch_size) if dp.enabled
+              else streams.train_stream(task, train)),
+      gradient=dpsgd.dp_gradient(apply, train, dp, guarantee) if dp.enabled else None,
       eval_streams=({name: streams.eval_stream(task, train)}
                     if tasks.has_split(task, "validation") else {}),
       flops_per_token=metrics.flops_per_token(cfg, train.seq_len), expert_names=cfg.experts)
-  if dp.enabled:
-    stream = documents.stream(docs, dp.sampling, train.batch_size, train.steps, train.seed,
-                              pad_to=dp.microbatch_size)
-    common["gradient"] = dpsgd.dp_gradient(apply, train, dp, guarantee)
-  else:
-    stream = streams.train_stream(task, train)
-  trainer = loop.Trainer(train, stream=stream, **common)
   result = trainer.train()
   if result.preempted:
     return result, None
-  out = os.path.join(output_dir, "expert")
-  artifact = {
-      "kind": "expert", "name": name, "anchor_fingerprint": manifest["fingerprint"],
-      "config": store.config_to_json(cfg), "vocabulary": manifest["vocabulary"],
-      "public_router_fingerprint": store.fingerprint({"public_router": frozen["public_router"]}),
-      "data_card": streams.data_card(name, data, result, train,
-                                     expert_config=dataclasses.asdict(ecfg)),
-  }
-  if dp.enabled:
-    artifact["data_card"]["dp"] = {**guarantee.to_json(), **docs.card(),
-                                   "microbatch_size": dp.microbatch_size}
-  emb_path = os.path.join(output_dir, router_init.DOMAIN_EMBEDDING_FILE)
-  if jax.process_index() == 0:   # store.save copies it in from process 0
-    np.savez(emb_path, **owner_embedding)
-  store.save(out, result.params, artifact, overwrite=True,
-             extra_files={router_init.DOMAIN_EMBEDDING_FILE: emb_path})
-  print(f"expert {name!r} -> {out}")
-  return result, out
+  dp_card = ({**guarantee.to_json(), **docs.card(), "microbatch_size": dp.microbatch_size}
+             if dp.enabled else None)
+  return result, save_artifact(output_dir, name, result, manifest, cfg, frozen, data, train,
+                               ecfg, owner_embedding, dp_card)

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from flexolmo_jax import distributed
 from flexolmo_jax import experts as experts_lib
-from flexolmo_jax.checkpoint import merged_model, saved, store
+from flexolmo_jax.checkpoint import integrity, merged_model, saved, store
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.flexolmo import router_init
@@ -187,6 +187,31 @@ def router_rows(source: Source, names: Sequence[str], negative_bias: bool) -> di
   return rows
 
 
+def write_parts(partial: str, source: Source, rows: Mapping[str, np.ndarray], progress) -> dict:
+  """Copies the public model and every expert into ``partial`` (each byte checked against its
+  manifest's SHA-256) and writes the router; returns the files recorded, by relative path."""
+  jobs, known = [], {}
+  inputs = [(merged_model.PUBLIC_DIR, source.public_path, source.public_manifest)]
+  inputs += [(os.path.join(merged_model.EXPERTS_DIR, e.name), e.path, e.manifest)
+             for e in source.experts]
+  for rel_dir, path, manifest in inputs:
+    for rel, info in store.recorded_files(path, manifest).items():
+      jobs.append((os.path.join(path, rel), os.path.join(partial, rel_dir, rel), info))
+      known[os.path.join(rel_dir, rel)] = info
+  if distributed.is_leader():   # with several processes (router tuning), process 0 writes
+    for rel_dir, path, _ in inputs:
+      os.makedirs(os.path.join(partial, rel_dir), exist_ok=True)
+      shutil.copyfile(os.path.join(path, store.MANIFEST),
+                      os.path.join(partial, rel_dir, store.MANIFEST))
+    total = sum(j[2]["bytes"] for j in jobs)
+    progress(f"merge: {1 + len(source.experts)} experts "
+             f"{[PUBLIC, *(e.name for e in source.experts)]}, copying and checking "
+             f"{total / 1e6:,.1f} MB")
+    integrity.copy_checked(jobs)
+    np.savez(os.path.join(partial, merged_model.ROUTER_FILE), **rows)
+  return known
+
+
 def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
           exclude: Sequence[str] = (), top_k: int | None = None, top_k_policy: str = "clamp",
           negative_bias: bool = True, router: Mapping[str, np.ndarray] | None = None,
@@ -220,24 +245,6 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
 
   out, partial = store.begin(out, overwrite)
   try:
-    jobs, known = [], {}
-    inputs = [(merged_model.PUBLIC_DIR, source.public_path, source.public_manifest)]
-    inputs += [(os.path.join(merged_model.EXPERTS_DIR, e.name), e.path, e.manifest)
-               for e in source.experts]
-    for rel_dir, path, manifest in inputs:
-      for rel, info in store.recorded_files(path, manifest).items():
-        jobs.append((os.path.join(path, rel), os.path.join(partial, rel_dir, rel), info))
-        known[os.path.join(rel_dir, rel)] = info
-    if distributed.is_leader():   # with several processes (router tuning), process 0 writes
-      for rel_dir, path, _ in inputs:
-        os.makedirs(os.path.join(partial, rel_dir), exist_ok=True)
-        shutil.copyfile(os.path.join(path, store.MANIFEST),
-                        os.path.join(partial, rel_dir, store.MANIFEST))
-      total = sum(j[2]["bytes"] for j in jobs)
-      progress(f"merge: {len(names)} experts {list(names)}, copying and checking "
-               f"{total / 1e6:,.1f} MB")
-      store.copy_checked(jobs)
-      np.savez(os.path.join(partial, merged_model.ROUTER_FILE), **rows)
     manifest = {
         "kind": merged_model.KIND, "config": store.config_to_json(cfg), "experts": list(names),
         "vocabulary": source.public_manifest["vocabulary"],
@@ -246,7 +253,7 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
                        **{e.name: e.manifest.get("data_card", {}) for e in source.experts}},
         "router": dict(router_record or {"source": "experts"}),
     }
-    store.finish(partial, out, manifest, known)
+    store.finish(partial, out, manifest, write_parts(partial, source, rows, progress))
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)
     raise

@@ -42,6 +42,7 @@ from flexolmo_jax.flexolmo import merge as merge_lib
 from flexolmo_jax.flexolmo import router_init
 from flexolmo_jax.model.transformer import pure_model, run_on_batch
 from flexolmo_jax.train import loop, metrics, streams
+from flexolmo_jax.train import params as params_lib
 
 
 @gin.configurable(module="flexolmo")
@@ -124,6 +125,71 @@ def expert_keep(names: Sequence[str], shape: tuple[int, int], dropout: float, se
   return np.broadcast_to(keep[:, None, :], (*shape, len(names)))
 
 
+def is_router(path) -> bool:
+  """The trainable leaves of router tuning: every layer's router rows."""
+  return path[-1] == "router_embedding"
+
+
+def tuning_batches(task: str, merged: str, cfg, embeddings, train: loop.TrainConfig,
+                   tune: RouterTuneConfig) -> tuple[list[dict], dict]:
+  """(batches, proxy segments per domain): the public batches router tuning cycles through,
+  their loss weights on the proxy segments (or, without embeddings, on every token).
+
+  Every process reads the same global batches (the tuning set is small) and scores them the
+  same way."""
+  full = (b for b in tasks.lm_batches(task, seq_len=train.seq_len, batch_size=train.batch_size,
+                                      seed=train.seed, num_epochs=1, shard_index=0, num_shards=1)
+          if len(b["decoder_input_tokens"]) == train.batch_size)
+  batches = list(itertools.islice(full, tune.max_batches))
+  if not batches:
+    raise ValueError(f"The public data of {task!r} gave no full batch of "
+                     f"{train.batch_size} x {train.seq_len} tokens.")
+  if embeddings is None:
+    weights, counts = [b["decoder_loss_weights"] for b in batches], {}
+    print(f"tuning on {len(batches)} batches of public data, no proxy sets (proxy_weight 0)")
+  else:
+    dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
+    dense_params = store.load_params(os.path.join(merged, merged_model.PUBLIC_DIR),
+                                     pure_model(dense_cfg).abstract.to_pure_dict())
+    weights, counts = proxy_weights(dense_cfg, dense_params, batches, embeddings, tune)
+    del dense_params
+    print(f"proxy segments per domain, chosen from {len(batches)} batches of public data: "
+          f"{counts}")
+  return ([{**b, "decoder_loss_weights": w.astype(np.float32)} for b, w in zip(batches, weights)],
+          counts)
+
+
+def tuning_stream(batches: list[dict], names, train: loop.TrainConfig, tune: RouterTuneConfig):
+  """``start -> iterator`` over this process's rows of the cycled batches (with the expert
+  dropout mask of each step)."""
+  rows = streams.host_batch_size(train.batch_size)
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+
+  def stream(start):
+    for i in itertools.count(start):
+      batch = batches[i % len(batches)]
+      if tune.expert_dropout:
+        batch = {**batch, "expert_keep": expert_keep(names, batch["decoder_input_tokens"].shape,
+                                                     tune.expert_dropout, (train.seed, i))}
+      yield {k: v[mine] for k, v in batch.items()}
+  return stream
+
+
+def save_tuned(merged: str, names, tuned_rows, counts: dict, data, result, train, tune,
+               cfg, output_dir: str) -> str:
+  """The merged model again with the tuned router rows (``<output_dir>/merged``)."""
+  tuned = store.host_value(tuned_rows)                 # [L, E, d]
+  rows = {k: v for k, v in merged_model.read_router(merged).items() if k.endswith("/negative_bias")}
+  rows.update({f"{n}/router": tuned[:, e] for e, n in enumerate(names)})
+  record = {"source": "tune-router", "proxy_segments": counts,
+            "public_sources": [sources.source_label(p) for p in data],
+            "steps": result.step, "tune_config": dataclasses.asdict(tune),
+            "train_config": dataclasses.asdict(train)}
+  return merge_lib.merge(merged, [], os.path.join(output_dir, "merged"), top_k=cfg.num_experts,
+                         top_k_policy=cfg.top_k_policy, negative_bias=cfg.negative_bias,
+                         router=rows, router_record=record, overwrite=True)
+
+
 @gin.configurable(module="flexolmo")
 def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
                 output_dir: str = gin.REQUIRED, train: loop.TrainConfig | None = None,
@@ -148,72 +214,19 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   write_gin_config(output_dir)
   task = tasks.register_corpus("public", data, data_dir=os.path.join(output_dir, "data"),
                                vocabulary=vocab)
-  # Every process reads the same global batches (the tuning set is small) and scores them the
-  # same way; each then feeds its own rows of every batch to the step (``stream``).
-  full = (b for b in tasks.lm_batches(task, seq_len=train.seq_len, batch_size=train.batch_size,
-                                      seed=train.seed, num_epochs=1, shard_index=0, num_shards=1)
-          if len(b["decoder_input_tokens"]) == train.batch_size)
-  batches = list(itertools.islice(full, tune.max_batches))
-  if not batches:
-    raise ValueError(f"The public data {list(data)} gave no full batch of "
-                     f"{train.batch_size} x {train.seq_len} tokens.")
-  if embeddings is None:
-    weights, counts = [b["decoder_loss_weights"] for b in batches], {}
-    print(f"tuning on {len(batches)} batches of public data, no proxy sets (proxy_weight 0)")
-  else:
-    dense_cfg = cfg.replace(experts=(), top_k=1, negative_bias=False)
-    dense_params = store.load_params(os.path.join(merged, merged_model.PUBLIC_DIR),
-                                     pure_model(dense_cfg).abstract.to_pure_dict())
-    weights, counts = proxy_weights(dense_cfg, dense_params, batches, embeddings, tune)
-    del dense_params
-    print(f"proxy segments per domain, chosen from {len(batches)} batches of public data: "
-          f"{counts}")
-  stream_batches = [{**b, "decoder_loss_weights": w.astype(np.float32)}
-                    for b, w in zip(batches, weights)]
-
-  rows = streams.host_batch_size(train.batch_size)
-  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-
-  def stream(start):
-    for i in itertools.count(start):
-      batch = stream_batches[i % len(stream_batches)]
-      if tune.expert_dropout:
-        batch = {**batch, "expert_keep": expert_keep(names, batch["decoder_input_tokens"].shape,
-                                                     tune.expert_dropout, (train.seed, i))}
-      yield {k: v[mine] for k, v in batch.items()}
-
-  moe = pure_model(cfg)
-  ffn = params["blocks"]["ffn"]
-  frozen = {**params, "blocks": {**params["blocks"],
-                                 "ffn": {k: v for k, v in ffn.items() if k != "router_embedding"}}}
-  trainable = {"router": ffn["router_embedding"]}
-
-  def apply(p, fz, batch):
-    full = {**fz, "blocks": {**fz["blocks"], "ffn": {**fz["blocks"]["ffn"],
-                                                     "router_embedding": p["router"]}}}
-    return run_on_batch(moe, full, batch, expert_keep_bte=batch.get("expert_keep"))
-
-  mesh = sharding.make_mesh(train.mesh)
-  all_shardings = moe.shardings(mesh, rules)
-  frozen_shardings = {**all_shardings, "blocks": {
-      **all_shardings["blocks"], "ffn": {k: v for k, v in all_shardings["blocks"]["ffn"].items()
-                                          if k != "router_embedding"}}}
+  batches, counts = tuning_batches(task, merged, cfg, embeddings, train, tune)
+  moe, mesh = pure_model(cfg), sharding.make_mesh(train.mesh)
+  trainable, frozen = params_lib.split(params, is_router)
+  router_shardings, frozen_shardings = params_lib.split(moe.shardings(mesh, rules), is_router)
+  apply = lambda p, fz, batch: run_on_batch(moe, params_lib.join(p, fz), batch,
+                                            expert_keep_bte=batch.get("expert_keep"))
   trainer = loop.Trainer(
       train, workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=trainable,
-      frozen=frozen, param_shardings={"router": all_shardings["blocks"]["ffn"]["router_embedding"]},
-      frozen_shardings=frozen_shardings, stream=stream,
+      frozen=frozen, param_shardings=router_shardings, frozen_shardings=frozen_shardings,
+      stream=tuning_stream(batches, names, train, tune),
       flops_per_token=metrics.flops_per_token(cfg, train.seq_len), expert_names=names)
   result = trainer.train()
   if result.preempted:
     return result, None
-  tuned = store.host_value(result.params["router"])                 # [L, E, d]
-  rows = {k: v for k, v in merged_model.read_router(merged).items() if k.endswith("/negative_bias")}
-  rows.update({f"{n}/router": tuned[:, e] for e, n in enumerate(names)})
-  record = {"source": "tune-router", "proxy_segments": counts,
-            "public_sources": [sources.source_label(p) for p in data],
-            "steps": result.step, "tune_config": dataclasses.asdict(tune),
-            "train_config": dataclasses.asdict(train)}
-  out = merge_lib.merge(merged, [], os.path.join(output_dir, "merged"), top_k=cfg.num_experts,
-                        top_k_policy=cfg.top_k_policy, negative_bias=cfg.negative_bias,
-                        router=rows, router_record=record, overwrite=True)
-  return result, out
+  return result, save_tuned(merged, names, result.params["blocks"]["ffn"]["router_embedding"],
+                            counts, data, result, train, tune, cfg, output_dir)

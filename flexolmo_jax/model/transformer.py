@@ -102,19 +102,7 @@ class Transformer(nnx.Module):
         b, t, cfg.num_experts)):
       raise ValueError(f"expert_keep_bte has shape {expert_keep_bte.shape}; expected "
                        f"{(b, t, cfg.num_experts)} for experts {cfg.experts}.")
-    if cache is not None:
-      if positions_bt is not None or segment_ids_bt is not None:
-        raise ValueError("With a KV cache, positions follow the cache index (no packing).")
-      positions_bt = jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t))
-      keys = jnp.arange(cache.k.shape[2])
-      mask = jnp.broadcast_to(keys[None, :] <= positions_bt[0][:, None],
-                              (b, 1, t, keys.shape[0]))
-    else:
-      if positions_bt is None:
-        positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      if segment_ids_bt is None:
-        segment_ids_bt = jnp.ones((b, t), jnp.int32)
-      mask = attention_mask(segment_ids_bt)
+    positions_bt, mask = positions_and_mask(b, t, positions_bt, segment_ids_bt, cache)
     cos, sin = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta)
     x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
     x = sharding.constrain(x, ("batch", "length", "embed"))
@@ -156,6 +144,23 @@ class Hidden(NamedTuple):
 
   router_inputs: jax.Array   # [L, B, T, d] the residual each layer's router sees (h after attention)
   final: jax.Array           # [B, T, d] the final-normed state that feeds the lm_head
+
+
+def positions_and_mask(b: int, t: int, positions_bt, segment_ids_bt, cache: KVCache | None):
+  """(positions [B, T], attention mask [B, 1, T, S]): of the packed segments (one segment per
+  row by default), or with a KV cache of the tokens continuing it at ``cache.index``."""
+  if cache is not None:
+    if positions_bt is not None or segment_ids_bt is not None:
+      raise ValueError("With a KV cache, positions follow the cache index (no packing).")
+    positions_bt = jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    keys = jnp.arange(cache.k.shape[2])
+    return positions_bt, jnp.broadcast_to(keys[None, :] <= positions_bt[0][:, None],
+                                          (b, 1, t, keys.shape[0]))
+  if positions_bt is None:
+    positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if segment_ids_bt is None:
+    segment_ids_bt = jnp.ones((b, t), jnp.int32)
+  return positions_bt, attention_mask(segment_ids_bt)
 
 
 def select_experts(cfg: ModelConfig, experts: Sequence[str] | str | None):
