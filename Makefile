@@ -18,8 +18,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=20 tests
 
+# Everything but the end-to-end tests (tests/e2e: the demo, multi-host runs, training quality).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/e2e --durations=10 tests
 
 bench: $(STAMP)
 	$(PY) bench/moe_dispatch.py

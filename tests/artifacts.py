@@ -71,3 +71,41 @@ def world(tmp_path_factory):
           "hf": str(root / "hf")}
 
 
+
+
+CLOSED = ("code", "legal", "math", "prose")
+
+
+def save_random_expert(path, public: str, name: str, seed: int = 0) -> str:
+  """An expert artifact as ``train-expert --router-init random`` writes one, with random weights:
+  well-formed for merging (anchor, config, vocabulary, public router row), no training."""
+  from flexolmo_jax.checkpoint import store
+  from flexolmo_jax.flexolmo import merge, router_init
+
+  manifest = store.read_manifest(public, "public")
+  cfg = store.config_from_json(manifest["config"], public)
+  L, d, f = cfg.n_layers, cfg.d_model, cfg.d_ff
+  rs = np.random.RandomState(seed)
+  normal = lambda *shape, std=0.02: (std * rs.standard_normal(shape)).astype(np.float32)
+  params = {"w_gate": normal(L, d, f), "w_up": normal(L, d, f), "w_down": normal(L, f, d),
+            "router": normal(L, d, std=0.5), "negative_bias": normal(L, std=0.1)}
+  r_pub = router_init.public_rows("random", public, manifest["fingerprint"], L, d)
+  return store.save(str(path), params, {
+      "kind": "expert", "name": name, "anchor_fingerprint": manifest["fingerprint"],
+      "config": store.config_to_json(cfg.replace(experts=("public", name), top_k=2,
+                                                 negative_bias=True)),
+      "vocabulary": manifest["vocabulary"],
+      "public_router_fingerprint": merge.router_fingerprint(r_pub),
+      "data_card": {"sources": [f"flexmix_{name}/1.0.0"],
+                    "expert_config": {"router_init": "random"}}})
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+  """{"public": a random public model, "experts": {name: a random expert artifact}} for each
+  closed domain: the shapes of real artifacts, written through ``store`` in about a second."""
+  root = tmp_path_factory.mktemp("tiny")
+  public, _, params = save_random_public(root / "public")
+  experts = {name: save_random_expert(root / "experts" / name, public, name, seed)
+             for seed, name in enumerate(CLOSED, start=1)}
+  return {"public": public, "params": params, "experts": experts}

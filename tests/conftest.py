@@ -27,5 +27,4 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from tests.artifacts import world  # noqa: E402,F401
-from tests.fixtures import code_expert, demo_run, experts, flexmix, public  # noqa: E402,F401
+from tests.artifacts import tiny, world  # noqa: E402,F401

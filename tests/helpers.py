@@ -1,13 +1,20 @@
-"""Shared test helpers: tiny configs and Hugging Face reference models built on CPU (no hub)."""
+"""Shared test helpers: tiny configs, Hugging Face reference models built on CPU (no hub), and
+comparisons of saved directories."""
+import filecmp
+import json
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
 
+from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import load_model_config
 from flexolmo_jax.convert import hf
-from flexolmo_jax.model.transformer import Transformer
+from flexolmo_jax.model.transformer import Transformer, pure_model
 
 
 def tiny(**changes):
@@ -114,3 +121,33 @@ def save_random_public(path, cfg=None, seed=0):
       "vocabulary": {"spec": "byte", **tasks.vocabulary_identity("byte")},
       "fingerprint": store.fingerprint(params), "data_card": {}})
   return str(path), cfg, params
+
+
+def logits_of(cfg, params, batch):
+  logits, _ = jax.jit(lambda p, b: pure_model(cfg)(p, b))(params, batch)
+  return np.asarray(logits)
+
+
+def tree_files(path):
+  return sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+
+
+def same_tree(a, b):
+  files = tree_files(a)
+  assert files == tree_files(b)
+  _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+  return not mismatch and not errors
+
+
+def edited_copy(src, dst, edit):
+  shutil.copytree(src, dst)
+  path = os.path.join(dst, store.MANIFEST)
+  manifest = json.load(open(path))
+  edit(manifest)
+  json.dump(manifest, open(path, "w"))
+  return str(dst)
+
+
+def data_file(artifact):
+  return max((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(artifact, "params"))
+              for f in fs), key=os.path.getsize)

@@ -2,7 +2,6 @@
 key: never a traceback, never a silent run. Placeholders: {public}, {expert}, {merged}, {hf} (the
 session's small real artifacts), {data} (an owner's JSONL), {tmp} (an empty directory),
 {missing} (a path that does not exist), {out} (a fresh output)."""
-import json
 
 import pytest
 

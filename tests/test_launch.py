@@ -5,16 +5,12 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
 from flexolmo_jax import cli, launch
-from flexolmo_jax.checkpoint import store
-from tests.test_loop import train_losses
-from tests.test_resume import corpus
 
 LOCAL = os.path.join(launch.LAUNCH_DIR, "local", "multiprocess.sh")
 
@@ -22,33 +18,6 @@ LOCAL = os.path.join(launch.LAUNCH_DIR, "local", "multiprocess.sh")
 def render(capsys, *argv):
   assert cli.main(["launch", *argv]) == 0
   return capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_the_slurm_script_runs_two_processes_with_the_local_launcher(tmp_path, capsys):
-  data = tmp_path / "public.jsonl"
-  corpus(data)
-  gin_file = tmp_path / "experiment.gin"
-  gin_file.write_text("STEPS = 3\nBATCH_SIZE = 8\nSEQ_LEN = 64\nWARMUP_STEPS = 1\n"
-                      "flexolmo.TrainConfig.peak_tflops = 1.0\n"
-                      "flexolmo.pretrain.embedding_documents = 8\n")
-  script = render(capsys, "slurm", "--run", "pretrain", "--nodes", "2", "--workdir", str(tmp_path),
-                  "--executable", f"{sys.executable} -m flexolmo_jax.cli", "--dry-run", "--",
-                  "--gin-file", str(gin_file), "--data", str(data), "--out", str(tmp_path / "run"),
-                  "--log-every", "1")
-  assert "#SBATCH --nodes=2" in script and "srun --ntasks=2 " in script
-  local = script.replace("srun ", f"{shlex.quote(LOCAL)} ")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  proc = subprocess.run(["bash", "-c", local], env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  # One run of 2 processes x 2 devices: process 0 logged 3 steps, the model was published once.
-  assert sorted(train_losses(tmp_path / "run")) == [1, 2, 3]
-  assert proc.stderr.count("[train 3/3]") == 1
-  manifest = store.read_manifest(tmp_path / "run" / "model", "public")
-  assert manifest["data_card"]["train_config"]["batch_size"] == 8
-  assert not [p for p in os.listdir(tmp_path / "run") if ".partial-" in p]
 
 
 def test_the_local_launcher_stops_every_process_when_one_fails(tmp_path):

@@ -1,6 +1,5 @@
-"""Merging experts, opting them in and out, and refusing bad inputs (docs/method.md §6)."""
-import filecmp
-import json
+"""Merging experts, opting them in and out, and refusing bad inputs (docs/method.md §6), on
+well-formed artifacts with random weights (tests/artifacts.py's ``tiny``)."""
 import os
 import shutil
 
@@ -9,32 +8,15 @@ import numpy as np
 import pytest
 
 from flexolmo_jax import cli
-from flexolmo_jax.checkpoint import merged_model, store
-from flexolmo_jax.flexolmo import expert, merge
-from flexolmo_jax.model.transformer import pure_model
-from tests.helpers import lm_batch
-
-
-def logits_of(cfg, params, batch):
-  logits, _ = jax.jit(lambda p, b: pure_model(cfg)(p, b))(params, batch)
-  return np.asarray(logits)
-
-
-def tree_files(path):
-  return sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
-
-
-def same_tree(a, b):
-  files = tree_files(a)
-  assert files == tree_files(b)
-  _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
-  return not mismatch and not errors
+from flexolmo_jax.checkpoint import integrity, merged_model, store
+from flexolmo_jax.flexolmo import expert, merge, router_init
+from tests.helpers import data_file, edited_copy, lm_batch, logits_of, same_tree
 
 
 @pytest.fixture(scope="module")
-def merged_all(public, experts, tmp_path_factory):
+def merged_all(tiny, tmp_path_factory):
   out = tmp_path_factory.mktemp("merged") / "all"
-  return merge.merge(public["run"], list(experts.values()), str(out))
+  return merge.merge(tiny["public"], list(tiny["experts"].values()), str(out))
 
 
 @pytest.fixture(scope="module")
@@ -42,39 +24,39 @@ def tokens():
   return lm_batch(256, batch=2, length=64)["decoder_input_tokens"]
 
 
-@pytest.mark.slow
-def test_merged_pair_equals_the_trained_two_expert_model(public, code_expert, merged_all,
-                                                         tmp_path, tokens):
-  result = code_expert["result"]
-  cfg2 = store.config_from_json(store.read_manifest(code_expert["artifact"])["config"], "code")
-  trained = expert.assemble(result.frozen["anchor"], result.frozen["public_router"], result.params)
+def test_merged_pair_equals_the_two_expert_model_its_owner_trained(tiny, merged_all, tmp_path,
+                                                                   tokens):
+  """The model an owner's trainer runs (expert.assemble of the frozen public model, its router
+  row and the trainable expert) is what the merge rebuilds, bit for bit."""
+  code = tiny["experts"]["code"]
+  cfg2 = store.config_from_json(store.read_manifest(code)["config"], "code")
+  r_pub = router_init.public_rows("random", tiny["public"],
+                                  store.read_manifest(tiny["public"])["fingerprint"],
+                                  cfg2.n_layers, cfg2.d_model)
+  trained = expert.assemble(tiny["params"], r_pub, store.load_params(code))
   reference = logits_of(cfg2, jax.device_get(trained), tokens)
-
-  pair = merge.merge(public["model"], [code_expert["run"]], str(tmp_path / "pair"))
+  pair = merge.merge(tiny["public"], [code], str(tmp_path / "pair"))
   cfg, params = merged_model.load_merged(pair)
   assert cfg.experts == ("public", "code") and cfg.top_k == 2 and cfg.negative_bias
   np.testing.assert_array_equal(logits_of(cfg, params, tokens), reference)     # bitwise
-  # The same pair opted in from the merge of every expert.
   cfg, params = merged_model.load_merged(merged_all, experts="public,code")
   np.testing.assert_array_equal(logits_of(cfg, params, tokens), reference)
 
 
-@pytest.mark.slow
-def test_every_owner_opted_out_leaves_the_public_model(public, merged_all, tokens):
+def test_every_owner_opted_out_leaves_the_public_model(tiny, merged_all, tokens):
   """The extraction evaluation's "expert out" side: the merged model opted in to the public
   expert alone (its router softmax over one expert is exactly 1) computes the public model."""
   cfg, params = merged_model.load_merged(merged_all, experts="public")
   assert cfg.experts == ("public",) and cfg.top_k == 1
-  manifest = store.read_manifest(public["model"], "public")
+  manifest = store.read_manifest(tiny["public"], "public")
   dense_cfg = store.config_from_json(manifest["config"], "public")
   np.testing.assert_allclose(logits_of(cfg, params, tokens),
-                             logits_of(dense_cfg, store.load_params(public["model"]), tokens),
+                             logits_of(dense_cfg, store.load_params(tiny["public"]), tokens),
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_merge_order_does_not_matter(public, experts, merged_all, tmp_path, tokens):
-  reverse = merge.merge(public["run"], list(experts.values())[::-1], str(tmp_path / "rev"))
+def test_merge_order_does_not_matter(tiny, merged_all, tmp_path, tokens):
+  reverse = merge.merge(tiny["public"], list(tiny["experts"].values())[::-1], str(tmp_path / "rev"))
   assert same_tree(merged_all, reverse)          # byte-identical directories
   manifest = store.read_manifest(merged_all, "merged")
   assert manifest["experts"] == ["public", "code", "legal", "math", "prose"]
@@ -82,21 +64,19 @@ def test_merge_order_does_not_matter(public, experts, merged_all, tmp_path, toke
   assert manifest["data_cards"]["math"]["sources"] == ["flexmix_math/1.0.0"]
 
 
-@pytest.mark.slow
-def test_process_0_of_a_multi_process_launch_merges_like_one_process(public, experts, merged_all,
+def test_process_0_of_a_multi_process_launch_merges_like_one_process(tiny, merged_all,
                                                                        tmp_path, capsys):
   """A merge in a 2-process launch: process 0 alone writes the same bytes as a plain merge."""
   out = tmp_path / "launched"
-  argv = ["merge", "--public", public["run"], *[a for p in experts.values() for a in ("--expert", p)],
+  argv = ["merge", "--public", tiny["public"], *[a for p in tiny["experts"].values() for a in ("--expert", p)],
           "--out", str(out), "--coordinator", "localhost:1", "--num-processes", "2"]
   assert cli.main([*argv, "--process-id", "1"]) == 0 and not out.exists()
   assert cli.main([*argv, "--process-id", "0"]) == 0, capsys.readouterr().err
   assert same_tree(merged_all, str(out))
 
 
-@pytest.mark.slow
-def test_opt_out_is_exact(public, experts, merged_all, tmp_path, tokens):
-  without = merge.merge(public["run"], [p for n, p in experts.items() if n != "math"],
+def test_opt_out_is_exact(tiny, merged_all, tmp_path, tokens):
+  without = merge.merge(tiny["public"], [p for n, p in tiny["experts"].items() if n != "math"],
                         str(tmp_path / "without"))
   cfg_a, params_a = merged_model.load_merged(merged_all, exclude="math")
   cfg_b, params_b = merged_model.load_merged(without)
@@ -107,7 +87,7 @@ def test_opt_out_is_exact(public, experts, merged_all, tmp_path, tokens):
   cfg_all, params_all = merged_model.load_merged(merged_all)
   assert np.abs(logits_of(cfg_all, params_all, tokens) - logits_of(cfg_b, params_b, tokens)).max() > 0
   # merge --exclude writes exactly that merge, from the inputs or from the merged model.
-  excluded = merge.merge(public["run"], list(experts.values()), str(tmp_path / "excl"),
+  excluded = merge.merge(tiny["public"], list(tiny["experts"].values()), str(tmp_path / "excl"),
                          exclude=["math"])
   assert same_tree(excluded, without)
   assert cli.main(["merge", "--public", merged_all, "--exclude", "math",
@@ -115,40 +95,24 @@ def test_opt_out_is_exact(public, experts, merged_all, tmp_path, tokens):
   assert same_tree(str(tmp_path / "excl2"), without)
 
 
-@pytest.mark.slow
-def test_top_k_is_clamped_or_rejected(public, experts, tmp_path):
-  paths = list(experts.values())
-  clamp = merge.merge(public["run"], paths, str(tmp_path / "clamp"))
+def test_top_k_is_clamped_or_rejected(tiny, tmp_path):
+  paths = list(tiny["experts"].values())
+  clamp = merge.merge(tiny["public"], paths, str(tmp_path / "clamp"))
   cfg, _ = merged_model.load_merged(clamp, experts=["public", "code"])
   assert cfg.top_k == 2 and merged_model.load_merged(clamp)[0].top_k == 4
-  strict = merge.merge(public["run"], paths, str(tmp_path / "strict"), top_k_policy="reject")
+  strict = merge.merge(tiny["public"], paths, str(tmp_path / "strict"), top_k_policy="reject")
   with pytest.raises(ValueError, match="top_k=4 is larger than the 2 experts"):
     merged_model.load_merged(strict, experts=["public", "code"])
   with pytest.raises(ValueError, match=r"Unknown expert\(s\) \['news'\]"):
     merged_model.load_merged(strict, exclude=["news"])
 
 
-def edited_copy(src, dst, edit):
-  shutil.copytree(src, dst)
-  path = os.path.join(dst, store.MANIFEST)
-  manifest = json.load(open(path))
-  edit(manifest)
-  json.dump(manifest, open(path, "w"))
-  return str(dst)
-
-
-def data_file(artifact):
-  return max((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(artifact, "params"))
-              for f in fs), key=os.path.getsize)
-
-
-@pytest.mark.slow
-def test_refusals_name_the_expert(public, experts, tmp_path):
-  code = experts["code"]
+def test_refusals_name_the_expert(tiny, tmp_path):
+  code = tiny["experts"]["code"]
 
   def refuse(paths, match, **kw):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
-      merge.merge(public["run"], paths, str(tmp_path / "out"), **kw)
+      merge.merge(tiny["public"], paths, str(tmp_path / "out"), **kw)
     assert not os.path.exists(tmp_path / "out")
 
   other = edited_copy(code, tmp_path / "other", lambda m: m.update(anchor_fingerprint="ab" * 32))
@@ -179,13 +143,12 @@ def test_refusals_name_the_expert(public, experts, tmp_path):
   refuse([str(partial)], "manifest.json is missing")
 
 
-@pytest.mark.slow
-def test_an_interrupted_merge_leaves_nothing_that_looks_complete(public, experts, tmp_path,
+def test_an_interrupted_merge_leaves_nothing_that_looks_complete(tiny, tmp_path,
                                                                  monkeypatch):
   def interrupted(jobs, workers=0):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(store, "copy_checked", interrupted)
+  monkeypatch.setattr(integrity, "copy_checked", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    merge.merge(public["run"], list(experts.values()), str(tmp_path / "m"))
+    merge.merge(tiny["public"], list(tiny["experts"].values()), str(tmp_path / "m"))
   assert os.listdir(tmp_path) == []

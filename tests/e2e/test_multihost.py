@@ -13,7 +13,7 @@ import pytest
 
 from flexolmo_jax.checkpoint import merged_model, store
 from tests.test_loop import train_losses
-from tests.test_resume import corpus
+from tests.e2e.test_resume import corpus
 
 STEPS = 5
 TIMEOUT_S = 300

@@ -12,9 +12,9 @@ import pytest
 
 from flexolmo_jax import cli, console
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(ROOT, "README.md")
-MARK = "<!-- tests/test_readme.py runs the next block -->"
+MARK = "<!-- tests/e2e/test_readme.py runs the next block -->"
 # The only changes the test makes to the story: sizes, through flags the README itself shows.
 SIZES = {"--steps": "3", "--max-new-tokens": "8"}
 # The user's path, in order: (sub-command, what its line must also contain).

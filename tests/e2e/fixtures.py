@@ -13,7 +13,7 @@ from unittest import mock
 import jax
 import pytest
 
-from flexolmo_jax import cli, sharding
+from flexolmo_jax import sharding
 from flexolmo_jax.config import MeshConfig
 from flexolmo_jax.data import flexmix_mini, tasks
 from flexolmo_jax.flexolmo import expert
