@@ -106,7 +106,7 @@ def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
   """(r_pub, r_NAME) [L, d] rows from the owner's domain embedding (or random).
 
   The domain embedding is computed in every mode: it goes into the artifact, where router tuning
-  uses it to pick proxy documents from the public data (train/router_tune.py)."""
+  uses it to pick proxy documents from the public data (flexolmo/router_tune.py)."""
   r_pub = router_init.public_rows(mode, public_path, manifest["fingerprint"], cfg.n_layers,
                                   cfg.d_model)
   if mode == "random":

@@ -140,7 +140,7 @@ class Transformer(nnx.Module):
 
 
 class Hidden(NamedTuple):
-  """Hidden states for domain embeddings (train/router_init.py)."""
+  """Hidden states for domain embeddings (flexolmo/router_init.py)."""
 
   router_inputs: jax.Array   # [L, B, T, d] the residual each layer's router sees (h after attention)
   final: jax.Array           # [B, T, d] the final-normed state that feeds the lm_head

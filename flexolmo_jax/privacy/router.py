@@ -1,6 +1,6 @@
 """The router row's domain embedding under DP (docs/method.md §9, DP note).
 
-The non-DP embedding (train/router_init.py) is a mean over the owner's documents of their
+The non-DP embedding (flexolmo/router_init.py) is a mean over the owner's documents of their
 L2-normalized hidden-state means: it reads the owner's data, and it is released (as the router
 row, and in the artifact for router tuning). Under DP it is one of two things:
 

@@ -1,1 +1,1 @@
-"""Trainers: the shared loop, public pre-training and expert training."""
+"""The training loop every step of the method uses: objective, hooks, checkpoints, resume."""

@@ -88,7 +88,7 @@ def test_quick_demo_end_to_end(demo_run):
   # with the owner opted out only the public expert is left, which computes the public model
   # (tests/test_merge.py), and it extracts fewer. Measured at quick size with the 1000-step public
   # model: 4/4 against 0/4; on one data set, sampling seeds 0-3 gave 4, 4, 4, 3 of 4 (with a
-  # 600-step public model 0, 0, 0, 1: see demo.py).
+  # 600-step public model 0, 0, 0, 1: see demo/sizes.py).
   assert models[f"public + {owner}"]["rate"] > models["public"]["rate"]
   # In the full model the tuned router sends most canary tokens to other experts (not the
   # owner's), yet the canaries' loss is lower with the owner in than out.
