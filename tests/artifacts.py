@@ -1,6 +1,6 @@
-"""Small real artifacts made once per test session, and the in-process CLI helpers of the
-hostile-input tests: a public model, one owner's expert trained against it, their merge and its
-Hugging Face export (tiny sizes, one device: seconds)."""
+"""Tiny well-formed artifacts made once per test session (random weights, written through
+``store`` as the commands write them), and the in-process CLI helpers of the hostile-input
+tests."""
 import functools
 import json
 import os
@@ -54,23 +54,18 @@ def snapshot(root) -> dict:
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-  """A public model, one owner's expert trained against it, their merge and its HF export."""
+  """A public model, one owner's expert against it (random weights), their merge and its HF
+  export, each written by the code a user's command runs."""
   root = tmp_path_factory.mktemp("hostile")
   public, _, params = save_random_public(root / "public")
   data = owner_data(root / "code.jsonl")
-  with mock.patch.object(sharding, "make_mesh", ONE_DEVICE):
-    assert cli.main(["train-expert", "--public", public, "--name", "code", "--data", str(data),
-                     "--out", str(root / "code"), "--steps", "2", "--batch-size", "2",
-                     "--seq-len", "32", "--router-init", "random"]) == 0
+  expert = save_random_expert(root / "code" / "expert", public, "code")
   assert cli.main(["merge", "--public", public, "--expert", str(root / "code"),
                    "--out", str(root / "merged")]) == 0
   assert cli.main(["export-hf", "--model", str(root / "merged"), "--out", str(root / "hf"),
                    "--drop-negative-bias"]) == 0
-  return {"root": root, "public": public, "params": params, "data": data,
-          "expert": str(root / "code" / "expert"), "merged": str(root / "merged"),
-          "hf": str(root / "hf")}
-
-
+  return {"root": root, "public": public, "params": params, "data": data, "expert": expert,
+          "merged": str(root / "merged"), "hf": str(root / "hf")}
 
 
 CLOSED = ("code", "legal", "math", "prose")
