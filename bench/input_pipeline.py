@@ -1,4 +1,4 @@
-"""Input pipeline throughput vs model consumption (issue #3): packed batches/s from a seqio Task
+"""Input pipeline throughput vs model consumption: packed batches/s from a seqio Task
 over FlexMix-mini, against the jitted forward+backward step time of the model on the same batch
 shape, both measured in this run. The ratio (pipeline rate / model rate) must stay well above 1 so
 training is never input-bound. Usage: python bench/input_pipeline.py [--configs tiny,small]

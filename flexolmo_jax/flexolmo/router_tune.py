@@ -17,7 +17,7 @@ embeddings) next to the public one (``public_embedding.npz``).
 **Expert dropout** (``expert_dropout`` > 0; not in the paper, off by default): each training
 sequence opts every non-public expert out with that probability (the same softmax as a real
 opt-out, see ``moe.route``), so the router learns mixtures in which any owner may be missing.
-Measured reason in the demo (issue #7): without it, opting an expert out sent its domain's tokens
+Measured in the demo: without it, opting an expert out sent its domain's tokens
 to the other owners' experts, which are worse there than the public FFN.
 
 Reference settings (7B): lr 2e-3, 100 warm-up steps, weight decay 0.1.

@@ -90,10 +90,9 @@ def public(demo_run):
 def code_expert(flexmix, public, tmp_path_factory):
   """A code expert trained in this process: {"run", "artifact", "result" (the TrainResult)}.
 
-  On one device, as `flexolmo train-expert` runs in the demo: twice in CI (never locally, 14
-  runs in a loop) this run's first step on the 8-fake-device mesh never finished and XLA aborted
-  the whole suite at its collective timeout. Training on a mesh is tested in test_sharding,
-  test_loop and test_multihost."""
+  On one device, as `flexolmo train-expert` runs in the demo: on a loaded 2-core runner the first
+  step of this run on the 8-fake-device mesh could stall in a collective until XLA aborted the
+  suite. Training on a mesh is tested in test_sharding, test_loop and test_multihost."""
   run = run_dir(tmp_path_factory, "expert_code")
   one_device = functools.partial(sharding.make_mesh, devices=jax.devices()[:1])
   with mock.patch.object(sharding, "make_mesh", one_device):

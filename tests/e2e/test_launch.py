@@ -1,4 +1,4 @@
-"""launch/ (issue #8): the rendered SLURM script runs on this machine with srun replaced by the
+"""launch/: the rendered SLURM script runs on this machine with srun replaced by the
 local launcher; the JobSet parses and names the image, command and process count."""
 import os
 import shlex

@@ -1,4 +1,4 @@
-"""Multi-host training and evaluation (issue #8): two processes on localhost, each with 4 CPU
+"""Multi-host training and evaluation: two processes on localhost, each with 4 CPU
 devices and ``jax.distributed.initialize``, against one process with 8 devices reading the same
 shards."""
 import json
