@@ -18,9 +18,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=20 tests
 
-# Everything but the end-to-end tests (tests/e2e: the demo, multi-host runs, training quality).
+# The unit tests (not tests/e2e: the demo, the README, multi-host runs, training quality) on
+# TEST_WORKERS processes. JAX's compilation cache is kept in .cache/jax between runs: a second
+# run compiles only what changed.
+TEST_WORKERS ?= 2
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" --ignore=tests/e2e --durations=10 tests
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	  $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" --ignore=tests/e2e --durations=10 tests
 
 bench: $(STAMP)
 	$(PY) bench/moe_dispatch.py
@@ -29,4 +33,4 @@ bench: $(STAMP)
 	$(PY) bench/export_hf.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cache

@@ -36,6 +36,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
             "transformers>=5.0,<6",
             "safetensors>=0.4",
             "torch==2.13.0",
