@@ -40,6 +40,7 @@ from flexolmo_jax.data import sources, tasks
 from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.flexolmo import merge as merge_lib
 from flexolmo_jax.flexolmo import router_init
+from flexolmo_jax.model.embedding import segment_embeddings
 from flexolmo_jax.model.transformer import pure_model, run_on_batch
 from flexolmo_jax.train import loop, metrics, streams
 from flexolmo_jax.train import params as params_lib
@@ -87,7 +88,7 @@ def proxy_weights(dense_cfg, dense_params, batches, embeddings, cfg: RouterTuneC
   @jax.jit
   def embed(params, batch):
     _, _, hidden = run_on_batch(model, params, batch, return_hidden=True)
-    return router_init.segment_embeddings(hidden.final, batch["decoder_segment_ids"])
+    return segment_embeddings(hidden.final, batch["decoder_segment_ids"])
 
   domains = [n for n in embeddings if n != PUBLIC]
   directions = np.stack([embeddings[n] - embeddings[PUBLIC] for n in domains], axis=1)  # [d, D]
