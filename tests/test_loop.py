@@ -120,7 +120,7 @@ def test_unfinished_checkpoints_are_never_restored(tmp_path):
   shutil.copytree(ckpts / "4", ckpts / "9.orbax-checkpoint-tmp-1234")
   shutil.copytree(ckpts / "4", ckpts / "8")
   os.remove(ckpts / "8" / "_CHECKPOINT_METADATA")
-  assert not loop.is_complete(ckpts / "8") and loop.is_complete(ckpts / "4")
+  assert not checkpoints.is_complete(ckpts / "8") and checkpoints.is_complete(ckpts / "4")
   trainer = make_trainer(tmp_path, steps=6)
   mgr = checkpoints.manager(str(tmp_path), keep=3, asynchronous=False)
   state, meta = checkpoints.restore(mgr, trainer.state, trainer.state_shardings,

@@ -131,7 +131,8 @@ def _extraction(args) -> int:
       temperature=args.temperature, seed=args.seed)
   spec = sources.SourceSpec(tuple(args.documents), field=args.field,
                             validation_fraction=args.validation_fraction)
-  tested, read = extraction.documents_to_test(spec, saved.vocabulary(args.model), config,
+  vocab = saved.vocabulary(args.model)
+  tested, read = extraction.documents_to_test(spec, vocab, config,
                                               args.split == "train", args.max_documents)
   cfg, params, _ = saved.open_saved(args.model, args.experts, args.exclude)
   if config.total > cfg.max_seq_len:
@@ -140,7 +141,7 @@ def _extraction(args) -> int:
   print(f"extraction: {len(tested)} of the {read} documents read in {', '.join(spec.paths)} (at "
         f"least {config.min_length} tokens), {config.samples} samples each of {config.total} "
         f"tokens after a {config.prefix}-token prefix", flush=True)
-  result = extraction.evaluate(cfg, params, tested, config, saved.vocabulary(args.model).eos_id,
+  result = extraction.evaluate(cfg, params, tested, config, vocab.eos_id,
                                progress=lambda done, total: print(f"  {done}/{total} documents",
                                                                   flush=True))
   for row in result["per_document"]:

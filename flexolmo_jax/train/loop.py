@@ -379,5 +379,3 @@ class Trainer:
       return None
     return signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
 
-
-is_complete = checkpoints.is_complete

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from flexolmo_jax.train import loop
+from flexolmo_jax.train import checkpoints
 from tests.test_loop import train_losses
 
 STEPS = 200
@@ -45,14 +45,14 @@ def test_kill_9_then_rerun_gives_the_losses_of_an_uninterrupted_run(tmp_path):
   ckpts = tmp_path / "run" / "checkpoints"
   deadline = time.time() + 600
   while time.time() < deadline and victim.poll() is None:
-    done = [int(s) for s in os.listdir(ckpts) if loop.is_complete(ckpts / s)] if ckpts.exists() else []
+    done = [int(s) for s in os.listdir(ckpts) if checkpoints.is_complete(ckpts / s)] if ckpts.exists() else []
     if done and max(done) >= 60:
       break
     time.sleep(0.05)
   assert victim.poll() is None, "the run finished before it could be killed: raise STEPS"
   os.kill(victim.pid, signal.SIGKILL)
   victim.wait()
-  killed_at = max(int(s) for s in os.listdir(ckpts) if loop.is_complete(ckpts / s))
+  killed_at = max(int(s) for s in os.listdir(ckpts) if checkpoints.is_complete(ckpts / s))
   assert killed_at < STEPS
   out, err = reference.communicate(timeout=600)
   assert reference.returncode == 0, err[-3000:]
@@ -81,7 +81,7 @@ def test_sigterm_saves_and_exits_143(tmp_path):
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 143, err[-3000:]
   saved = [int(s) for s in os.listdir(tmp_path / "run" / "checkpoints")
-           if loop.is_complete(tmp_path / "run" / "checkpoints" / s)]
+           if checkpoints.is_complete(tmp_path / "run" / "checkpoints" / s)]
   match = re.search(r"\[preempted (\d+)/\d+\] saved=checkpoint (\d+)", err)
   assert match and match.group(1) == match.group(2), err[-2000:]
   step = int(match.group(1))
