@@ -1,4 +1,4 @@
-"""Test set-up: 8 fake CPU devices (set before JAX initializes), patient CPU collectives,
+"""Test set-up: 8 fake CPU devices (set before JAX initializes), the CLI's XLA:CPU flags,
 fp32-exact matmuls and one compilation cache for the session."""
 import os
 
@@ -12,10 +12,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flexolmo-test-jax-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-# A 2-core CI runner that stalls one of the 8 fake devices' threads must not abort the suite.
-from flexolmo_jax.distributed import patient_cpu_collectives  # noqa: E402
+# A 2-core CI runner that stalls one of the 8 fake devices' threads must not abort the suite;
+# the CPU code generator that compiles faster.
+from flexolmo_jax.distributed import cpu_xla_flags  # noqa: E402
 
-patient_cpu_collectives()
+cpu_xla_flags()
 
 import jax  # noqa: E402
 

@@ -1,4 +1,5 @@
 """Every dispatch backend against the dense oracle, in outputs and gradients (fp32, 1e-5)."""
+import functools
 import math
 
 import jax
@@ -41,33 +42,41 @@ def extra_kwargs(backend):
   return {"capacity_factor": 100.0} if backend == "capacity" else {}
 
 
+@functools.lru_cache(maxsize=None)
+def oracle_case(e, k, skew):
+  """(case, the dense oracle's output and stats, its loss and gradients): computed once for the
+  four backends compared with it."""
+  x, w, router, k = make_case(e * 10 + k, e=e, k=k, skew=skew)
+  y_ref, stats_ref = jax.jit(lambda x: moe_out("dense", x, w, router, k))(x)
+  grads_ref = jax.jit(lambda x, w, r: loss_and_grads("dense", x, w, r, k))(x, w, router)
+  return (x, w, router, k), (y_ref, stats_ref), grads_ref
+
+
 @pytest.mark.parametrize("backend", SPARSE)
 @pytest.mark.parametrize("e,k,skew", [(4, 2, 0.0), (8, 2, 0.0), (2, 2, 0.0), (1, 1, 0.0),
                                       (6, 3, 3.0), (16, 1, 0.0)])
 def test_backend_matches_dense_oracle(backend, e, k, skew):
-  x, w, router, k = make_case(e * 10 + k, e=e, k=k, skew=skew)
+  (x, w, router, k), (y_ref, stats_ref), (l_ref, g_ref) = oracle_case(e, k, skew)
   kw = extra_kwargs(backend)
-  y_ref, _ = jax.jit(lambda x: moe_out("dense", x, w, router, k))(x)
   y, stats = jax.jit(lambda x: moe_out(backend, x, w, router, k, **kw))(x)
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
   assert float(stats.dropped_fraction) == 0.0
   assert int(stats.tokens_per_expert.sum()) == x.shape[0] * k
 
-  (l_ref, g_ref) = jax.jit(lambda x, w, r: loss_and_grads("dense", x, w, r, k))(x, w, router)
   (l, g) = jax.jit(lambda x, w, r: loss_and_grads(backend, x, w, r, k, **kw))(x, w, router)
   np.testing.assert_allclose(l, l_ref, atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   # The gradient reaches every expert that received a token.
-  used = np.asarray(moe_out("dense", x, w, router, k)[1].tokens_per_expert) > 0
+  used = np.asarray(stats_ref.tokens_per_expert) > 0
   assert np.all(np.abs(np.asarray(g[1]["w_gate"])).sum(axis=(1, 2))[used] > 0)
 
 
 @pytest.mark.parametrize("block", [1, 8, 16, 128])
 def test_dropless_block_sizes(block):
   x, w, router, k = make_case(3, t=40, e=5, k=2, skew=2.0)
-  y_ref, _ = moe_out("dense", x, w, router, k)
-  y, _ = moe_out("dropless", x, w, router, k, block_size=block)
+  y_ref, _ = jax.jit(lambda x: moe_out("dense", x, w, router, k))(x)
+  y, _ = jax.jit(lambda x: moe_out("dropless", x, w, router, k, block_size=block))(x)
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
 
 
@@ -134,9 +143,10 @@ def test_unknown_backend_is_named():
 
 def test_bf16_backends_close_to_fp32_oracle():
   x, w, router, k = make_case(11, e=4, k=2)
-  y_ref, _ = moe_out("dense", x, w, router, k)
+  y_ref, _ = jax.jit(lambda x: moe_out("dense", x, w, router, k))(x)
   bw = jax.tree.map(lambda a: a.astype(jnp.bfloat16), w)
   for backend in SPARSE:
-    y, _ = moe_out(backend, x.astype(jnp.bfloat16), bw, router, k, **extra_kwargs(backend))
+    y, _ = jax.jit(lambda x: moe_out(backend, x, bw, router, k, **extra_kwargs(backend)))(
+        x.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, atol=0.05, rtol=0.05)

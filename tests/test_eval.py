@@ -11,7 +11,7 @@ from flexolmo_jax.data import tasks
 from flexolmo_jax.eval import generate, perplexity, scoring
 from flexolmo_jax.model import logprobs
 from flexolmo_jax.model.transformer import pure_model
-from tests.helpers import lm_batch, save_random_public, tiny
+from tests.helpers import lm_batch, logits_of, save_random_public, tiny
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,7 @@ def model():
 def naive_score(cfg, params, context, continuation):
   """Oracle: one unpadded example at a time."""
   tokens = (list(context) + list(continuation))[-(cfg.max_seq_len + 1):]
-  logits, _ = pure_model(cfg)(params, np.asarray([tokens[:-1]]))
-  z = np.asarray(logits[0], np.float64)
+  z = np.asarray(logits_of(cfg, params, np.asarray([tokens[:-1]]))[0], np.float64)
   logp = z - (z.max(-1, keepdims=True)
               + np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)))
   k = len(continuation)
@@ -144,7 +143,6 @@ def test_document_loss_matches_one_document_at_a_time(model):
   """Teacher-forced loss of documents of unequal length, batched with padding, equals a loop
   over each document alone through the model's own log-softmax."""
   from flexolmo_jax.eval import extraction
-  from flexolmo_jax.model.transformer import pure_model
 
   cfg, params = model
   rs = np.random.RandomState(2)
@@ -152,7 +150,7 @@ def test_document_loss_matches_one_document_at_a_time(model):
   nll = count = 0.0
   for d in docs:
     d = d[:32]
-    logits = np.asarray(pure_model(cfg)(params, np.asarray([d[:-1]]))[0][0], np.float64)
+    logits = np.asarray(logits_of(cfg, params, np.asarray([d[:-1]]))[0], np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     nll -= np.sum(logits[np.arange(len(d) - 1), d[1:]] - logz)
     count += len(d) - 1
