@@ -5,13 +5,16 @@ import pytest
 from tests.e2e.fixtures import code_expert, demo_run, experts, flexmix, public  # noqa: F401
 
 
-@pytest.hookimpl(tryfirst=True)        # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
   """Everything here is slow (``make test`` runs it, ``make test-fast`` does not). The tests that
-  read the quick demo's artifacts form one group, run by one pytest-xdist worker (``--dist
-  loadgroup``), so the demo runs once; the other worker takes the rest meanwhile."""
+  read the quick demo's artifacts are one group (``pytestmark = pytest.mark.xdist_group("demo")``
+  in their modules): one pytest-xdist worker runs them all (``--dist loadgroup``), so the demo
+  runs once while the other worker takes the rest. A test that reads the demo outside the group
+  is refused here, before the demo would run twice."""
   for item in items:
     if "/e2e/" in str(item.fspath):
       item.add_marker(pytest.mark.slow)
-      if "demo_run" in getattr(item, "fixturenames", ()):
-        item.add_marker(pytest.mark.xdist_group("demo"))
+      groups = [m.args for m in item.iter_markers("xdist_group")]
+      if "demo_run" in getattr(item, "fixturenames", ()) and groups != [("demo",)]:
+        raise pytest.UsageError(f"{item.nodeid} reads the quick demo: mark its module with "
+                                'pytestmark = pytest.mark.xdist_group("demo").')

@@ -14,6 +14,10 @@ from tests.e2e.fixtures import train_config, validation
 from tests.helpers import lm_batch, run_cli
 from tests.test_baselines import naive_btm
 
+# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
+# demo runs once (tests/e2e/conftest.py).
+pytestmark = pytest.mark.xdist_group("demo")
+
 
 @pytest.fixture(scope="module")
 def dense(public, flexmix, tmp_path_factory):

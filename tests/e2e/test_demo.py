@@ -5,6 +5,10 @@ import os
 import pytest
 from flexolmo_jax import console
 from tests.helpers import run_cli
+
+# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
+# demo runs once (tests/e2e/conftest.py).
+pytestmark = pytest.mark.xdist_group("demo")
 OPT_OUT_TOLERANCE = 0.1
 OPT_OUT_BELOW = 0.1
 OPT_OUT_ABOVE = 0.35

@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 from flexolmo_jax.checkpoint import saved
 
+# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
+# demo runs once (tests/e2e/conftest.py).
+pytestmark = pytest.mark.xdist_group("demo")
+
 
 def test_eval_names_flexmix_domains_and_refuses_unknown_ones(flexmix, public, tmp_path, capsys):
   from flexolmo_jax import cli

@@ -9,6 +9,10 @@ from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.flexolmo import expert, merge
 from tests.helpers import lm_batch, logits_of
 
+# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
+# demo runs once (tests/e2e/conftest.py).
+pytestmark = pytest.mark.xdist_group("demo")
+
 
 @pytest.fixture(scope="module")
 def merged_all(public, experts, tmp_path_factory):

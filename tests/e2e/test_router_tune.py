@@ -8,6 +8,10 @@ from flexolmo_jax.flexolmo import merge
 from tests.e2e.fixtures import validation
 from tests.helpers import run_cli
 
+# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
+# demo runs once (tests/e2e/conftest.py).
+pytestmark = pytest.mark.xdist_group("demo")
+
 
 @pytest.mark.slow
 def test_router_tuning_lowers_the_average_loss_and_reads_no_closed_data(public, experts, flexmix,

@@ -7,6 +7,10 @@ from flexolmo_jax.checkpoint import store
 from flexolmo_jax.flexolmo import expert, router_init
 from flexolmo_jax.flexolmo import public as pretrain
 
+# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
+# demo runs once (tests/e2e/conftest.py).
+pytestmark = pytest.mark.xdist_group("demo")
+
 
 def dir_bytes(path):
   return sum(os.path.getsize(os.path.join(root, f))
