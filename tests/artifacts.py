@@ -8,7 +8,6 @@ from unittest import mock
 
 import jax
 import numpy as np
-import pytest
 
 from flexolmo_jax import cli, sharding
 from tests.helpers import save_random_public
@@ -52,11 +51,9 @@ def snapshot(root) -> dict:
   return out
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
+def make_world(root) -> dict:
   """A public model, one owner's expert against it (random weights), their merge and its HF
-  export, each written by the code a user's command runs."""
-  root = tmp_path_factory.mktemp("hostile")
+  export, each written by the code a user's command runs (the ``world`` fixture)."""
   public, _, params = save_random_public(root / "public")
   data = owner_data(root / "code.jsonl")
   expert = save_random_expert(root / "code" / "expert", public, "code")
@@ -95,11 +92,10 @@ def save_random_expert(path, public: str, name: str, seed: int = 0) -> str:
                     "expert_config": {"router_init": "random"}}})
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
+def make_tiny(root) -> dict:
   """{"public": a random public model, "experts": {name: a random expert artifact}} for each
-  closed domain: the shapes of real artifacts, written through ``store`` in about a second."""
-  root = tmp_path_factory.mktemp("tiny")
+  closed domain: the shapes of real artifacts, written through ``store`` in about a second (the
+  ``tiny`` fixture)."""
   public, _, params = save_random_public(root / "public")
   experts = {name: save_random_expert(root / "experts" / name, public, name, seed)
              for seed, name in enumerate(CLOSED, start=1)}

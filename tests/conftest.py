@@ -28,4 +28,20 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from tests.artifacts import tiny, world  # noqa: E402,F401
+import pytest  # noqa: E402
+
+
+# The fixtures import their helpers when first used, so that pytest-xdist's controller process,
+# which runs no test, does not import TensorFlow, seqio and torch for nothing.
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+  from tests import artifacts
+
+  return artifacts.make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+  from tests import artifacts
+
+  return artifacts.make_world(tmp_path_factory.mktemp("hostile"))

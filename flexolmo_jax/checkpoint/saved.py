@@ -15,7 +15,6 @@ import os
 
 from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data import tasks
 from flexolmo_jax.model.transformer import pure_model
 
 DENSE_KINDS = ("public", "dense")
@@ -85,4 +84,8 @@ def vocabulary(path: str):
     return vocabulary(manifest["members"][0]["path"])
   if manifest["kind"] == merged_model.KIND:
     path = os.path.join(path, merged_model.PUBLIC_DIR)
+  # Imported here: seqio brings TensorFlow (10 s), which opening a model for merging, export or
+  # inspection does not need.
+  from flexolmo_jax.data import tasks
+
   return tasks.vocabulary_from_spec(vocabulary_spec(path, manifest))

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.data.tasks import BYTE_OFFSET
+from flexolmo_jax.data.byte_ids import BYTE_OFFSET
 from flexolmo_jax.experts import PUBLIC
 
 CONFIG = "config.json"

@@ -27,7 +27,6 @@ from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.convert import hf
 from flexolmo_jax.convert.safetensors_io import TensorReader
-from flexolmo_jax.data import tasks
 from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.experts import validate as validate_expert_names
 from flexolmo_jax.flexolmo import merge as merge_lib
@@ -61,6 +60,8 @@ def detect_vocabulary(hf_dir: str, given: str | None) -> str:
 
 def vocabulary_record(spec: str, cfg: ModelConfig) -> tuple[dict, dict[str, str]]:
   """(the manifest's vocabulary entry, files to copy into the public model)."""
+  from flexolmo_jax.data import tasks   # seqio and TensorFlow: only when a model is imported
+
   identity = tasks.vocabulary_identity(spec)
   if identity["size"] > cfg.vocab_size:
     raise ValueError(f"The vocabulary {spec} has {identity['size']} ids but the model's embedding "

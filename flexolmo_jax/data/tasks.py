@@ -20,7 +20,6 @@ import tensorflow as tf
 
 from flexolmo_jax.data import sources
 
-BYTE_OFFSET = 3   # the byte vocabulary's ids: pad 0, eos 1, unk 2, then the 256 bytes
 
 # TensorFlow only runs the input pipeline; it must not take accelerator memory from JAX.
 try:

@@ -19,7 +19,7 @@ import seqio
 from flexolmo_jax import distributed
 from flexolmo_jax.baselines import btm
 from flexolmo_jax.checkpoint import saved, store
-from flexolmo_jax.data.tasks import BYTE_OFFSET
+from flexolmo_jax.data.byte_ids import BYTE_OFFSET
 from flexolmo_jax.model.logprobs import Scorer, model_scorer
 
 
