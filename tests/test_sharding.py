@@ -1,4 +1,6 @@
 """Sharded forward and gradients on a fake 8-device CPU mesh equal the 1-device result."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,21 @@ def run(model, toks, mesh, rules):
   return state, loss, logits, grads
 
 
+def case(backend):
+  """The model (the same weights in every call) and its tokens."""
+  cfg = tiny(experts=("public", "code", "math", "news"), top_k=2, dispatch=backend)
+  return spread_router(Transformer(cfg, nnx.Rngs(0))), tokens(cfg, batch=8, length=16)
+
+
+@functools.lru_cache(maxsize=None)
+def one_device(backend):
+  """The 1-device loss, logits and gradients: computed once for the three meshes."""
+  model, toks = case(backend)
+  one = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+  _, loss, logits, grads = run(model, toks, one, sharding.ShardingRules())
+  return jax.tree.map(np.asarray, (loss, logits, grads))
+
+
 @pytest.mark.parametrize("backend", ["dropless", "dense"])
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=2, fsdp=2, tensor=2),
                                       MeshConfig(fsdp=2, expert=4),
@@ -38,12 +55,9 @@ def run(model, toks, mesh, rules):
                          ids=["data2-fsdp2-tensor2", "fsdp2-expert4", "data2-tensor2-expert2"])
 def test_sharded_equals_single_device(mesh_cfg, backend):
   assert len(jax.devices()) == 8
-  cfg = tiny(experts=("public", "code", "math", "news"), top_k=2, dispatch=backend)
-  model = spread_router(Transformer(cfg, nnx.Rngs(0)))
-  toks = tokens(cfg, batch=8, length=16)
+  model, toks = case(backend)
   rules = sharding.ShardingRules()
-  one = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
-  _, loss1, logits1, grads1 = run(model, toks, one, rules)
+  loss1, logits1, grads1 = one_device(backend)
   mesh = sharding.make_mesh(mesh_cfg)
   state8, loss8, logits8, grads8 = run(model, toks, mesh, rules)
 

@@ -5,12 +5,12 @@ from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.data import flexmix_mini
 from flexolmo_jax.eval import perplexity
 from flexolmo_jax.flexolmo import merge
-from tests.e2e.fixtures import validation
+from tests.e2e.fixtures import DEMO_TIMEOUT_S, validation
 from tests.helpers import run_cli
 
 # These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
-# demo runs once (tests/e2e/conftest.py).
-pytestmark = pytest.mark.xdist_group("demo")
+# demo runs once (tests/e2e/conftest.py); the first of them waits for it (20 min on 2 busy cores).
+pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.timeout(DEMO_TIMEOUT_S)]
 
 
 @pytest.mark.slow
