@@ -103,24 +103,16 @@ CPU_COLLECTIVE_PATIENCE = {"xla_cpu_collective_call_warn_stuck_timeout_seconds":
                            "xla_cpu_collective_call_terminate_timeout_seconds": 600}
 
 
-# XLA:CPU's fusion emitters (its newer code generator) compile 1.7x slower than the per-op one
-# and, on this project's small CPU programs, run slower too. Measured on 2 cores, the tiny model's
-# forward and backward (4 experts): compile 4.7 s -> 2.8 s, run 6.9 ms -> 4.9 ms; a 300-step
-# quick-size pre-training: 68 s -> 53 s end to end at the same losses.
-CPU_CODEGEN = {"xla_cpu_use_fusion_emitters": "false"}
-
-
 def cpu_xla_flags(environ: dict | None = None) -> str:
-  """Adds ``CPU_COLLECTIVE_PATIENCE`` and ``CPU_CODEGEN`` to ``XLA_FLAGS`` (before JAX's backend
-  starts), each unless the user named it. The two patience flags go as a pair: XLA waits out the
-  warning time before it starts counting towards the termination, so they are only meaningful
-  together. Returns the new ``XLA_FLAGS``. Only the CPU backend reads these flags."""
+  """Adds ``CPU_COLLECTIVE_PATIENCE`` to ``XLA_FLAGS`` (before JAX's backend starts) unless the
+  user named either flag: XLA waits out the warning time before it starts counting towards the
+  termination, so the two are only meaningful as a pair. Returns the new ``XLA_FLAGS``. Only the
+  CPU backend reads these flags."""
   environ = os.environ if environ is None else environ
   flags = environ.get("XLA_FLAGS", "").split()
   named = {f.lstrip("-").split("=", 1)[0] for f in flags}
   if not named & set(CPU_COLLECTIVE_PATIENCE):
     flags += [f"--{k}={v}" for k, v in CPU_COLLECTIVE_PATIENCE.items()]
-  flags += [f"--{k}={v}" for k, v in CPU_CODEGEN.items() if k not in named]
   environ["XLA_FLAGS"] = " ".join(flags)
   return environ["XLA_FLAGS"]
 

@@ -1,5 +1,5 @@
-"""Test set-up: 8 fake CPU devices (set before JAX initializes), the CLI's XLA:CPU flags,
-fp32-exact matmuls and one compilation cache for the session."""
+"""Test set-up: 8 fake CPU devices (set before JAX initializes), XLA:CPU flags (the CLI's and
+faster compiles), fp32-exact matmuls and one compilation cache for the session."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,11 +12,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flexolmo-test-jax-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-# A 2-core CI runner that stalls one of the 8 fake devices' threads must not abort the suite;
-# the CPU code generator that compiles faster.
+# A 2-core CI runner that stalls one of the 8 fake devices' threads must not abort the suite.
 from flexolmo_jax.distributed import cpu_xla_flags  # noqa: E402
 
 cpu_xla_flags()
+# Without XLA:CPU's fusion emitters, the small programs of the tests (and of the processes they
+# start, which inherit XLA_FLAGS) compile 1.7x faster and run no slower: the tiny model's
+# forward and backward compiles in 2.8 s instead of 4.7 s and runs in 4.9 ms instead of 6.9 ms.
+# Not for users' runs: at the default demo size a training step is 5-9% slower without them.
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
 import jax  # noqa: E402
 

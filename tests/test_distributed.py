@@ -77,20 +77,13 @@ def test_host_side_work_is_done_by_process_0_alone(tmp_path, capsys):
   assert code == 2 and str(tmp_path / "absent") in capsys.readouterr().err
 
 
-def test_cpu_flags_are_added_unless_the_user_set_them():
+def test_cpu_collective_patience_is_added_unless_the_user_set_it():
   environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
                           "--xla_cpu_collective_call_terminate_timeout_seconds=7"}
   assert distributed.cpu_xla_flags(environ) == environ["XLA_FLAGS"] == (
       "--xla_force_host_platform_device_count=8 "
-      "--xla_cpu_collective_call_terminate_timeout_seconds=7 "
-      "--xla_cpu_use_fusion_emitters=false")
+      "--xla_cpu_collective_call_terminate_timeout_seconds=7")
   assert distributed.cpu_xla_flags({}) == (
-      "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60 "
-      "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-      "--xla_cpu_use_fusion_emitters=false")
-  named = {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=true"}
-  assert distributed.cpu_xla_flags(named) == (
-      "--xla_cpu_use_fusion_emitters=true "
       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60 "
       "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 
