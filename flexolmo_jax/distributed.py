@@ -103,7 +103,7 @@ CPU_COLLECTIVE_PATIENCE = {"xla_cpu_collective_call_warn_stuck_timeout_seconds":
                            "xla_cpu_collective_call_terminate_timeout_seconds": 600}
 
 
-def cpu_xla_flags(environ: dict | None = None) -> str:
+def patient_cpu_collectives(environ: dict | None = None) -> str:
   """Adds ``CPU_COLLECTIVE_PATIENCE`` to ``XLA_FLAGS`` (before JAX's backend starts) unless the
   user named either flag: XLA waits out the warning time before it starts counting towards the
   termination, so the two are only meaningful as a pair. Returns the new ``XLA_FLAGS``. Only the

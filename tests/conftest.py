@@ -13,9 +13,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flexolmo-test-jax-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 # A 2-core CI runner that stalls one of the 8 fake devices' threads must not abort the suite.
-from flexolmo_jax.distributed import cpu_xla_flags  # noqa: E402
+from flexolmo_jax.distributed import patient_cpu_collectives  # noqa: E402
 
-cpu_xla_flags()
+patient_cpu_collectives()
 # Without XLA:CPU's fusion emitters, the small programs of the tests (and of the processes they
 # start, which inherit XLA_FLAGS) compile 1.7x faster and run no slower: the tiny model's
 # forward and backward compiles in 2.8 s instead of 4.7 s and runs in 4.9 ms instead of 6.9 ms.

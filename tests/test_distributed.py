@@ -80,10 +80,10 @@ def test_host_side_work_is_done_by_process_0_alone(tmp_path, capsys):
 def test_cpu_collective_patience_is_added_unless_the_user_set_it():
   environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
                           "--xla_cpu_collective_call_terminate_timeout_seconds=7"}
-  assert distributed.cpu_xla_flags(environ) == environ["XLA_FLAGS"] == (
+  assert distributed.patient_cpu_collectives(environ) == environ["XLA_FLAGS"] == (
       "--xla_force_host_platform_device_count=8 "
       "--xla_cpu_collective_call_terminate_timeout_seconds=7")
-  assert distributed.cpu_xla_flags({}) == (
+  assert distributed.patient_cpu_collectives({}) == (
       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60 "
       "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 
@@ -92,8 +92,8 @@ def test_cpu_collective_patience_is_added_unless_the_user_set_it():
 _LATE_ARRIVAL = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
-from flexolmo_jax.distributed import cpu_xla_flags
-cpu_xla_flags()
+from flexolmo_jax.distributed import patient_cpu_collectives
+patient_cpu_collectives()
 mesh = Mesh(np.array(jax.devices()), ("d",))
 def late(x):
   n = 1 + jax.lax.axis_index("d") * {units}
@@ -113,7 +113,7 @@ _WARN_1S = "--xla_cpu_collective_call_warn_stuck_timeout_seconds=1"
 def test_xla_reads_the_patience_flags(user_flags, units, survives):
   """The flag names are live in this jaxlib and a user's values are kept: with a 1 s warning the
   late all-reduce warns and finishes; with a 1 s termination as well, XLA aborts the process (as
-  it did to a CI run whose host stalled, before ``cpu_xla_flags`` existed)."""
+  it did to a CI run whose host stalled, before ``patient_cpu_collectives`` existed)."""
   import os
   import subprocess
   import sys

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
   try:
     from flexolmo_jax import distributed   # starts no runtime; imports JAX
 
-    distributed.cpu_xla_flags()
+    distributed.patient_cpu_collectives()
     topology = distributed.detect(**multi)
     if topology.multi_process and args.command in LEADER_COMMANDS:
       if topology.process_id != 0:

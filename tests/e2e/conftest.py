@@ -7,8 +7,8 @@ from tests.e2e.fixtures import code_expert, demo_run, experts, flexmix, public  
 
 def pytest_collection_modifyitems(items):
   """Everything here is slow (``make test`` runs it, ``make test-fast`` does not). The tests that
-  read the quick demo's artifacts are one group (``pytestmark = pytest.mark.xdist_group("demo")``
-  in their modules): one pytest-xdist worker runs them all (``--dist loadgroup``), so the demo
+  read the quick demo's artifacts are one group (``pytestmark = DEMO_READERS`` in their
+  modules): one pytest-xdist worker runs them all (``--dist loadgroup``), so the demo
   runs once while the other worker takes the rest. A test that reads the demo outside the group
   is refused here, before the demo would run twice."""
   for item in items:
@@ -17,4 +17,4 @@ def pytest_collection_modifyitems(items):
       groups = [m.args for m in item.iter_markers("xdist_group")]
       if "demo_run" in getattr(item, "fixturenames", ()) and groups != [("demo",)]:
         raise pytest.UsageError(f"{item.nodeid} reads the quick demo: mark its module with "
-                                'pytestmark = pytest.mark.xdist_group("demo").')
+                                "pytestmark = DEMO_READERS (tests/e2e/fixtures.py).")

@@ -22,6 +22,9 @@ from tests.helpers import run_cli
 
 # The quick demo took 16 min alone on 2 cores and 20 min beside the other end-to-end tests.
 DEMO_TIMEOUT_S = 2700
+# The marks of every module whose tests read the quick demo's artifacts: one pytest-xdist worker
+# runs them all, so the demo runs once (tests/e2e/conftest.py); the first waits for the demo.
+DEMO_READERS = [pytest.mark.xdist_group("demo"), pytest.mark.timeout(DEMO_TIMEOUT_S)]
 TRAIN = dict(batch_size=8, seq_len=128, log_every=50, async_checkpoints=False, peak_tflops=1.0)
 CODE_EXPERT_STEPS = 300
 

@@ -10,13 +10,11 @@ from flexolmo_jax.checkpoint import merged_model, saved, store
 from flexolmo_jax.eval import perplexity
 from flexolmo_jax.flexolmo import public as pretrain
 from flexolmo_jax.model import logprobs
-from tests.e2e.fixtures import DEMO_TIMEOUT_S, train_config, validation
+from tests.e2e.fixtures import DEMO_READERS, train_config, validation
 from tests.helpers import lm_batch, run_cli
 from tests.test_baselines import naive_btm
 
-# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
-# demo runs once (tests/e2e/conftest.py); the first of them waits for it (20 min on 2 busy cores).
-pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.timeout(DEMO_TIMEOUT_S)]
+pytestmark = DEMO_READERS
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ import os
 import pytest
 from flexolmo_jax import console
 from tests.helpers import run_cli
-from tests.e2e.fixtures import DEMO_TIMEOUT_S
+from tests.e2e.fixtures import DEMO_READERS
 
-# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
-# demo runs once (tests/e2e/conftest.py); the first of them waits for it (20 min on 2 busy cores).
-pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.timeout(DEMO_TIMEOUT_S)]
+pytestmark = DEMO_READERS
 OPT_OUT_TOLERANCE = 0.1
 OPT_OUT_BELOW = 0.1
 OPT_OUT_ABOVE = 0.35

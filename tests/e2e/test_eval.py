@@ -5,11 +5,9 @@ import os
 import numpy as np
 import pytest
 from flexolmo_jax.checkpoint import saved
-from tests.e2e.fixtures import DEMO_TIMEOUT_S
+from tests.e2e.fixtures import DEMO_READERS
 
-# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
-# demo runs once (tests/e2e/conftest.py); the first of them waits for it (20 min on 2 busy cores).
-pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.timeout(DEMO_TIMEOUT_S)]
+pytestmark = DEMO_READERS
 
 
 def test_eval_names_flexmix_domains_and_refuses_unknown_ones(flexmix, public, tmp_path, capsys):

@@ -5,12 +5,10 @@ from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.data import flexmix_mini
 from flexolmo_jax.eval import perplexity
 from flexolmo_jax.flexolmo import merge
-from tests.e2e.fixtures import DEMO_TIMEOUT_S, validation
+from tests.e2e.fixtures import DEMO_READERS, validation
 from tests.helpers import run_cli
 
-# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
-# demo runs once (tests/e2e/conftest.py); the first of them waits for it (20 min on 2 busy cores).
-pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.timeout(DEMO_TIMEOUT_S)]
+pytestmark = DEMO_READERS
 
 
 @pytest.mark.slow

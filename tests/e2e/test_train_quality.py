@@ -6,11 +6,9 @@ import pytest
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.flexolmo import expert, router_init
 from flexolmo_jax.flexolmo import public as pretrain
-from tests.e2e.fixtures import DEMO_TIMEOUT_S
+from tests.e2e.fixtures import DEMO_READERS
 
-# These tests read the quick demo's artifacts: one pytest-xdist worker runs them all, so the
-# demo runs once (tests/e2e/conftest.py); the first of them waits for it (20 min on 2 busy cores).
-pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.timeout(DEMO_TIMEOUT_S)]
+pytestmark = DEMO_READERS
 
 
 def dir_bytes(path):
