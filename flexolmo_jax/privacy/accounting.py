@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import dp_accounting
 import gin
+
+if TYPE_CHECKING:   # imported where used: it takes 1.4 s, and only DP runs need it
+  import dp_accounting
 
 SAMPLINGS = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "pld")
@@ -106,12 +108,16 @@ def _effective(cfg: DPConfig, sigma: float) -> float:
 
 
 def training_event(cfg: DPConfig, q: float, sigma: float, steps: int) -> dp_accounting.DpEvent:
+  import dp_accounting
+
   return dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(_effective(cfg, sigma))),
       steps)
 
 
 def router_event(cfg: DPConfig) -> dp_accounting.DpEvent:
+  import dp_accounting
+
   if cfg.router_init != "noised_mean":
     return dp_accounting.NoOpDpEvent()
   return dp_accounting.GaussianDpEvent(_effective(cfg, cfg.router_noise_multiplier))
@@ -119,10 +125,14 @@ def router_event(cfg: DPConfig) -> dp_accounting.DpEvent:
 
 def run_event(cfg: DPConfig, q: float, sigma: float, steps: int) -> dp_accounting.DpEvent:
   """Everything the run releases about the owner's documents: the router embedding and the steps."""
+  import dp_accounting
+
   return dp_accounting.ComposedDpEvent([router_event(cfg), training_event(cfg, q, sigma, steps)])
 
 
 def make_accountant(cfg: DPConfig) -> dp_accounting.PrivacyAccountant:
+  import dp_accounting
+
   if cfg.accountant == "pld":
     return dp_accounting.pld.PLDAccountant()
   return dp_accounting.rdp.RdpAccountant()
@@ -142,6 +152,8 @@ MIN_NOISE_MULTIPLIER = 0.3
 def calibrate(cfg: DPConfig, q: float, steps: int) -> float:
   """The smallest noise multiplier (>= MIN_NOISE_MULTIPLIER) whose run spends at most
   ``cfg.target_epsilon``."""
+  import dp_accounting
+
   floor = epsilon(cfg, router_event(cfg))
   if floor >= cfg.target_epsilon:
     raise ValueError(f"DP: the router's noised mean alone spends epsilon {floor:.3f} >= "

@@ -21,7 +21,6 @@ from typing import Iterator
 
 import numpy as np
 import seqio
-from jax_privacy import batch_selection
 
 from flexolmo_jax.train.objective import BATCH_KEYS
 
@@ -93,6 +92,8 @@ def examples(docs: Documents, indices: np.ndarray, pad_to: int = 1) -> dict[str,
 
 def strategy(sampling: str, batch_size: int, documents: int, steps: int):
   """The jax-privacy batch selection matching the accountant's event (privacy/accounting.py)."""
+  from jax_privacy import batch_selection   # here: importing jax-privacy takes 2 s
+
   if sampling == "poisson":
     return batch_selection.CyclicPoissonSampling(sampling_prob=batch_size / documents,
                                                  iterations=steps)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jax_privacy
 import numpy as np
 
 from flexolmo_jax.privacy.documents import WEIGHT_KEY
@@ -40,6 +39,8 @@ def private_gradient(example_loss, *, clip: float, noise_multiplier: float,
   def weighted(params, example):
     loss, aux = example_loss(params, example)
     return example[WEIGHT_KEY] * loss, (loss, aux)
+
+  import jax_privacy   # here: importing it takes 2 s, and only DP runs need it
 
   summed_clipped = jax_privacy.clipped_grad(
       weighted, has_aux=True, l2_clip_norm=clip, batch_argnums=1, keep_batch_dim=False,
