@@ -187,12 +187,11 @@ class Trainer:
     # The state is donated to the step: it must own its buffers (never alias ``frozen``'s).
     params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params),
                             param_shardings)
-    opt_state = jax.jit(self.tx.init)(params)
-    opt_shardings = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, opt_state)
+    opt_shardings = optim.state_shardings(jax.eval_shape(self.tx.init, params), param_shardings,
+                                          replicated)
+    opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
     self.state_shardings = TrainState(replicated, param_shardings, opt_shardings)
-    self.state = TrainState(jax.device_put(jnp.int32(0), replicated), params,
-                            jax.device_put(opt_state, opt_shardings))
+    self.state = TrainState(jax.device_put(jnp.int32(0), replicated), params, opt_state)
 
   def add_hook(self, fn: Callable[[int], None], every: int, at_last: bool = True) -> None:
     """Calls ``fn(step)`` after every ``every``-th step (and after the last one)."""

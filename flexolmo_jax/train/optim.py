@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 import optax
 
 from flexolmo_jax.checkpoint.store import flatten
@@ -41,6 +42,17 @@ def adamw(cfg, params: Mapping[str, Any]) -> optax.GradientTransformation:
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                   mask=decay_mask(params)))
+
+
+def state_shardings(opt_state, param_shardings, replicated):
+  """Shardings of an optimizer state (concrete or abstract): each subtree shaped like the
+  parameters (Adam's moments) is laid out as the parameters are; everything else (step counts)
+  is ``replicated``. Read from the tree's structure, not from a compiled ``init``: XLA places
+  outputs that depend on no input (``zeros_like``) on one device."""
+  structure = jax.tree.structure(param_shardings)
+  like_params = lambda node: jax.tree.structure(node) == structure
+  return jax.tree.map(lambda node: param_shardings if like_params(node) else replicated,
+                      opt_state, is_leaf=like_params)
 
 
 def count_state_params(opt_state) -> int:
