@@ -11,7 +11,7 @@ import pytest
 
 from flexolmo_jax import sharding
 from flexolmo_jax.model.transformer import pure_model, run_on_batch
-from flexolmo_jax.train import checkpoints, loop, metrics, optim
+from flexolmo_jax.train import checkpoints, loop, metrics, objective, optim
 from tests.helpers import lm_batch, synthetic_stream, tiny
 
 RULES = sharding.ShardingRules()
@@ -52,7 +52,7 @@ def test_loss_is_masked_token_mean_cross_entropy():
   batch = lm_batch(cfg.vocab_size, 2, 16)
   logits, _ = model(params, batch["decoder_input_tokens"], positions_bt=batch["decoder_positions"],
                     segment_ids_bt=batch["decoder_segment_ids"])
-  sums = loop.lm_loss_sums(logits, batch)
+  sums = objective.lm_loss_sums(logits, batch)
   # Naive oracle: per-token -log softmax at the target, over the weighted positions only.
   logp = np.asarray(jax.nn.log_softmax(logits, -1))
   w = batch["decoder_loss_weights"]

@@ -101,6 +101,16 @@ def expert_shardings(expert: dict, mesh, rules) -> dict:
   return out
 
 
+def training_parts(moe: PureModel, params: dict, anchor_shardings: dict, mesh, rules):
+  """(apply, expert shardings, frozen shardings) of expert training: the trainable ``params``
+  (concrete or abstract) beside the frozen ``{"anchor", "public_router"}``."""
+  apply = lambda p, fz, batch: run_on_batch(moe, assemble(fz["anchor"], fz["public_router"], p),
+                                            batch)
+  frozen_shardings = {"anchor": anchor_shardings,
+                      "public_router": NamedSharding(mesh, rules.spec(EXPERT_AXES["router"]))}
+  return apply, expert_shardings(params, mesh, rules), frozen_shardings
+
+
 def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
                 owner_embedding: dict, seed: int):
   """(r_pub, r_NAME) [L, d] rows from the owner's domain embedding (or random).
@@ -231,13 +241,11 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
                              owner_embedding, train.seed)
   frozen = {"anchor": anchor, "public_router": jnp.asarray(r_pub, jnp.float32)}
   params = initial_expert(anchor, r_own, ecfg)
-  apply = lambda p, fz, batch: run_on_batch(moe, assemble(fz["anchor"], fz["public_router"], p),
-                                            batch)
+  apply, param_shardings, frozen_shardings = training_parts(moe, params, anchor_shardings, mesh,
+                                                            rules)
   trainer = loop.Trainer(
       train, workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=params,
-      frozen=frozen, param_shardings=expert_shardings(params, mesh, rules),
-      frozen_shardings={"anchor": anchor_shardings,
-                        "public_router": NamedSharding(mesh, rules.spec(EXPERT_AXES["router"]))},
+      frozen=frozen, param_shardings=param_shardings, frozen_shardings=frozen_shardings,
       stream=(documents.stream(docs, dp.sampling, train.batch_size, train.steps, train.seed,
                                pad_to=dp.microbatch_size) if dp.enabled
               else streams.train_stream(task, train)),

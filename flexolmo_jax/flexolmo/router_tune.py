@@ -131,6 +131,15 @@ def is_router(path) -> bool:
   return path[-1] == "router_embedding"
 
 
+def training_parts(moe, mesh, rules):
+  """(apply, router shardings, frozen shardings) of router tuning: the router rows train, the
+  rest of the merged model is frozen."""
+  router_shardings, frozen_shardings = params_lib.split(moe.shardings(mesh, rules), is_router)
+  apply = lambda p, fz, batch: run_on_batch(moe, params_lib.join(p, fz), batch,
+                                            expert_keep_bte=batch.get("expert_keep"))
+  return apply, router_shardings, frozen_shardings
+
+
 def tuning_batches(task: str, merged: str, cfg, embeddings, train: loop.TrainConfig,
                    tune: RouterTuneConfig) -> tuple[list[dict], dict]:
   """(batches, proxy segments per domain): the public batches router tuning cycles through,
@@ -218,9 +227,7 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   batches, counts = tuning_batches(task, merged, cfg, embeddings, train, tune)
   moe, mesh = pure_model(cfg), sharding.make_mesh(train.mesh)
   trainable, frozen = params_lib.split(params, is_router)
-  router_shardings, frozen_shardings = params_lib.split(moe.shardings(mesh, rules), is_router)
-  apply = lambda p, fz, batch: run_on_batch(moe, params_lib.join(p, fz), batch,
-                                            expert_keep_bte=batch.get("expert_keep"))
+  apply, router_shardings, frozen_shardings = training_parts(moe, mesh, rules)
   trainer = loop.Trainer(
       train, workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=trainable,
       frozen=frozen, param_shardings=router_shardings, frozen_shardings=frozen_shardings,

@@ -4,9 +4,10 @@ A trainer supplies ``apply(params, frozen, batch) -> (logits, ModelAux)`` plus t
 *trainable* tree ``params`` and the *frozen* tree (empty for pre-training, the public model for
 expert training). Gradients, optimizer state and updates exist for ``params`` only.
 
-The objective and how a step differentiates it are train/objective.py's (a ``Gradient``: the
-default, or DP-SGD's from privacy/dpsgd.py). Between steps run hooks (train/hooks.py): the
-metrics log, evaluation, checkpoints (train/checkpoints.py) and any ``add_hook``. Re-running the same
+The jitted step is train/programs.py's; the objective and how it is differentiated are
+train/objective.py's (a ``Gradient``: the default, or DP-SGD's from privacy/dpsgd.py). Between
+steps run hooks (train/hooks.py): the metrics log, evaluation, checkpoints
+(train/checkpoints.py) and any ``add_hook``. Re-running the same
 command restores the newest complete checkpoint and continues with the same batches: the losses
 equal those of an uninterrupted run. SIGTERM (preemption) saves at the end of the current step.
 """
@@ -24,16 +25,14 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from flexolmo_jax import distributed, sharding
 from flexolmo_jax.config import MeshConfig
 from flexolmo_jax.train import metrics as metrics_lib
 from flexolmo_jax.train import checkpoints, optim
-from flexolmo_jax.train.objective import (BATCH_KEYS, Apply, Gradient, lm_gradient, lm_loss_sums,
-                                          packed_count)
+from flexolmo_jax.train.objective import BATCH_KEYS, Apply, Gradient, packed_count
 from flexolmo_jax.train.hooks import Hook, StepLog
+from flexolmo_jax.train.programs import TrainState, programs
 
 # Settings that define the data stream and the step: a resume must not change them.
 STREAM_KEYS = ("batch_size", "seq_len", "grad_accum", "seed", "data_shards")
@@ -118,12 +117,6 @@ def stream_settings(cfg: TrainConfig) -> dict:
           "data_shards": cfg.data_shards or jax.process_count()}
 
 
-class TrainState(NamedTuple):
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
 class TrainResult(NamedTuple):
   params: Any
   step: int
@@ -162,54 +155,26 @@ class Trainer:
     self.mesh, self.rules = mesh, rules
     self.stream, self.eval_streams = stream, dict(eval_streams or {})
     self.flops_per_token, self.expert_names = flops_per_token, tuple(expert_names)
-    self.gradient = gradient or lm_gradient(apply, cfg)
-    self.tx = optim.adamw(cfg, params)
-    self.lr = optim.schedule(cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction)
+    self.programs = programs(cfg, apply, params, param_shardings, frozen_shardings, mesh, rules,
+                             gradient)
+    self.gradient, self.tx = self.programs.gradient, self.programs.tx
+    self.state_shardings = self.programs.state_shardings
+    self.batch_sharding = self.programs.batch_sharding
+    self.train_batch_sharding = self.programs.train_batch_sharding
     self.frozen_shardings = frozen_shardings
     self.frozen = jax.device_put(frozen, frozen_shardings)
-    self._place_state(params, param_shardings)
-    self.batch_sharding = sharding.batch_sharding(mesh, rules, (cfg.batch_size, cfg.seq_len))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    self.train_batch_sharding = replicated if self.gradient.replicated_batch else self.batch_sharding
-    self.hooks: list[Hook] = []
-    self._stop = threading.Event()
-    self._step_fn = sharding.jit_sharded(
-        self._train_step, mesh, rules,
-        in_shardings=(self.state_shardings, frozen_shardings, self.train_batch_sharding),
-        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-    self._eval_fn = sharding.jit_sharded(
-        self._eval_step, mesh, rules,
-        in_shardings=(param_shardings, frozen_shardings, self.batch_sharding),
-        out_shardings=replicated)
-
-  def _place_state(self, params, param_shardings) -> None:
-    replicated = NamedSharding(self.mesh, PartitionSpec())
     # The state is donated to the step: it must own its buffers (never alias ``frozen``'s).
     params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params),
                             param_shardings)
-    opt_shardings = optim.state_shardings(jax.eval_shape(self.tx.init, params), param_shardings,
-                                          replicated)
-    opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
-    self.state_shardings = TrainState(replicated, param_shardings, opt_shardings)
-    self.state = TrainState(jax.device_put(jnp.int32(0), replicated), params, opt_state)
+    self.state = TrainState(jax.device_put(jnp.int32(0), self.state_shardings.step), params,
+                            self.programs.init_optimizer(params))
+    self._step_fn, self._eval_fn = self.programs.step, self.programs.evaluate
+    self.hooks: list[Hook] = []
+    self._stop = threading.Event()
 
   def add_hook(self, fn: Callable[[int], None], every: int, at_last: bool = True) -> None:
     """Calls ``fn(step)`` after every ``every``-th step (and after the last one)."""
     self.hooks.append(Hook(fn, every, at_last))
-
-  # ------------------------------------------------------------------ jitted functions
-
-  def _train_step(self, state: TrainState, frozen, batch):
-    grads, metrics = self.gradient.fn(state.params, frozen, batch, state.step)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": self.lr(state.step)}
-    return TrainState(state.step + 1, params, opt_state), metrics
-
-  def _eval_step(self, params, frozen, batch):
-    logits, _ = self.apply(params, frozen, batch)
-    sums = lm_loss_sums(logits, batch)
-    return jnp.stack([sums.nll, sums.weight])
 
   # ------------------------------------------------------------------ data
 
