@@ -33,6 +33,9 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "torch==2.13.0"],
+        # `flexolmo plan --topology v5p:...` compiles for TPUs on any host through libtpu (the
+        # version jax[tpu] 0.10.2 pins).
+        "tpu": ["libtpu==0.0.42.*"],
         "test": [
             # pytest 9 ignores the groups pytest-xdist 3.8 gives tests (--dist loadgroup): the
             # quick demo would run on both workers of `make test`.
@@ -42,6 +45,7 @@ setup(
             "transformers>=5.0,<6",
             "safetensors>=0.4",
             "torch==2.13.0",
+            "libtpu==0.0.42.*",
         ],
     },
     entry_points={"console_scripts": ["flexolmo=flexolmo_jax.cli:main"]},

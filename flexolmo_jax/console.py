@@ -41,7 +41,10 @@ NATIVE_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|cudart_stub\.cc|Could not find cuda drivers|"
     r"failed call to cuInit|oneDNN custom operations|cpu_feature_guard\.cc|"
     r"To enable the following instructions|Unable to register cu(DNN|FFT|BLAS) factory|"
-    r"computation_placer|TF-TRT Warning")
+    r"computation_placer|TF-TRT Warning|"
+    # libtpu on a host without a TPU (plan compiles for TPU topologies there)
+    r"TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|Logging before InitGoogle|"
+    r"=== Source Location Trace: ===|libtpu_init_utils\.cc")
 
 
 def verbose() -> bool:

@@ -71,7 +71,7 @@ def build_parser() -> Parser:
   for add in (project.add_info, data.add, train.add_pretrain, train.add_train_expert,
               combine.add_merge, train.add_train_dense, combine.add_baselines,
               train.add_tune_router, evaluate.add_generate, evaluate.add_extraction, hf.add,
-              evaluate.add_eval, project.add_launch, project.add_demo):
+              evaluate.add_eval, project.add_plan, project.add_launch, project.add_demo):
     add(sub)
   return p
 
@@ -95,8 +95,9 @@ def absolute_paths(args) -> None:
     args.data = paths.absolute_all(args.data)
   if getattr(args, "vocabulary", None) not in (None, "byte"):
     args.vocabulary = paths.absolute(args.vocabulary)
-  model = getattr(args, "model", None)   # a saved model, or (pretrain, info) a preset name
-  if model is not None and (args.command not in ("pretrain", "info") or os.path.exists(model)):
+  model = getattr(args, "model", None)   # a saved model, or (pretrain, info, plan) a preset
+  if model is not None and (args.command not in ("pretrain", "info", "plan")
+                            or os.path.exists(model)):
     args.model = paths.absolute(model)
 
 

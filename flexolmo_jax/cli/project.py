@@ -1,6 +1,10 @@
-"""The commands around the method's steps: ``info`` (a preset's sizes), ``launch`` (a cluster
-job for one run) and ``demo`` (every step on FlexMix-mini)."""
+"""The commands around the method's steps: ``info`` (a preset's sizes), ``plan`` (a run compiled
+for a target, with its memory and speed), ``launch`` (a cluster job for one run) and ``demo``
+(every step on FlexMix-mini)."""
 from __future__ import annotations
+
+import argparse
+import re
 
 from flexolmo_jax.cli.args import count, natural
 
@@ -14,6 +18,31 @@ def _info(args) -> int:
     cfg = cfg.replace(experts=tuple(experts.parse(args.experts)), top_k=args.top_k or cfg.top_k)
   print(cfg)
   print(f"parameters: {cfg.num_params():,} total, {cfg.active_params():,} active per token")
+  return 0
+
+
+def _plan(args) -> int:
+  import json
+
+  from flexolmo_jax import sharding
+  from flexolmo_jax.config import MeshConfig, load_model_config
+  from flexolmo_jax.plan import programs, report, targets
+  from flexolmo_jax.train.loop import TrainConfig
+
+  target = targets.resolve(args.topology, args.num_slices)
+  cfg = load_model_config(args.model, args.gin)
+  if args.bf16:
+    cfg = cfg.replace(dtype="bfloat16")
+  mesh_cfg = MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
+  train = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, mesh=mesh_cfg)
+  mesh = sharding.make_mesh(mesh_cfg, devices=target.devices)
+  rules = sharding.ShardingRules()
+  result = report.plan(lambda c: programs.build(args.task, c, train, mesh, rules), cfg, target,
+                       mesh)
+  print(report.render(result))
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump(result, fh, indent=1)
   return 0
 
 
@@ -38,6 +67,41 @@ def add_info(sub) -> None:
   p.add_argument("--experts", default="", help="comma-separated expert names (MoE)")
   p.add_argument("--top-k", type=natural, default=0)
   p.set_defaults(fn=_info)
+
+
+def mesh_spec(text: str) -> str:
+  """``AXIS=SIZE[,AXIS=SIZE...]`` over data, fsdp, tensor, expert (one size may be -1)."""
+  from flexolmo_jax.config import MESH_AXES
+
+  for item in text.split(","):
+    axis, sep, size = item.partition("=")
+    if not sep or axis not in MESH_AXES or not re.fullmatch(r"-1|[1-9]\d{0,5}", size):
+      raise argparse.ArgumentTypeError(
+          f"{item!r}: write AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} (e.g. fsdp=-1).")
+  return text
+
+
+def add_plan(sub) -> None:
+  from flexolmo_jax.plan.programs import TASKS
+
+  p = sub.add_parser("plan", help="compile a run for this host or a TPU topology (no TPU "
+                     "needed): bytes per device, fits, FLOPs, estimated step time, collectives")
+  p.add_argument("--model", default="tiny", help="model preset (gin_configs/models) or gin file")
+  p.add_argument("--gin", action="append", default=[],
+                 help="model binding, e.g. flexolmo.ModelConfig.remat=True (repeat)")
+  p.add_argument("--task", choices=TASKS, default="pretrain")
+  p.add_argument("--topology", default="cpu",
+                 help="cpu (this host's devices) or a TPU topology: v4:2x2x2, v5e:4x4, "
+                      "v5p:4x4x8, v6e:16x16 (needs the tpu extra)")
+  p.add_argument("--num-slices", type=count, default=1, help="TPU slices over DCN")
+  p.add_argument("--batch-size", type=count, default=16, help="global sequences per step")
+  p.add_argument("--seq-len", type=count, default=256)
+  # FSDP over every device is how a pod trains a 7B model; --mesh data=-1 plans a laptop run.
+  p.add_argument("--mesh", type=mesh_spec, default="fsdp=-1",
+                 help="mesh axes, e.g. data=2,fsdp=-1 or data=-1 (default fsdp=-1)")
+  p.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters as stored)")
+  p.add_argument("--json", help="write the plan here as JSON")
+  p.set_defaults(fn=_plan)
 
 
 def add_launch(sub) -> None:

@@ -38,6 +38,7 @@ def test_the_readme_story_runs_as_written(tmp_path):
   out = run.stdout
   assert re.search(r"^\s+code\s+\d+\.\d+", out, re.M) and "--- prompt 'def main('" in out
   assert "srun" in out and "flexolmo train-expert --public runs/public" in out
+  assert re.search(r"^train-expert on v5e:2x2: 4 devices.*\n.*\ntotal .* fits$", out, re.M), out
   # A quiet console: the libraries' start-up noise is gone, our own lines are there.
   assert console.NATIVE_NOISE.search(run.stderr) is None, run.stderr[-3000:]
   assert "[train 3/3]" in run.stderr + out

@@ -1,0 +1,171 @@
+"""Compiles a program for a target and reads what the compiler says of it: bytes per device,
+FLOPs, the estimated step time and the collectives. The JSON keys are stable (scripts read them)."""
+from __future__ import annotations
+
+import collections
+import math
+import re
+from typing import Callable
+
+import jax
+import numpy as np
+
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.plan.programs import Program
+from flexolmo_jax.plan.targets import GIB, Target
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all", "all-reduce",
+               "collective-permute")
+# An HLO instruction producing a collective: "%x = f32[8,64]{1,0} all-gather(...)", also the
+# asynchronous "-start" form and tuple results "(f32[..], bf16[..])".
+_INSTRUCTION = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_ELEMENT_BITS = {"pred": 8, "bf16": 16}
+GROUPS = ("params", "optimizer", "frozen", "batch")
+TO_FIT = ("To fit: shard over more devices (--mesh fsdp=-1, or a larger topology), recompute "
+          "each layer in the backward pass (--gin flexolmo.ModelConfig.remat=True), compute in "
+          "bf16 (--bf16), hold the parameters in bf16 "
+          "(--gin flexolmo.ModelConfig.param_dtype=\"'bfloat16'\"), or a smaller --batch-size.")
+
+
+def shard_bytes(tree) -> int:
+  """Bytes one device holds of an abstract tree (each leaf cut by its sharding)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def global_bytes(tree) -> int:
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes"}} of the collectives in a compiled module's text (bytes of their
+  results, per device)."""
+  out = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  for line in hlo.splitlines():
+    match = _INSTRUCTION.search(line)
+    if not match or "-done(" in line:
+      continue
+    kind = out[match.group(2)]
+    kind["count"] += 1
+    for dtype, dims in _ARRAY.findall(match.group(1)):
+      bits = _ELEMENT_BITS.get(dtype) or int(re.sub(r"\D", "", dtype)[:2] or 8)
+      kind["bytes"] += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+  return dict(out)
+
+
+def specs(tree) -> dict[str, str]:
+  """{"path/to/leaf": "P(...)"}: how each leaf is laid out on the mesh."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
+          str(leaf.sharding.spec) for path, leaf in flat}
+
+
+def costs(program: Program, devices: int) -> dict:
+  """Global FLOPs, the compiler's optimal step seconds and the collectives of one compile."""
+  compiled = program.fn.lower(*program.args).compile()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  seconds = cost.get("optimal_seconds")
+  return {"flops": float(cost.get("flops", 0.0)) * devices,
+          "bytes": float(cost.get("bytes accessed", 0.0)),
+          "seconds": float(seconds) if seconds is not None and seconds > 0 else None,
+          "collectives": collectives(compiled.as_text())}
+
+
+def per_layer(one: dict, two: dict, layers: int) -> dict:
+  """Costs of ``layers`` identical layers from those of 1 and 2: c(L) = c1 + (L - 1)(c2 - c1)."""
+  line = lambda a, b: a + (layers - 1) * (b - a)
+  kinds = set(one["collectives"]) | set(two["collectives"])
+  zero = {"count": 0, "bytes": 0}
+  return {"flops": line(one["flops"], two["flops"]), "bytes": line(one["bytes"], two["bytes"]),
+          "seconds": (line(one["seconds"], two["seconds"])
+                      if one["seconds"] and two["seconds"] else None),
+          "collectives": {k: {f: int(line(one["collectives"].get(k, zero)[f],
+                                          two["collectives"].get(k, zero)[f]))
+                              for f in ("count", "bytes")} for k in sorted(kinds)}}
+
+
+def step_seconds(cost: dict, target: Target, devices: int) -> tuple[float | None, str | None]:
+  """The compiler's estimate of a step; where it gives none (a negative value, seen for some
+  programs) a roofline of its counts: the slower of its FLOPs at the chip's peak and its bytes
+  accessed at the chip's HBM bandwidth (collectives not included)."""
+  if cost["seconds"]:
+    return cost["seconds"], "compiler"
+  if target.peak_flops and target.hbm_bandwidth:
+    return max(cost["flops"] / devices / target.peak_flops,
+               cost["bytes"] / target.hbm_bandwidth), "roofline"
+  return None, None
+
+
+def plan(build: Callable[[ModelConfig], Program], cfg: ModelConfig, target: Target,
+         mesh) -> dict:
+  """Compiles ``build(cfg)`` (for ``mesh`` over ``target``'s devices) and reports on it.
+
+  Memory comes from that program. XLA's cost analysis counts a loop body once, whatever its trip
+  count, so with scanned layers the FLOPs, step time and collectives come from the same program
+  compiled with 1 and 2 unrolled layers, extended to ``n_layers`` (the layers are identical)."""
+  program = build(cfg)
+  try:
+    compiled = program.fn.lower(*program.args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise ValueError(f"{program.task} of this model does not fit {target.name} "
+                     f"({str(e).splitlines()[0]}). {TO_FIT}") from None
+  memory = compiled.memory_analysis()
+  devices = mesh.devices.size
+  if cfg.scan_layers and cfg.n_layers > 1:
+    unrolled = [costs(build(cfg.replace(n_layers=n, scan_layers=False)), devices) for n in (1, 2)]
+    cost = per_layer(*unrolled, cfg.n_layers)
+  else:
+    cost = costs(program, devices)
+  per_device = {g: shard_bytes(program.groups[g]) for g in GROUPS}
+  per_device["temporaries"] = int(memory.temp_size_in_bytes)
+  per_device["total"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  seconds, source = step_seconds(cost, target, devices)
+  mfu = (cost["flops"] / (seconds * target.peak_flops * devices)
+         if seconds and target.peak_flops else None)
+  return {
+      "task": program.task, "topology": target.name, "devices": devices,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "tokens_per_step": program.tokens,
+      "global_bytes": {g: global_bytes(program.groups[g]) for g in GROUPS},
+      "per_device_bytes": per_device, "hbm_bytes": int(target.hbm_bytes),
+      "fits": per_device["total"] <= target.hbm_bytes,
+      "flops": cost["flops"], "reference_flops": program.reference_flops,
+      "estimated_step_seconds": seconds, "step_seconds_from": source, "estimated_mfu": mfu,
+      "collectives": cost["collectives"],
+      "shardings": {g: specs(program.groups[g]) for g in ("params", "frozen")},
+  }
+
+
+def size(n: float) -> str:
+  for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+    if n >= scale:
+      return f"{n / scale:,.2f} {unit}"
+  return f"{int(n)} B"
+
+
+def render(report: dict) -> str:
+  gib = size
+  pd = report["per_device_bytes"]
+  lines = [f"{report['task']} on {report['topology']}: {report['devices']} devices, mesh "
+           + " x ".join(f"{k}={v}" for k, v in report["mesh"].items() if v > 1 or k == "data"),
+           "per device: " + ", ".join(f"{k} {gib(pd[k])}" for k in (*GROUPS, "temporaries")),
+           f"total {gib(pd['total'])} of {gib(report['hbm_bytes'])}: "
+           + ("fits" if report["fits"] else "DOES NOT FIT"),
+           f"FLOPs per step: {report['flops']:.4g} compiled, {report['reference_flops']:.4g} "
+           "from 6N + attention"]
+  if report["estimated_step_seconds"]:
+    lines.append(f"estimated step: {report['estimated_step_seconds'] * 1e3:.1f} ms (from the "
+                 f"{report['step_seconds_from']}), MFU {report['estimated_mfu']:.1%}")
+  for kind, c in sorted(report["collectives"].items()):
+    lines.append(f"  {kind}: {c['count']} ops, {gib(c['bytes'])} per device")
+  if not report["fits"]:
+    lines.append(TO_FIT)
+  return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""``flexolmo plan`` for a TPU topology, compiled on this CPU host through libtpu (the test
+extra installs it): the CLI's JSON, the compiler's step estimate and the collectives."""
+import json
+
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def plan(tmp_path, *flags):
+  out = tmp_path / "plan.json"
+  run = run_cli(["plan", *flags, "--json", str(out)], timeout=600)
+  assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+  return json.loads(out.read_text()), run
+
+
+@pytest.mark.parametrize("model,task", [("tiny", "train-expert"), ("small", "pretrain")])
+def test_plan_on_a_v5e_slice(tmp_path, model, task):
+  from flexolmo_jax.config import load_model_config
+  from flexolmo_jax.train import metrics
+
+  got, run = plan(tmp_path, "--model", model, "--task", task, "--topology", "v5e:2x2",
+                  "--batch-size", "8", "--seq-len", "128")
+  for key in ("topology", "devices", "mesh", "per_device_bytes", "hbm_bytes", "fits", "flops",
+              "estimated_step_seconds", "estimated_mfu", "collectives"):
+    assert key in got, key
+  assert got["devices"] == 4 and got["mesh"]["fsdp"] == 4 and got["hbm_bytes"] == 16 * 1024**3
+  assert set(got["per_device_bytes"]) == {"params", "optimizer", "frozen", "batch",
+                                          "temporaries", "total"}
+  assert got["fits"] and got["estimated_step_seconds"] > 0 and 0 < got["estimated_mfu"] <= 1
+  assert got["step_seconds_from"] in ("compiler", "roofline")
+  # FSDP: parameters are gathered for the forward pass and gradients reduced back.
+  assert got["collectives"]["all-gather"]["count"] > 0
+  if task == "pretrain":
+    cfg = load_model_config(model)
+    assert got["global_bytes"]["params"] == cfg.num_params() * 4
+    assert abs(got["flops"] / (metrics.flops_per_token(cfg, 128) * 8 * 128) - 1) < 0.1
+  # libtpu's complaints about a host without a TPU do not reach the console.
+  assert "TPU_WORKER_HOSTNAMES" not in run.stderr and "Source Location" not in run.stderr
