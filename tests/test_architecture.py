@@ -99,3 +99,18 @@ def test_the_checker_sees_an_upward_import_and_a_cycle():
   """The checks above can fail: a made-up graph with both defects is caught."""
   fake = {"flexolmo_jax.model.a": {"flexolmo_jax.cli"}, "flexolmo_jax.cli": {"flexolmo_jax.model.a"}}
   assert [a for a, ts in fake.items() for b in ts if layer(b) > layer(a)] == ["flexolmo_jax.model.a"]
+
+
+def test_the_command_line_starts_without_tensorflow():
+  """Building the parser (every `flexolmo` command does, `info` and `--help` do nothing more)
+  imports neither TensorFlow, seqio nor JAX's programs: a command pays for them when it uses
+  them."""
+  import subprocess
+  import sys
+
+  probe = ("import sys; from flexolmo_jax import cli; cli.build_parser(); "
+           "print(sorted(m for m in ('tensorflow', 'seqio', 'flexolmo_jax.flexolmo.expert', "
+           "'flexolmo_jax.plan.programs') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]", out.stdout

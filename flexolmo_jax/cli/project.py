@@ -82,7 +82,7 @@ def mesh_spec(text: str) -> str:
 
 
 def add_plan(sub) -> None:
-  from flexolmo_jax.plan.programs import TASKS
+  from flexolmo_jax.plan import TASKS
 
   p = sub.add_parser("plan", help="compile a run for this host or a TPU topology (no TPU "
                      "needed): bytes per device, fits, FLOPs, estimated step time, collectives")

@@ -6,3 +6,6 @@ step time and collectives (docs/scaling.md).
 - ``programs``: a task's jitted step with its abstract, sharded arguments;
 - ``report``: compiles a program and reads what the compiler says of it.
 """
+
+# The steps ``plan`` compiles (here, so that the CLI lists them without importing the programs).
+TASKS = ("pretrain", "train-dense", "train-expert", "tune-router", "eval")

@@ -12,11 +12,11 @@ from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.flexolmo import expert, router_tune
 from flexolmo_jax.model.transformer import pure_model, run_on_batch
+from flexolmo_jax.plan import TASKS
 from flexolmo_jax.train import metrics, params as params_lib
 from flexolmo_jax.train.objective import BATCH_KEYS
 from flexolmo_jax.train.programs import TrainState, programs
 
-TASKS = ("pretrain", "train-dense", "train-expert", "tune-router", "eval")
 INT_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
             "decoder_positions")
 
