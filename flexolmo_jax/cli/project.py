@@ -33,7 +33,7 @@ def _plan(args) -> int:
   cfg = load_model_config(args.model, args.gin)
   if args.bf16:
     cfg = cfg.replace(dtype="bfloat16")
-  mesh_cfg = MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
+  mesh_cfg = MeshConfig(**args.mesh)
   train = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, mesh=mesh_cfg)
   mesh = sharding.make_mesh(mesh_cfg, devices=target.devices)
   rules = sharding.ShardingRules()
@@ -69,16 +69,18 @@ def add_info(sub) -> None:
   p.set_defaults(fn=_info)
 
 
-def mesh_spec(text: str) -> str:
+def mesh_spec(text: str) -> dict[str, int]:
   """``AXIS=SIZE[,AXIS=SIZE...]`` over data, fsdp, tensor, expert (one size may be -1)."""
   from flexolmo_jax.config import MESH_AXES
 
+  sizes = {}
   for item in text.split(","):
     axis, sep, size = item.partition("=")
     if not sep or axis not in MESH_AXES or not re.fullmatch(r"-1|[1-9]\d{0,5}", size):
       raise argparse.ArgumentTypeError(
           f"{item!r}: write AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} (e.g. fsdp=-1).")
-  return text
+    sizes[axis] = int(size)
+  return sizes
 
 
 def add_plan(sub) -> None:

@@ -52,7 +52,7 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     kind = out[match.group(2)]
     kind["count"] += 1
     for dtype, dims in _ARRAY.findall(match.group(1)):
-      bits = _ELEMENT_BITS.get(dtype) or int(re.sub(r"\D", "", dtype)[:2] or 8)
+      bits = _ELEMENT_BITS.get(dtype) or int(re.match(r"\D*(\d+)", dtype).group(1))
       kind["bytes"] += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
   return dict(out)
 
