@@ -49,6 +49,7 @@ class ModelConfig:
   dispatch: str = "dropless"
   capacity_factor: float = 1.25
   dispatch_block_size: int = 0  # 0: chosen from the shapes (dispatch.block_size_for)
+  attention: str = "auto"        # model/attention.py IMPLEMENTATIONS; auto picks per platform
   # Numerics.
   dtype: str = "float32"        # activations / matmul inputs
   param_dtype: str = "float32"  # stored parameters

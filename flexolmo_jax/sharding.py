@@ -122,6 +122,17 @@ def activate(mesh: Mesh, rules: ShardingRules):
     _ACTIVE.value = prev
 
 
+def active():
+  """The (mesh, rules) being traced under :func:`activate`, or None."""
+  return getattr(_ACTIVE, "value", None)
+
+
+def platform() -> str:
+  """The platform of the program being traced: the active mesh's devices, else the default."""
+  current = active()
+  return current[0].devices.flat[0].platform if current is not None else jax.default_backend()
+
+
 def constrain(x, axes: Sequence[str | None]):
   """Sharding constraint on an activation by logical axes (no-op without an active mesh)."""
   active = getattr(_ACTIVE, "value", None)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model import attention
 
 
 def dtype_of(name: str):
@@ -69,14 +70,6 @@ def apply_rope(x_bthd, cos_btd, sin_btd):
   return (x * cos + rotated * sin).astype(x_bthd.dtype)
 
 
-def attention_mask(segment_ids_bt):
-  """Causal mask that never crosses a packed segment boundary: [B, 1, Tq, Tk] booleans."""
-  same_segment = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  order = jnp.arange(segment_ids_bt.shape[1])
-  causal = order[:, None] >= order[None, :]
-  return (same_segment & causal)[:, None, :, :]
-
-
 class Attention(nnx.Module):
   """q = RMSNorm_q(x Wq), k = RMSNorm_k(x Wk) over the whole projection, then RoPE; GQA allowed."""
 
@@ -91,10 +84,10 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm((h, hd), ("heads", "kv"), cfg, stack=stack)
     self.k_norm = RMSNorm((kv, hd), ("heads", "kv"), cfg, stack=stack)
 
-  def __call__(self, x_btd, cos, sin, mask_b1qk, kv=None):
+  def __call__(self, x_btd, cos, sin, mask: attention.Mask, kv=None):
     """With ``kv = (k_cache, v_cache, index)`` ([B, S, kv_heads, head_dim] each) the new keys and
-    values are written at ``index`` and attention runs over the whole cache (``mask_b1qk`` is then
-    [B, 1, T, S]); returns ``(out, (k_cache, v_cache))``."""
+    values are written at ``index`` and attention runs over the whole cache (``mask`` then covers
+    the cache's S keys); returns ``(out, (k_cache, v_cache))``."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     x = x_btd.astype(dt)
@@ -102,26 +95,18 @@ class Attention(nnx.Module):
     k = self.k_norm(jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt)))
     v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = sharding.constrain(q, ("batch", "length", "heads", "kv"))
     if kv is not None:
       k_cache, v_cache, index = kv
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-      return self._attend(q, k.astype(dt), v.astype(dt), mask_b1qk), (k, v)
-    return self._attend(q, k, v, mask_b1qk)
+      out = attention.attend(q, k.astype(dt), v.astype(dt), mask, cfg.attention, cached=True)
+      return self._project(out), (k, v)
+    return self._project(attention.attend(q, k, v, mask, cfg.attention))
 
-  def _attend(self, q, k, v, mask_b1qk):
-    cfg = self.cfg
-    dt = q.dtype
-    q = sharding.constrain(q, ("batch", "length", "heads", "kv"))
-    groups = cfg.n_heads // cfg.n_kv_heads
-    b, t = q.shape[:2]
-    q = q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("bqngk,bsnk->bngqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim ** -0.5)
-    scores = jnp.where(mask_b1qk[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bngqs,bsnk->bqngk", probs, v).reshape(b, t, cfg.n_heads, cfg.head_dim)
-    return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
+  def _project(self, out_bthk):
+    dt = out_bthk.dtype
+    return jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj[...].astype(dt))
 
 
 def swiglu(x, w_gate, w_up, w_down):

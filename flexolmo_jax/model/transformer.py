@@ -20,9 +20,10 @@ from flax import nnx
 from flexolmo_jax import experts as experts_lib
 from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model import attention
 from flexolmo_jax.model.dispatch import check_backend
-from flexolmo_jax.model.layers import (Attention, FeedForward, RMSNorm, attention_mask, dtype_of,
-                                       make_param, rope_cos_sin)
+from flexolmo_jax.model.layers import (Attention, FeedForward, RMSNorm, dtype_of, make_param,
+                                       rope_cos_sin)
 from flexolmo_jax.model.moe import MoE, MoEStats
 
 
@@ -77,6 +78,7 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     check_backend(cfg.dispatch)   # the dispatch registry is the one list of backends
+    attention.check_implementation(cfg.attention)
     self.cfg = cfg
     pd, std = dtype_of(cfg.param_dtype), cfg.init_std
     self.embed = make_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=std,
@@ -147,20 +149,20 @@ class Hidden(NamedTuple):
 
 
 def positions_and_mask(b: int, t: int, positions_bt, segment_ids_bt, cache: KVCache | None):
-  """(positions [B, T], attention mask [B, 1, T, S]): of the packed segments (one segment per
-  row by default), or with a KV cache of the tokens continuing it at ``cache.index``."""
+  """(positions [B, T], attention.Mask): of the packed segments (one segment per row by
+  default), or with a KV cache of the tokens continuing it at ``cache.index``."""
   if cache is not None:
     if positions_bt is not None or segment_ids_bt is not None:
       raise ValueError("With a KV cache, positions follow the cache index (no packing).")
     positions_bt = jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t))
-    keys = jnp.arange(cache.k.shape[2])
-    return positions_bt, jnp.broadcast_to(keys[None, :] <= positions_bt[0][:, None],
-                                          (b, 1, t, keys.shape[0]))
+    one = jnp.ones((b, t), jnp.int32)
+    return positions_bt, attention.Mask(one, jnp.ones((b, cache.k.shape[2]), jnp.int32),
+                                        cache.index)
   if positions_bt is None:
     positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   if segment_ids_bt is None:
     segment_ids_bt = jnp.ones((b, t), jnp.int32)
-  return positions_bt, attention_mask(segment_ids_bt)
+  return positions_bt, attention.Mask(segment_ids_bt, segment_ids_bt, jnp.int32(0))
 
 
 def select_experts(cfg: ModelConfig, experts: Sequence[str] | str | None):
