@@ -44,7 +44,8 @@ NATIVE_NOISE = re.compile(
     r"computation_placer|TF-TRT Warning|"
     # libtpu on a host without a TPU (plan compiles for TPU topologies there)
     r"TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|Logging before InitGoogle|"
-    r"=== Source Location Trace: ===|libtpu_init_utils\.cc")
+    r"=== Source Location Trace: ===|libtpu_init_utils\.cc|"
+    r"Failed to find host bounds for accelerator type")
 
 
 def verbose() -> bool:

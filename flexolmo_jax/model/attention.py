@@ -56,12 +56,13 @@ def check_implementation(name: str) -> None:
     raise ValueError(f"attention={name!r}; choose from {IMPLEMENTATIONS}.")
 
 
-def resolve(name: str, q_len: int, kv_len: int, cached: bool) -> str:
-  """The implementation ``name`` means for these shapes on the current platform."""
+def resolve(name: str, q_len: int, kv_len: int, cached: bool, where: str | None = None) -> str:
+  """The implementation ``name`` means for these shapes on platform ``where`` (default: the
+  platform being traced for)."""
   check_implementation(name)
   if name != "auto":
     return name
-  where = sharding.platform()
+  where = where or sharding.platform()
   if cached:
     return "blocked"
   if where == "tpu" and q_len == kv_len and q_len % 128 == 0:

@@ -29,8 +29,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   than this (no weight gradients for the frozen model) but is reported on the same scale.
   """
   n = cfg.active_params() - cfg.vocab_size * cfg.d_model
-  attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-  return 6.0 * n + attention
+  return 6.0 * n + attention_flops_per_token(cfg, seq_len)
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """The attention term of :func:`flops_per_token`: scores and values, forward and backward."""
+  return 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
 def measure_matmul_peak(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:

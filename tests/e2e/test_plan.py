@@ -36,6 +36,7 @@ def test_pretrain_bytes_are_the_parameter_arithmetic_and_flops_are_6n():
   pd = got["per_device_bytes"]
   assert pd["total"] >= pd["params"] + pd["optimizer"] + pd["batch"] and got["fits"]
   assert abs(got["flops"] / got["reference_flops"] - 1) < 0.1, got
+  assert got["kernel_flops"] == 0 and got["flops"] == got["compiled_flops"]   # no Pallas on CPU
   # XLA counts a loop body once: plan extends the FLOPs of 1 and 2 unrolled layers to the
   # scanned model's depth, which must give the unrolled model's own count.
   deeper = cfg.replace(n_layers=3)
