@@ -15,6 +15,10 @@ import gin
 from flexolmo_jax import experts as experts_lib
 
 DTYPES = ("float32", "bfloat16")
+# What each layer saves for the backward pass (model/transformer.py maps them to JAX policies):
+# everything, nothing (recompute the layer), the matmul outputs, the matmul outputs without
+# batch dimensions (weights x activations, not attention), or those moved to host memory.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 MAX_SIZE = 1 << 24         # any one size of a model config (the 7B presets' largest is 100352)
 MAX_EXPERTS = 1024
 
@@ -54,9 +58,11 @@ class ModelConfig:
   dtype: str = "float32"        # activations / matmul inputs
   param_dtype: str = "float32"  # stored parameters
   scan_layers: bool = True       # one compiled layer body (False unrolls, for debugging)
-  remat: bool = False            # recompute each layer in the backward pass
+  remat: str = "none"            # REMAT_POLICIES: what a layer keeps for the backward pass
 
   def __post_init__(self):
+    if isinstance(self.remat, bool):   # the older boolean setting: True meant "full"
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
     # Configs arrive from gin and from other organisations' manifests: check kinds and bound
     # sizes before anything is built from them.
     for field in dataclasses.fields(self):
@@ -99,6 +105,8 @@ class ModelConfig:
       raise ValueError(
           f"ModelConfig: top_k_policy={self.top_k_policy!r}; choose from "
           f"{experts_lib.TOP_K_POLICIES}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig: remat={self.remat!r}; choose from {REMAT_POLICIES}.")
     if self.capacity_factor <= 0:
       raise ValueError(f"ModelConfig: capacity_factor={self.capacity_factor} must be > 0.")
     if self.experts:

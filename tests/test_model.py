@@ -210,3 +210,26 @@ def test_expert_keep_mask_equals_opting_out_per_sequence():
   assert not np.allclose(out[1], out[0], atol=1e-3)
   with pytest.raises(ValueError, match=r"expected \(3, 16, 4\)"):
     model(toks, expert_keep_bte=jnp.asarray(keep[..., :3]))
+
+
+def test_remat_policies_give_the_same_gradients():
+  """Every policy recomputes what it did not save; the gradients are those of saving everything.
+  The older boolean setting still reads (True is "full")."""
+  from flexolmo_jax.model.transformer import pure_model
+  cfg = tiny(experts=("public", "a"), top_k=1)
+  toks = tokens(cfg)
+  params = pure_model(cfg).init(0)
+
+  def grads(remat):
+    loss = lambda p: jnp.mean(pure_model(cfg.replace(remat=remat))(p, toks)[0] ** 2)
+    return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+  want = grads("none")
+  for policy in ("full", "dots", "dots_no_batch"):
+    for a, b in zip(grads(policy), want):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=policy)
+  assert tiny(remat=True).remat == "full" and tiny(remat=False).remat == "none"
+  with pytest.raises(ValueError, match="choose from"):
+    tiny(remat="some")
+  with pytest.raises(ValueError, match="host memory"):
+    grads("offload")

@@ -32,6 +32,34 @@ def test_initial_two_expert_model_equals_the_public_model():
   assert aux.router_z_loss > 0
 
 
+def test_a_bf16_anchor_is_the_public_model_rounded_once_and_the_expert_stays_fp32():
+  """anchor_dtype='bfloat16' holds the frozen model in half the bytes; the step computes what
+  an fp32 anchor holding the same rounded values computes, and the expert's gradients are fp32."""
+  import jax.numpy as jnp
+
+  cfg = tiny()
+  anchor = pure_model(cfg).init(3)
+  ecfg = expert.ExpertConfig(anchor_dtype="bfloat16")
+  moe = pure_model(expert.expert_config(cfg, "code", ecfg))
+  held = expert.hold_anchor(anchor, ecfg)
+  assert {a.dtype for a in jax.tree.leaves(held)} == {jnp.dtype("bfloat16")}
+  rounded = jax.tree.map(lambda a: a.astype(jnp.float32), held)
+  rows = jnp.ones((cfg.n_layers, cfg.d_model), jnp.float32)
+  params = expert.initial_expert(anchor, rows, ecfg)
+  tokens = lm_batch(cfg.vocab_size, 2, 16)["decoder_input_tokens"]
+
+  def loss(p, frozen):
+    return jnp.mean(moe(expert.assemble(frozen, rows, p), tokens)[0] ** 2)
+
+  got, want = jax.grad(loss)(params, held), jax.grad(loss)(params, rounded)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)
+  assert expert.hold_anchor(anchor, expert.ExpertConfig()) is anchor
+  with pytest.raises(ValueError, match="anchor_dtype"):
+    expert.ExpertConfig(anchor_dtype="int8")
+
+
 def test_domain_embedding_matches_a_naive_mean():
   cfg = tiny()
   model = pure_model(cfg)

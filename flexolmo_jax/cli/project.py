@@ -26,6 +26,7 @@ def _plan(args) -> int:
 
   from flexolmo_jax import sharding
   from flexolmo_jax.config import MeshConfig, load_model_config
+  from flexolmo_jax.flexolmo.expert import ExpertConfig
   from flexolmo_jax.plan import programs, report, targets
   from flexolmo_jax.train.loop import TrainConfig
 
@@ -37,8 +38,9 @@ def _plan(args) -> int:
   train = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, mesh=mesh_cfg)
   mesh = sharding.make_mesh(mesh_cfg, devices=target.devices)
   rules = sharding.ShardingRules()
-  result = report.plan(lambda c: programs.build(args.task, c, train, mesh, rules), cfg, target,
-                       mesh)
+  ecfg = ExpertConfig(anchor_dtype=args.anchor_dtype)
+  result = report.plan(lambda c: programs.build(args.task, c, train, mesh, rules, ecfg), cfg,
+                       target, mesh)
   print(report.render(result))
   if args.json:
     with open(args.json, "w") as fh:
@@ -90,7 +92,7 @@ def add_plan(sub) -> None:
                      "needed): bytes per device, fits, FLOPs, estimated step time, collectives")
   p.add_argument("--model", default="tiny", help="model preset (gin_configs/models) or gin file")
   p.add_argument("--gin", action="append", default=[],
-                 help="model binding, e.g. flexolmo.ModelConfig.remat=True (repeat)")
+                 help="model binding, e.g. \"flexolmo.ModelConfig.remat='full'\" (repeat)")
   p.add_argument("--task", choices=TASKS, default="pretrain")
   p.add_argument("--topology", default="cpu",
                  help="cpu (this host's devices) or a TPU topology: v4:2x2x2, v5e:4x4, "
@@ -102,6 +104,8 @@ def add_plan(sub) -> None:
   p.add_argument("--mesh", type=mesh_spec, default="fsdp=-1",
                  help="mesh axes, e.g. data=2,fsdp=-1 or data=-1 (default fsdp=-1)")
   p.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters as stored)")
+  p.add_argument("--anchor-dtype", choices=("float32", "bfloat16"),
+                 help="train-expert: hold the frozen public model in this dtype")
   p.add_argument("--json", help="write the plan here as JSON")
   p.set_defaults(fn=_plan)
 

@@ -65,6 +65,8 @@ def add_train_expert(sub) -> None:
   p.add_argument("--router-init", choices=["shared", "per_layer", "random"])
   p.add_argument("--router-init-documents", type=count)
   p.add_argument("--no-negative-bias", dest="negative_bias", action="store_const", const=False)
+  p.add_argument("--anchor-dtype", choices=["float32", "bfloat16"],
+                 help="hold the frozen public model in this dtype (bfloat16: half its memory)")
   _add_dp_flags(p)
   add_train_flags(p)
   p.set_defaults(fn=lambda args: _train("train_expert", args, EXPERT_FLAGS))

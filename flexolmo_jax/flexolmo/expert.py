@@ -54,8 +54,15 @@ class ExpertConfig:
   router_init: str = "shared"          # shared | per_layer | random (router_init.MODES)
   router_init_documents: int = 1000
   dispatch: str | None = None          # None: the public config's backend
+  # How the frozen public model is held while the expert trains: None as stored (fp32), or
+  # "bfloat16", which halves its memory (it has no optimizer state and needs no fp32 copy; the
+  # expert's own weights stay fp32 master weights).
+  anchor_dtype: str | None = None
 
   def __post_init__(self):
+    if self.anchor_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(f"ExpertConfig: anchor_dtype={self.anchor_dtype!r}; choose float32 or "
+                       "bfloat16.")
     if self.router_init not in router_init.MODES:
       raise ValueError(f"ExpertConfig: router_init={self.router_init!r}; choose one of "
                        f"{router_init.MODES}.")
@@ -73,7 +80,8 @@ def assemble(anchor: dict, public_router, expert: dict) -> dict:
   """The 2-expert model's parameters: public first, then the expert, stacked on axis 1."""
   blocks = anchor["blocks"]
   ffn = blocks["ffn"]
-  stack = lambda a, b: jnp.stack([a, b.astype(a.dtype)], axis=1)
+  # In the expert's dtype: a bf16 anchor is widened exactly, the fp32 expert is not rounded.
+  stack = lambda a, b: jnp.stack([a.astype(b.dtype), b], axis=1)
   moe = {"router_embedding": stack(public_router, expert["router"]),
          "w_gate": stack(ffn["gate_proj"], expert["w_gate"]),
          "w_up": stack(ffn["up_proj"], expert["w_up"]),
@@ -90,6 +98,15 @@ def initial_expert(anchor: dict, router_row, ecfg: ExpertConfig) -> dict:
   if ecfg.negative_bias:
     expert["negative_bias"] = jnp.full(router_row.shape[:1], ecfg.negative_bias_init, jnp.float32)
   return expert
+
+
+def hold_anchor(anchor: dict, ecfg: ExpertConfig) -> dict:
+  """The frozen public model in ``ecfg.anchor_dtype`` (floating leaves; as stored if None)."""
+  if ecfg.anchor_dtype is None:
+    return anchor
+  dtype = jnp.dtype(ecfg.anchor_dtype)
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                      anchor)
 
 
 def expert_shardings(expert: dict, mesh, rules) -> dict:
@@ -239,8 +256,8 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
     owner_embedding = task_embedding(dense, anchor, task, train, ecfg.router_init_documents)
   r_pub, r_own = router_rows(ecfg.router_init, public_path, manifest, public_cfg,
                              owner_embedding, train.seed)
-  frozen = {"anchor": anchor, "public_router": jnp.asarray(r_pub, jnp.float32)}
-  params = initial_expert(anchor, r_own, ecfg)
+  params = initial_expert(anchor, r_own, ecfg)   # from the fp32 public weights
+  frozen = {"anchor": hold_anchor(anchor, ecfg), "public_router": jnp.asarray(r_pub, jnp.float32)}
   apply, param_shardings, frozen_shardings = training_parts(moe, params, anchor_shardings, mesh,
                                                             rules)
   trainer = loop.Trainer(

@@ -118,8 +118,8 @@ class Transformer(nnx.Module):
                                                            top_k, kv, expert_keep_bte)
       return out, (stats, h if return_hidden else None, new_kv)
 
-    if cfg.remat and cache is None:
-      layer = jax.checkpoint(layer)
+    if cfg.remat != "none" and cache is None:
+      layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat))
     scanned = (layer_state, None if cache is None else (cache.k, cache.v))
     if cfg.scan_layers:
       x, (stats, router_inputs, new_kv) = jax.lax.scan(layer, x, scanned)
@@ -139,6 +139,18 @@ class Transformer(nnx.Module):
     if cache is not None:
       out += (KVCache(new_kv[0], new_kv[1], cache.index + t),)
     return out
+
+
+def remat_policy(name: str):
+  """The ``jax.checkpoint`` policy of a ``ModelConfig.remat`` name (config.REMAT_POLICIES)."""
+  policies = jax.checkpoint_policies
+  if name == "offload":
+    if sharding.platform() == "cpu":
+      raise ValueError("remat='offload' moves saved activations to host memory, which a CPU "
+                       "device does not have apart; use 'dots_no_batch' or 'full' on CPU.")
+    return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  return {"full": policies.nothing_saveable, "dots": policies.dots_saveable,
+          "dots_no_batch": policies.dots_with_no_batch_dims_saveable}[name]
 
 
 class Hidden(NamedTuple):

@@ -47,16 +47,19 @@ def batch(train, batch_sharding) -> dict:
                                   sharding=batch_sharding) for k in BATCH_KEYS}
 
 
-def build(task: str, cfg: ModelConfig, train, mesh, rules: sharding.ShardingRules) -> Program:
-  """The step of ``task`` for the preset ``cfg`` with ``train``'s batch, length and mesh."""
+def build(task: str, cfg: ModelConfig, train, mesh, rules: sharding.ShardingRules,
+          ecfg: expert.ExpertConfig | None = None) -> Program:
+  """The step of ``task`` for the preset ``cfg`` with ``train``'s batch, length and mesh
+  (``ecfg``: how expert training holds the public model)."""
+  ecfg = ecfg or expert.ExpertConfig()
   if task not in TASKS:
     raise ValueError(f"--task {task!r}: choose from {', '.join(TASKS)}.")
   if task in ("pretrain", "train-dense"):
     model = dense_of(cfg)
     apply, params, param_sh, frozen, frozen_sh = _dense(model, mesh, rules)
   elif task == "train-expert":
-    model = expert.expert_config(dense_of(cfg), "expert", expert.ExpertConfig())
-    apply, params, param_sh, frozen, frozen_sh = _expert(dense_of(cfg), model, mesh, rules)
+    model = expert.expert_config(dense_of(cfg), "expert", ecfg)
+    apply, params, param_sh, frozen, frozen_sh = _expert(dense_of(cfg), model, mesh, rules, ecfg)
   elif task == "tune-router":
     if not cfg.is_moe:
       raise ValueError(f"--task tune-router needs a model with experts; {cfg.num_params():,}-"
@@ -90,13 +93,13 @@ def _dense(cfg: ModelConfig, mesh, rules):
   return apply, model.abstract.to_pure_dict(), model.shardings(mesh, rules), {}, {}
 
 
-def _expert(public_cfg: ModelConfig, cfg: ModelConfig, mesh, rules):
+def _expert(public_cfg: ModelConfig, cfg: ModelConfig, mesh, rules, ecfg):
   dense = pure_model(public_cfg)
   anchor_sh = dense.shardings(mesh, rules)
-  anchor = abstract(dense.abstract.to_pure_dict(), anchor_sh)
+  stored = abstract(dense.abstract.to_pure_dict(), anchor_sh)
   row = jax.ShapeDtypeStruct((public_cfg.n_layers, public_cfg.d_model), jnp.float32)
-  params = jax.eval_shape(lambda a, r: expert.initial_expert(a, r, expert.ExpertConfig()),
-                          anchor, row)
+  params = jax.eval_shape(lambda a, r: expert.initial_expert(a, r, ecfg), stored, row)
+  anchor = abstract(jax.eval_shape(lambda a: expert.hold_anchor(a, ecfg), stored), anchor_sh)
   apply, param_sh, frozen_sh = expert.training_parts(pure_model(cfg), params, anchor_sh, mesh,
                                                      rules)
   return apply, params, param_sh, {"anchor": anchor, "public_router": row}, frozen_sh

@@ -25,8 +25,9 @@ _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
 _ELEMENT_BITS = {"pred": 8, "bf16": 16}
 GROUPS = ("params", "optimizer", "frozen", "batch")
 TO_FIT = ("To fit: shard over more devices (--mesh fsdp=-1, or a larger topology), recompute "
-          "each layer in the backward pass (--gin flexolmo.ModelConfig.remat=True), compute in "
-          "bf16 (--bf16), hold the parameters in bf16 "
+          "each layer in the backward pass (--gin \"flexolmo.ModelConfig.remat='full'\"), "
+          "compute in bf16 (--bf16), hold the frozen public model in bf16 when training an "
+          "expert (--anchor-dtype bfloat16), hold the parameters in bf16 "
           "(--gin flexolmo.ModelConfig.param_dtype=\"'bfloat16'\"), or a smaller --batch-size.")
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from flexolmo_jax import memory, sharding
 from flexolmo_jax.config import MeshConfig
+from flexolmo_jax.flexolmo import expert
 from flexolmo_jax.plan import programs, report, targets
 from flexolmo_jax.train.loop import TrainConfig
 from tests.helpers import tiny
@@ -16,10 +17,13 @@ FP32 = 4
 COUNTERS = 2 * 4
 
 
+TARGET = targets.resolve("cpu")
+MESH = sharding.make_mesh(TRAIN.mesh, devices=TARGET.devices)
+
+
 def plan_of(task, cfg, train=TRAIN):
-  target = targets.resolve("cpu")
-  mesh = sharding.make_mesh(train.mesh, devices=target.devices)
-  return report.plan(lambda c: programs.build(task, c, train, mesh, RULES), cfg, target, mesh)
+  mesh = sharding.make_mesh(train.mesh, devices=TARGET.devices)
+  return report.plan(lambda c: programs.build(task, c, train, mesh, RULES), cfg, TARGET, mesh)
 
 
 def test_pretrain_bytes_are_the_parameter_arithmetic_and_flops_are_6n():
@@ -55,6 +59,13 @@ def test_expert_training_holds_the_public_model_frozen_and_trains_one_ffn():
                                            + cfg.n_layers * cfg.d_model * FP32)
   assert set(got["shardings"]["params"]) == {"w_gate", "w_up", "w_down", "router",
                                              "negative_bias"}
+  # Held in bf16, the frozen public model takes half the bytes; the expert's own do not change.
+  half = report.plan(lambda c: programs.build("train-expert", c, TRAIN, MESH, RULES,
+                                              expert.ExpertConfig(anchor_dtype="bfloat16")),
+                     cfg, TARGET, MESH)
+  assert half["global_bytes"]["frozen"] == (rows["frozen public model"] // 2
+                                            + cfg.n_layers * cfg.d_model * FP32)
+  assert half["global_bytes"]["params"] == got["global_bytes"]["params"]
   assert got["shardings"]["params"]["w_gate"] == str(RULES.spec(("layers", "embed", "mlp")))
 
 
