@@ -50,7 +50,7 @@ class ModelConfig:
   negative_bias: bool = False
   router_z_loss_weight: float = 1e-3
   load_balance_loss_weight: float = 0.0
-  dispatch: str = "dropless"
+  dispatch: str = "auto"         # model/dispatch.py BACKENDS, or auto: per platform
   capacity_factor: float = 1.25
   dispatch_block_size: int = 0  # 0: chosen from the shapes (dispatch.block_size_for)
   attention: str = "auto"        # model/attention.py IMPLEMENTATIONS; auto picks per platform

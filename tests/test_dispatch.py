@@ -150,3 +150,15 @@ def test_bf16_backends_close_to_fp32_oracle():
         x.astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, atol=0.05, rtol=0.05)
+
+
+def test_auto_is_megablox_on_tpu_where_the_tiles_divide_else_dropless():
+  assert D.resolve("auto", 4096, 11008, platform="tpu") == "megablox"
+  assert D.resolve("auto", 64, 128, platform="tpu") == "dropless"
+  assert D.resolve("auto", 4096, 11008, platform="gpu") == "dropless"
+  assert D.resolve("auto", 4096, 11008, platform="cpu") == "dropless"
+  assert D.resolve("ragged", 4096, 11008, platform="tpu") == "ragged"
+  # On this host auto is dropless: the same outputs, bit for bit.
+  x, w, router, k = make_case(3)
+  np.testing.assert_array_equal(moe_out("auto", x, w, router, k)[0],
+                                moe_out("dropless", x, w, router, k)[0])

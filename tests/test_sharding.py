@@ -105,3 +105,25 @@ def test_mesh_config_errors():
   with pytest.raises(ValueError, match="not divisible"):
     MeshConfig(data=3, fsdp=-1).shape(8)
   assert MeshConfig(data=2, fsdp=-1).shape(8) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+
+
+@pytest.mark.parametrize("changes", [{"dispatch": "megablox"}, {"attention": "splash"}],
+                         ids=["megablox", "splash"])
+def test_pallas_kernels_under_shard_map_equal_single_device(changes):
+  """The Pallas kernels (interpret mode here) run per device under shard_map on the mesh; the
+  loss, logits and gradients are those of one device running the reference paths."""
+  cfg = tiny(experts=("public", "code", "math", "news"), top_k=2, dispatch="dense",
+             attention="reference")
+  model = spread_router(Transformer(cfg, nnx.Rngs(0)))
+  toks = tokens(cfg, batch=4, length=128)
+  rules = sharding.ShardingRules()
+  _, loss1, logits1, grads1 = run(model, toks, sharding.make_mesh(
+      MeshConfig(), devices=jax.devices()[:1]), rules)
+  kernel = Transformer(cfg.replace(**changes), nnx.Rngs(0))
+  nnx.update(kernel, nnx.state(model, nnx.Param))
+  _, loss8, logits8, grads8 = run(kernel, toks, sharding.make_mesh(
+      MeshConfig(data=2, fsdp=2, tensor=2)), rules)
+  np.testing.assert_allclose(loss8, loss1, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(logits8, logits1, atol=1e-4, rtol=0)
+  for a, b in zip(jax.tree.leaves(grads8), jax.tree.leaves(grads1)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)

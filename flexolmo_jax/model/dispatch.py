@@ -25,6 +25,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from flexolmo_jax import sharding
 
 
 class DispatchStats(NamedTuple):
@@ -128,13 +131,13 @@ ACCELERATOR_MAX_BLOCK = 2048
 def block_size_for(num_assignments: int, num_experts: int, requested: int = 0,
                    platform: str | None = None) -> int:
   """Rows per block: ``requested`` if set, else the power of two near A/(4E), at least 8 and at
-  most the platform's ``MAX_BLOCK`` (default: JAX's default backend).
+  most the platform's ``MAX_BLOCK`` (default: the platform being traced for).
 
   Small blocks waste less padding (at most E * (block - 1) rows), large ones less loop overhead.
   """
   if requested:
     return requested
-  largest = MAX_BLOCK.get(platform or jax.default_backend(), ACCELERATOR_MAX_BLOCK)
+  largest = MAX_BLOCK.get(platform or sharding.platform(), ACCELERATOR_MAX_BLOCK)
   target = max(1, num_assignments // (4 * num_experts))
   return int(min(largest, max(8, 2 ** math.floor(math.log2(target)))))
 
@@ -276,17 +279,40 @@ def ragged_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, **_):
   return y, DispatchStats(jnp.float32(0.0), gs)
 
 
-def megablox_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, interpret=None, **_):
+def megablox_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, interpret=None,
+                      **_):
+  """The Pallas TPU grouped matmul (interpret mode off TPU). A Pallas call cannot be partitioned
+  by the compiler, so under an active mesh each device runs it on its own tokens (``shard_map``
+  over the batch axes, expert weights whole there) and the group sizes are summed."""
+  if interpret is None:
+    interpret = sharding.platform() != "tpu"
+  local = functools.partial(_megablox_local, interpret=interpret)
+  active = sharding.active()
+  if active is None:
+    return local(x_td, weights_tk, experts_tk, w_gate, w_up, w_down)
+  mesh, rules = active
+  rows = rules.spec(("batch", None))
+  axes = rows[0]
+
+  def per_device(*args):
+    y, stats = local(*args)
+    counts = stats.tokens_per_expert if axes is None else jax.lax.psum(stats.tokens_per_expert,
+                                                                        axes)
+    return y, DispatchStats(stats.dropped_fraction, counts)
+
+  whole = PartitionSpec()
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(rows, rows, rows, whole, whole, whole),
+                       out_specs=(rows, DispatchStats(whole, whole)), check_vma=False)(
+                           x_td, weights_tk, experts_tk, w_gate, w_up, w_down)
+
+
+def _megablox_local(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, interpret: bool):
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # TPU kernels
 
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
   layout = sorted_layout(experts_tk, w_gate.shape[0], block=1)
   a = experts_tk.size
   rows = -(-a // 128) * 128                       # the kernel's row tile must divide the rows
-  pad = rows - a
-  x_ad = _gather_sorted(x_td, layout)
-  x_ad = jnp.pad(x_ad, ((0, pad), (0, 0)))
+  x_ad = jnp.pad(_gather_sorted(x_td, layout), ((0, rows - a), (0, 0)))
   gs = layout.group_sizes
 
   def gmm(lhs, rhs):
@@ -309,15 +335,28 @@ BACKENDS = {
 
 
 def check_backend(name: str) -> str:
-  """``name`` if it is a registered backend; otherwise a clear error listing them."""
-  if name not in BACKENDS:
-    raise ValueError(f"unknown dispatch backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+  """``name`` if it is a registered backend or ``auto``; otherwise a clear error listing them."""
+  if name != "auto" and name not in BACKENDS:
+    raise ValueError(f"unknown dispatch backend {name!r}; choose one of auto, "
+                     f"{', '.join(BACKENDS)}.")
   return name
+
+
+def resolve(name: str, d_model: int, d_ff: int, platform: str | None = None) -> str:
+  """The backend ``name`` means on ``platform`` (default: the one being traced for): ``auto`` is
+  megablox on TPU where its 128-wide tiles divide the model's widths, else dropless (the one
+  sparse backend whose cost tracks the active work on CPU and GPU, bench/RESULTS.md)."""
+  if check_backend(name) != "auto":
+    return name
+  if (platform or sharding.platform()) == "tpu" and d_model % 128 == 0 and d_ff % 128 == 0:
+    return "megablox"
+  return "dropless"
 
 
 def dispatch(backend: str, x_td, weights_tk, experts_tk, w_gate_edf, w_up_edf, w_down_efd, *,
              capacity_factor: float = 1.25, block_size: int = 0):
   """Runs the routed SwiGLU experts with the named backend. Returns (y [T, d], DispatchStats)."""
-  return BACKENDS[check_backend(backend)](
+  backend = resolve(backend, w_gate_edf.shape[1], w_gate_edf.shape[2])
+  return BACKENDS[backend](
       x_td, weights_tk, experts_tk, w_gate_edf, w_up_edf, w_down_efd,
             capacity_factor=capacity_factor, block_size=block_size)

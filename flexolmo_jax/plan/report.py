@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from flexolmo_jax.config import ModelConfig
-from flexolmo_jax.model import attention
+from flexolmo_jax.model import attention, dispatch
 from flexolmo_jax.plan.programs import Program
 from flexolmo_jax.plan.targets import GIB, Target
 from flexolmo_jax.train import metrics
@@ -93,14 +93,18 @@ def per_layer(one: dict, two: dict, layers: int) -> dict:
 
 
 def kernel_flops(program: Program, target: Target) -> float:
-  """FLOPs of the Pallas attention kernel, which the compiler's cost analysis does not see: the
-  attention term of 6N + attention where the step runs splash attention on ``target``."""
+  """FLOPs of the Pallas kernels, which the compiler's cost analysis does not see, by the
+  6N + attention convention: the attention term where the step runs splash attention on
+  ``target``, the routed experts' 6 x active FFN parameters where it runs megablox."""
+  cfg, where = program.model, target.devices[0].platform
   seq_len = jax.tree.leaves(program.groups["batch"])[0].shape[1]
-  where = target.devices[0].platform
-  if attention.resolve(program.model.attention, seq_len, seq_len, False, where) != "splash":
-    return 0.0
+  per_token = 0.0
+  if attention.resolve(cfg.attention, seq_len, seq_len, False, where) == "splash":
+    per_token += metrics.attention_flops_per_token(cfg, seq_len)
+  if cfg.is_moe and dispatch.resolve(cfg.dispatch, cfg.d_model, cfg.d_ff, where) == "megablox":
+    per_token += 6.0 * 3 * cfg.d_model * cfg.d_ff * cfg.top_k * cfg.n_layers
   passes = 1 / 3 if program.task == "eval" else 1.0
-  return metrics.attention_flops_per_token(program.model, seq_len) * program.tokens * passes
+  return per_token * program.tokens * passes
 
 
 def step_seconds(cost: dict, target: Target, devices: int) -> tuple[float | None, str | None]:
@@ -178,7 +182,7 @@ def render(report: dict) -> str:
            f"total {gib(pd['total'])} of {gib(report['hbm_bytes'])}: "
            + ("fits" if report["fits"] else "DOES NOT FIT"),
            f"FLOPs per step: {report['compiled_flops']:.4g} compiled"
-           + (f" + {report['kernel_flops']:.4g} in the attention kernel (not counted by the "
+           + (f" + {report['kernel_flops']:.4g} in Pallas kernels (not counted by the "
               "compiler)" if report["kernel_flops"] else "")
            + f", {report['reference_flops']:.4g} from 6N + attention"]
   if report["estimated_step_seconds"]:

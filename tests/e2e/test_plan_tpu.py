@@ -42,3 +42,20 @@ def test_plan_on_a_v5e_slice(tmp_path, model, task):
     assert abs(got["flops"] / (metrics.flops_per_token(cfg, 128) * 8 * 128) - 1) < 0.1
   # libtpu's complaints about a host without a TPU do not reach the console.
   assert "TPU_WORKER_HOSTNAMES" not in run.stderr and "Source Location" not in run.stderr
+
+
+def test_plan_of_a_moe_runs_both_pallas_kernels_per_device(tmp_path):
+  """Widths that the 128-wide tiles divide: auto picks megablox and splash on the TPU, both run
+  under shard_map, and both kernels' FLOPs are a line of their own."""
+  from flexolmo_jax.config import load_model_config
+  from flexolmo_jax.train import metrics
+
+  gin = ["flexolmo.ModelConfig.d_model=128", "flexolmo.ModelConfig.d_ff=256",
+         "flexolmo.ModelConfig.experts=('public','a','b','c')", "flexolmo.ModelConfig.top_k=2"]
+  got, _ = plan(tmp_path, "--model", "tiny", *[f for g in gin for f in ("--gin", g)],
+                "--task", "tune-router", "--topology", "v5e:2x2", "--batch-size", "8",
+                "--seq-len", "128")
+  cfg = load_model_config("tiny", gin).replace(top_k=4)   # router tuning runs every expert
+  ffn = 6.0 * 3 * cfg.d_model * cfg.d_ff * cfg.top_k * cfg.n_layers
+  assert got["fits"] and got["kernel_flops"] == pytest.approx(
+      (metrics.attention_flops_per_token(cfg, 128) + ffn) * 8 * 128)
