@@ -105,6 +105,24 @@ _filter: subprocess.Popen | None = None
 _original_stderr: int | None = None
 
 
+@contextlib.contextmanager
+def native_stdout_silenced():
+  """Sends what native code writes to standard output inside the block to /dev/null: libtpu
+  writes its start-up complaints about a host without a TPU there, without a newline, so they
+  would run into the next line of output."""
+  sys.stdout.flush()
+  saved = os.dup(1)
+  null = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 1)
+  os.close(null)
+  try:
+    yield
+  finally:
+    sys.stdout.flush()
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
 def filter_native_stderr() -> None:
   """Sends this process's stderr (file descriptor 2, where TensorFlow's and XLA's native code
   log, whatever TF_CPP_MIN_LOG_LEVEL says) through a small filter process that drops

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from flexolmo_jax import console
 from flexolmo_jax.cli.args import count, natural
 
 
@@ -30,7 +31,8 @@ def _plan(args) -> int:
   from flexolmo_jax.plan import programs, report, targets
   from flexolmo_jax.train.loop import TrainConfig
 
-  target = targets.resolve(args.topology, args.num_slices)
+  with console.native_stdout_silenced():
+    target = targets.resolve(args.topology, args.num_slices)
   cfg = load_model_config(args.model, args.gin)
   if args.bf16:
     cfg = cfg.replace(dtype="bfloat16")

@@ -8,4 +8,4 @@ step time and collectives (docs/scaling.md).
 """
 
 # The steps ``plan`` compiles (here, so that the CLI lists them without importing the programs).
-TASKS = ("pretrain", "train-dense", "train-expert", "tune-router", "eval")
+TASKS = ("pretrain", "train-dense", "train-expert", "tune-router", "eval", "prefill", "decode")

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.flexolmo import expert, router_tune
-from flexolmo_jax.model.transformer import pure_model, run_on_batch
+from flexolmo_jax.model.transformer import KVCache, pure_model, run_on_batch
 from flexolmo_jax.plan import TASKS
 from flexolmo_jax.train import metrics, params as params_lib
 from flexolmo_jax.train.objective import BATCH_KEYS
@@ -26,7 +26,7 @@ class Program(NamedTuple):
   model: ModelConfig          # the model the step computes with
   fn: Callable                # jitted, with its in/out shardings
   args: tuple                 # abstract arguments: ShapeDtypeStructs carrying their shardings
-  groups: dict[str, Any]      # "params", "optimizer", "frozen", "batch": the abstract trees
+  groups: dict[str, Any]      # "params", "optimizer", "frozen", "batch", "cache": abstract trees
   tokens: int                 # tokens one step processes
   reference_flops: float      # 6N + attention per token (a third of it without a backward pass)
 
@@ -54,6 +54,8 @@ def build(task: str, cfg: ModelConfig, train, mesh, rules: sharding.ShardingRule
   ecfg = ecfg or expert.ExpertConfig()
   if task not in TASKS:
     raise ValueError(f"--task {task!r}: choose from {', '.join(TASKS)}.")
+  if task in ("prefill", "decode"):
+    return _generation(task, cfg, train, mesh, rules)
   if task in ("pretrain", "train-dense"):
     model = dense_of(cfg)
     apply, params, param_sh, frozen, frozen_sh = _dense(model, mesh, rules)
@@ -77,14 +79,47 @@ def build(task: str, cfg: ModelConfig, train, mesh, rules: sharding.ShardingRule
   per_token = metrics.flops_per_token(model, train.seq_len)
   if task == "eval":
     return Program(task, model, progs.evaluate, (params, frozen, data),
-                   {"params": params, "optimizer": {}, "frozen": frozen, "batch": data},
+                   {"params": params, "optimizer": {}, "frozen": frozen, "batch": data,
+                    "cache": {}},
                    tokens, per_token / 3 * tokens)
   replicated = NamedSharding(mesh, PartitionSpec())
   optimizer = abstract(jax.eval_shape(progs.tx.init, params), progs.state_shardings.opt_state)
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, optimizer)
   return Program(task, model, progs.step, (state, frozen, data),
-                 {"params": params, "optimizer": optimizer, "frozen": frozen, "batch": data},
+                 {"params": params, "optimizer": optimizer, "frozen": frozen, "batch": data,
+                  "cache": {}},
                  tokens, per_token * tokens)
+
+
+def _generation(task: str, cfg: ModelConfig, train, mesh, rules) -> Program:
+  """A step of ``generate``: the prompt (``seq_len`` tokens) into an empty KV cache of
+  ``seq_len``, or one token decoded at the cache's last position; returns the greedy next
+  tokens and the cache (donated, so it is updated in place)."""
+  model = pure_model(cfg)
+  param_sh = model.shardings(mesh, rules)
+  params = abstract(model.abstract.to_pure_dict(), param_sh)
+  b, s = train.batch_size, train.seq_len
+  t = s if task == "prefill" else 1
+  token_sh = sharding.batch_sharding(mesh, rules, (b, t))
+  cache_sh = NamedSharding(mesh, rules.spec(("layers", "batch", "length", "heads", "kv")))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shape = (cfg.n_layers, b, s, cfg.n_kv_heads, cfg.head_dim)
+  kv = jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype), sharding=cache_sh)
+  cache = KVCache(kv, kv, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+  tokens = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=token_sh)
+
+  def step(params, tokens, cache):
+    logits, _, cache = model(params, tokens, cache=cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+  cache_out = KVCache(cache_sh, cache_sh, replicated)
+  fn = sharding.jit_sharded(step, mesh, rules, in_shardings=(param_sh, token_sh, cache_out),
+                            out_shardings=(NamedSharding(mesh, rules.spec(("batch",))),
+                                           cache_out), donate_argnums=(2,))
+  per_token = metrics.flops_per_token(cfg, s) / 3   # a forward pass over up to s keys
+  return Program(task, cfg, fn, (params, tokens, cache),
+                 {"params": params, "optimizer": {}, "frozen": {}, "batch": tokens,
+                  "cache": cache}, b * t, per_token * b * t)
 
 
 def _dense(cfg: ModelConfig, mesh, rules):

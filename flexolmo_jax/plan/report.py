@@ -23,7 +23,7 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all"
 _INSTRUCTION = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
 _ELEMENT_BITS = {"pred": 8, "bf16": 16}
-GROUPS = ("params", "optimizer", "frozen", "batch")
+GROUPS = ("params", "optimizer", "frozen", "batch", "cache")
 TO_FIT = ("To fit: shard over more devices (--mesh fsdp=-1, or a larger topology), recompute "
           "each layer in the backward pass (--gin \"flexolmo.ModelConfig.remat='full'\"), "
           "compute in bf16 (--bf16), hold the frozen public model in bf16 when training an "
@@ -103,7 +103,7 @@ def kernel_flops(program: Program, target: Target) -> float:
     per_token += metrics.attention_flops_per_token(cfg, seq_len)
   if cfg.is_moe and dispatch.resolve(cfg.dispatch, cfg.d_model, cfg.d_ff, where) == "megablox":
     per_token += 6.0 * 3 * cfg.d_model * cfg.d_ff * cfg.top_k * cfg.n_layers
-  passes = 1 / 3 if program.task == "eval" else 1.0
+  passes = 1 / 3 if program.task in ("eval", "prefill", "decode") else 1.0
   return per_token * program.tokens * passes
 
 

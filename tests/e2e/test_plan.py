@@ -80,3 +80,18 @@ def test_router_tuning_trains_only_the_router_and_eval_has_no_optimizer():
   assert evaluation["global_bytes"]["params"] == cfg.num_params() * FP32
   with pytest.raises(ValueError, match="needs a model with experts"):
     plan_of("tune-router", tiny())
+
+
+def test_generation_steps_hold_the_kv_cache_and_no_optimizer():
+  """prefill: the prompt into an empty cache; decode: one token at the cache's end. The cache
+  is its own group: 2 (keys, values) x layers x batch x length x kv heads x head_dim x 4 bytes
+  (plus its int32 index), split over the batch axes like the tokens."""
+  cfg = tiny()
+  cache = 2 * cfg.n_layers * 8 * 32 * cfg.n_kv_heads * cfg.head_dim * FP32 + 4
+  for task, tokens in (("prefill", 8 * 32), ("decode", 8)):
+    got = plan_of(task, cfg)
+    assert got["global_bytes"]["cache"] == cache, task
+    assert got["global_bytes"]["params"] == cfg.num_params() * FP32
+    assert got["global_bytes"]["optimizer"] == 0 and got["global_bytes"]["batch"] == tokens * 4
+    assert got["per_device_bytes"]["cache"] < cache / 4 and got["tokens_per_step"] == tokens
+    assert got["fits"] and got["kernel_flops"] == 0

@@ -27,7 +27,7 @@ def test_plan_on_a_v5e_slice(tmp_path, model, task):
               "estimated_step_seconds", "estimated_mfu", "collectives"):
     assert key in got, key
   assert got["devices"] == 4 and got["mesh"]["fsdp"] == 4 and got["hbm_bytes"] == 16 * 1024**3
-  assert set(got["per_device_bytes"]) == {"params", "optimizer", "frozen", "batch",
+  assert set(got["per_device_bytes"]) == {"params", "optimizer", "frozen", "batch", "cache",
                                           "temporaries", "total"}
   assert got["fits"] and got["estimated_step_seconds"] > 0 and 0 < got["estimated_mfu"] <= 1
   assert got["step_seconds_from"] in ("compiler", "roofline")
