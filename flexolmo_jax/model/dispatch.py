@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from flexolmo_jax import sharding
+from flexolmo_jax.model import expert_parallel
 
 
 class DispatchStats(NamedTuple):
@@ -325,12 +326,22 @@ def _megablox_local(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, inter
   return y, DispatchStats(jnp.float32(0.0), gs)
 
 
+def alltoall_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, block_size=0, **_):
+  """Expert parallelism over the mesh's expert axis with all_to_all (model/expert_parallel.py),
+  the dropless grouped matmul on each device's own experts."""
+  local = functools.partial(dropless_dispatch, block_size=block_size)
+  y, counts = expert_parallel.dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down,
+                                       local=local)
+  return y, DispatchStats(jnp.float32(0.0), counts)
+
+
 BACKENDS = {
     "dense": dense_dispatch,
     "capacity": capacity_dispatch,
     "dropless": dropless_dispatch,
     "ragged": ragged_dispatch,
     "megablox": megablox_dispatch,
+    "alltoall": alltoall_dispatch,
 }
 
 

@@ -95,3 +95,11 @@ def test_generation_steps_hold_the_kv_cache_and_no_optimizer():
     assert got["global_bytes"]["optimizer"] == 0 and got["global_bytes"]["batch"] == tokens * 4
     assert got["per_device_bytes"]["cache"] < cache / 4 and got["tokens_per_step"] == tokens
     assert got["fits"] and got["kernel_flops"] == 0
+
+
+def test_expert_parallel_dispatch_compiles_to_all_to_alls():
+  """alltoall dispatch over an expert axis of 4: the program moves tokens with all-to-alls."""
+  cfg = tiny(experts=("public", "a", "b", "c"), top_k=2, dispatch="alltoall")
+  train = TrainConfig(batch_size=8, seq_len=32, mesh=MeshConfig(fsdp=2, expert=4))
+  got = plan_of("eval", cfg, train)
+  assert got["collectives"]["all-to-all"]["count"] >= 2 * cfg.n_layers, got["collectives"]
