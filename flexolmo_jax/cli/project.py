@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 from flexolmo_jax import console
 from flexolmo_jax.cli.args import count, natural
@@ -41,8 +42,14 @@ def _plan(args) -> int:
   mesh = sharding.make_mesh(mesh_cfg, devices=target.devices)
   rules = sharding.ShardingRules()
   ecfg = ExpertConfig(anchor_dtype=args.anchor_dtype)
-  result = report.plan(lambda c: programs.build(args.task, c, train, mesh, rules, ecfg), cfg,
-                       target, mesh)
+  n = len(target.devices)
+  print(f"compiling {args.task} of {args.model} for {target.name} ({n} device"
+        f"{'s' if n > 1 else ''}): the step, then 1 and 2 unrolled layers for its FLOPs "
+        "(minutes for a 7B model)",
+        file=sys.stderr, flush=True)
+  with console.native_stdout_silenced():   # libtpu may speak again when it first compiles
+    result = report.plan(lambda c: programs.build(args.task, c, train, mesh, rules, ecfg), cfg,
+                         target, mesh)
   print(report.render(result))
   if args.json:
     with open(args.json, "w") as fh:
