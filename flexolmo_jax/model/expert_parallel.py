@@ -4,7 +4,8 @@ experts, run there, and come back.
 Under an active mesh whose ``expert`` axis has ``ep > 1`` devices, the experts are split over that
 axis (``E / ep`` per device) and every device runs, under ``shard_map``:
 
-1. for each of its token-assignments, the destination ``expert // (E / ep)`` and a slot among the
+1. for each of its token-assignments, the destination ``expert // (E / ep)`` (E padded up to a
+   multiple of ep with zero experts no token routes to) and a slot among the
    assignments going there; a send buffer ``[ep, A, d]`` (``A`` = its assignments, the most any
    destination can receive from it, so nothing is ever dropped);
 2. ``all_to_all`` over the expert axis: device ``s`` receives block ``s`` of every device;
@@ -47,15 +48,16 @@ def dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, local: Calla
     return y, stats.tokens_per_expert
   mesh, rules, axis = found
   ep, e = mesh.shape[axis], w_gate.shape[0]
-  if e % ep:
-    raise ValueError(f"alltoall dispatch: {e} experts do not split over the {ep} devices of "
-                     f"mesh axis {axis!r}.")
+  # Experts that do not divide the axis (7 over 8) are padded with zero experts no token routes to.
+  padded = -(-e // ep) * ep
+  w_gate, w_up, w_down = (jnp.pad(w, ((0, padded - e), (0, 0), (0, 0)))
+                          for w in (w_gate, w_up, w_down))
   rows = rules.spec(("batch", None))
   experts = PartitionSpec(axis, None, None)
 
   def per_device(x, w, ex, wg, wu, wd):
-    y, counts = _exchange(x, w, ex, (wg, wu, wd), axis, ep, e, local)
-    return y, counts if rows[0] is None else jax.lax.psum(counts, rows[0])
+    y, counts = _exchange(x, w, ex, (wg, wu, wd), axis, ep, padded, local)
+    return y, (counts if rows[0] is None else jax.lax.psum(counts, rows[0]))[:e]
 
   return jax.shard_map(per_device, mesh=mesh, in_specs=(rows, rows, rows) + (experts,) * 3,
                        out_specs=(rows, PartitionSpec()), check_vma=False)(
