@@ -92,6 +92,15 @@ def per_layer(one: dict, two: dict, layers: int) -> dict:
                               for f in ("count", "bytes")} for k in sorted(kinds)}}
 
 
+def model_costs(build, cfg: ModelConfig, program: Program | None, devices: int) -> dict:
+  """The costs of the whole model: of ``program`` itself when its layers are not a loop, else
+  from 1 and 2 unrolled layers (XLA counts a loop body once)."""
+  if cfg.scan_layers and cfg.n_layers > 1:
+    unrolled = [costs(build(cfg.replace(n_layers=n, scan_layers=False)), devices) for n in (1, 2)]
+    return per_layer(*unrolled, cfg.n_layers)
+  return costs(program or build(cfg), devices)
+
+
 def kernel_flops(program: Program, target: Target) -> float:
   """FLOPs of the Pallas kernels, which the compiler's cost analysis does not see, by the
   6N + attention convention: the attention term where the step runs splash attention on
@@ -136,11 +145,11 @@ def plan(build: Callable[[ModelConfig], Program], cfg: ModelConfig, target: Targ
                      f"({str(e).splitlines()[0]}). {TO_FIT}") from None
   memory = compiled.memory_analysis()
   devices = mesh.devices.size
-  if cfg.scan_layers and cfg.n_layers > 1:
-    unrolled = [costs(build(cfg.replace(n_layers=n, scan_layers=False)), devices) for n in (1, 2)]
-    cost = per_layer(*unrolled, cfg.n_layers)
-  else:
-    cost = costs(program, devices)
+  cost = model_costs(build, cfg, program, devices)
+  remat = 0.0
+  if cfg.remat != "none" and program.task not in ("eval", "prefill", "decode"):
+    plain = model_costs(build, cfg.replace(remat="none"), None, devices)["flops"]
+    remat = max(0.0, cost["flops"] - plain)
   per_device = {g: shard_bytes(program.groups[g]) for g in GROUPS}
   per_device["temporaries"] = int(memory.temp_size_in_bytes)
   per_device["total"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -159,6 +168,7 @@ def plan(build: Callable[[ModelConfig], Program], cfg: ModelConfig, target: Targ
       "per_device_bytes": per_device, "hbm_bytes": int(target.hbm_bytes),
       "fits": per_device["total"] <= target.hbm_bytes,
       "flops": flops, "compiled_flops": cost["flops"], "kernel_flops": kernel,
+      "remat_flops": remat,
       "reference_flops": program.reference_flops,
       "estimated_step_seconds": seconds, "step_seconds_from": source, "estimated_mfu": mfu,
       "collectives": cost["collectives"],
@@ -185,6 +195,9 @@ def render(report: dict) -> str:
            + (f" + {report['kernel_flops']:.4g} in Pallas kernels (not counted by the "
               "compiler)" if report["kernel_flops"] else "")
            + f", {report['reference_flops']:.4g} from 6N + attention"]
+  if report["remat_flops"]:
+    lines.append(f"  of the compiled FLOPs, {report['remat_flops']:.4g} recompute what remat did "
+                 "not keep")
   if report["estimated_step_seconds"]:
     lines.append(f"estimated step: {report['estimated_step_seconds'] * 1e3:.1f} ms (from the "
                  f"{report['step_seconds_from']}), MFU {report['estimated_mfu']:.1%}")

@@ -103,3 +103,13 @@ def test_expert_parallel_dispatch_compiles_to_all_to_alls():
   train = TrainConfig(batch_size=8, seq_len=32, mesh=MeshConfig(fsdp=2, expert=4))
   got = plan_of("eval", cfg, train)
   assert got["collectives"]["all-to-all"]["count"] >= 2 * cfg.n_layers, got["collectives"]
+
+
+def test_remat_recomputation_is_its_own_line():
+  """remat='full' recomputes each layer's forward pass: about a third of a step's FLOPs."""
+  cfg = tiny(remat="full")
+  got = plan_of("pretrain", cfg)
+  plain = plan_of("pretrain", cfg.replace(remat="none"))
+  assert plain["remat_flops"] == 0
+  assert got["remat_flops"] == pytest.approx(got["compiled_flops"] - plain["compiled_flops"])
+  assert 0.2 < got["remat_flops"] / plain["compiled_flops"] < 0.45, got["remat_flops"]
