@@ -78,12 +78,14 @@ def configure(native: bool = False) -> None:
 
 
 # The filter process: copies its input to its output, leaving out whole lines that match the
-# pattern (argv[1]); a partial line is passed on at once unless it may be the start of a native
-# log line (so progress bars drawn with '\r' still draw).
+# pattern (argv[1]) and the fragment libtpu writes with no newline after it (the rest of its
+# sentence goes to standard output); a partial line is passed on at once unless it may be the
+# start of a native log line (so progress bars drawn with '\r' still draw).
 _FILTER_PROGRAM = r"""
 import os, re, sys
 noise = re.compile(sys.argv[1].encode())
-start = re.compile(rb"[IWEF]\d{4} |WARNING: All log")
+fragment = re.compile(rb"Failed to find host bounds for accelerator type: ")
+start = re.compile(rb"[IWEF]\d{4} |WARNING: |Failed to find")
 def write(data):
     while data:
         data = data[os.write(1, data):]
@@ -92,7 +94,7 @@ while True:
     chunk = os.read(0, 1 << 16)
     if not chunk:
         break
-    lines = (pending + chunk).split(b"\n")
+    lines = fragment.sub(b"", pending + chunk).split(b"\n")
     pending = lines.pop()
     out = b"".join(line + b"\n" for line in lines if not noise.search(line))
     if pending and not start.match(pending):

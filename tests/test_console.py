@@ -8,6 +8,10 @@ import sys
 from flexolmo_jax import console
 
 NOISE = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+         # libtpu on a host without a TPU: a fragment with no newline, then a warning in parts.
+         "Failed to find host bounds for accelerator type: "
+         "WARNING: could not determine TPU accelerator type, please set env var "
+         "`TPU_ACCELERATOR_TYPE` manually\n"
          "I0000 00:00:1.2 3 cudart_stub.cc:31] Could not find cuda drivers on your machine.\n"
          "E0000 00:00:1.2 3 cuda_executor.cc:1] failed call to cuInit: INTERNAL: (303)\n"
          "I0000 00:00:1.2 3 port.cc:153] oneDNN custom operations are on.\n")
@@ -18,6 +22,7 @@ def test_native_noise_is_filtered_and_everything_else_kept():
   order, nothing lost at exit (even a partial last line)."""
   program = ("import os, sys\nfrom flexolmo_jax import console\nconsole.filter_native_stderr()\n"
              f"os.write(2, {NOISE.encode()!r})\n"
+             "os.write(2, b'Failed to find host bounds for accelerator type: ')\n"
              "os.write(2, b'a real error from native code\\n\\r[##..] progress')\n"
              "print('and a Python traceback line', file=sys.stderr)\n")
   run = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
