@@ -82,7 +82,9 @@ def test_auto_picks_per_platform(monkeypatch):
             ("tpu", True): "blocked", ("gpu", True): "blocked"}
   for (where, cached), name in expect.items():
     monkeypatch.setattr(sharding, "platform", lambda where=where: where)
-    assert attention.resolve("auto", 256, 256, cached) == name
+    assert attention.resolve("auto", 256, 256, cached, dtype=jnp.bfloat16) == name
+  # cuDNN's kernel takes 16-bit inputs: fp32 on a GPU stays blocked.
+  assert attention.resolve("auto", 256, 256, False, "gpu", jnp.float32) == "blocked"
   monkeypatch.setattr(sharding, "platform", lambda: "tpu")
   assert attention.resolve("auto", 200, 200, False) == "blocked"   # the TPU kernel tiles 128s
   assert attention.resolve("reference", 256, 256, False) == "reference"

@@ -56,9 +56,10 @@ def check_implementation(name: str) -> None:
     raise ValueError(f"attention={name!r}; choose from {IMPLEMENTATIONS}.")
 
 
-def resolve(name: str, q_len: int, kv_len: int, cached: bool, where: str | None = None) -> str:
+def resolve(name: str, q_len: int, kv_len: int, cached: bool, where: str | None = None,
+            dtype=None) -> str:
   """The implementation ``name`` means for these shapes on platform ``where`` (default: the
-  platform being traced for)."""
+  platform being traced for); cuDNN's fused kernel takes 16-bit inputs only."""
   check_implementation(name)
   if name != "auto":
     return name
@@ -67,14 +68,14 @@ def resolve(name: str, q_len: int, kv_len: int, cached: bool, where: str | None 
     return "blocked"
   if where == "tpu" and q_len == kv_len and q_len % 128 == 0:
     return "splash"
-  if where == "gpu":
+  if where == "gpu" and dtype is not None and jnp.dtype(dtype).itemsize == 2:
     return "cudnn"
   return "blocked"
 
 
 def attend(q, k, v, mask: Mask, implementation: str = "auto", *, cached: bool = False):
   """softmax(q k^T / sqrt(D) masked) v with the chosen implementation (see the module doc)."""
-  name = resolve(implementation, q.shape[1], k.shape[1], cached)
+  name = resolve(implementation, q.shape[1], k.shape[1], cached, dtype=q.dtype)
   if name == "reference":
     return reference(q, k, v, mask)
   if name == "blocked":
