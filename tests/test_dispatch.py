@@ -31,11 +31,13 @@ def moe_out(backend, x, w, router, k, **kw):
   return y, stats
 
 
-def loss_and_grads(backend, x, w, router, k, **kw):
+def outputs_loss_and_grads(backend, x, w, router, k, **kw):
+  """``((y, stats), loss, grads)``: the outputs come with the gradients, one program for both."""
   def loss(x, w, router):
-    y, _ = moe_out(backend, x, w, router, k, **kw)
-    return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape) / y.size)
-  return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, router)
+    y, stats = moe_out(backend, x, w, router, k, **kw)
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape) / y.size), (y, stats)
+  (l, out), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, w, router)
+  return out, l, g
 
 
 def extra_kwargs(backend):
@@ -47,9 +49,8 @@ def oracle_case(e, k, skew):
   """(case, the dense oracle's output and stats, its loss and gradients): computed once for the
   four backends compared with it."""
   x, w, router, k = make_case(e * 10 + k, e=e, k=k, skew=skew)
-  y_ref, stats_ref = jax.jit(lambda x: moe_out("dense", x, w, router, k))(x)
-  grads_ref = jax.jit(lambda x, w, r: loss_and_grads("dense", x, w, r, k))(x, w, router)
-  return (x, w, router, k), (y_ref, stats_ref), grads_ref
+  out, l, g = jax.jit(lambda x, w, r: outputs_loss_and_grads("dense", x, w, r, k))(x, w, router)
+  return (x, w, router, k), out, (l, g)
 
 
 @pytest.mark.parametrize("backend", SPARSE)
@@ -58,12 +59,12 @@ def oracle_case(e, k, skew):
 def test_backend_matches_dense_oracle(backend, e, k, skew):
   (x, w, router, k), (y_ref, stats_ref), (l_ref, g_ref) = oracle_case(e, k, skew)
   kw = extra_kwargs(backend)
-  y, stats = jax.jit(lambda x: moe_out(backend, x, w, router, k, **kw))(x)
+  (y, stats), l, g = jax.jit(
+      lambda x, w, r: outputs_loss_and_grads(backend, x, w, r, k, **kw))(x, w, router)
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
   assert float(stats.dropped_fraction) == 0.0
   assert int(stats.tokens_per_expert.sum()) == x.shape[0] * k
 
-  (l, g) = jax.jit(lambda x, w, r: loss_and_grads(backend, x, w, r, k, **kw))(x, w, router)
   np.testing.assert_allclose(l, l_ref, atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -173,12 +174,12 @@ def test_alltoall_with_experts_that_do_not_divide_the_expert_axis():
   mesh, rules = sharding.make_mesh(MeshConfig(data=4, expert=2)), sharding.ShardingRules()
   x, w, router, k = make_case(5, t=64, e=3, k=2)
   traced = lambda f: sharding.jit_sharded(f, mesh, rules, in_shardings=None, out_shardings=None)
-  (y, stats) = traced(lambda x: moe_out("alltoall", x, w, router, k))(x)
-  y_ref, stats_ref = moe_out("dense", x, w, router, k)
+  (y, stats), l, g = traced(
+      lambda x, w, r: outputs_loss_and_grads("alltoall", x, w, r, k))(x, w, router)
+  (y_ref, stats_ref), l_ref, g_ref = jax.jit(
+      lambda x, w, r: outputs_loss_and_grads("dense", x, w, r, k))(x, w, router)
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(stats.tokens_per_expert, stats_ref.tokens_per_expert)
-  (l, g) = traced(lambda x, w, r: loss_and_grads("alltoall", x, w, r, k))(x, w, router)
-  (l_ref, g_ref) = loss_and_grads("dense", x, w, router, k)
   np.testing.assert_allclose(l, l_ref, atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
