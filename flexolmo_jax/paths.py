@@ -50,3 +50,10 @@ def inside(root: str, relative: str, what: str) -> str:
   if os.path.commonpath([root, full]) != root:
     raise ValueError(f"{what}: {relative!r} leads outside {root}.")
   return full
+
+
+def check_size(path: str, limit: int) -> None:
+  """Refuses a file over ``limit`` bytes before anything reads it (files from elsewhere)."""
+  size = os.path.getsize(path)
+  if size > limit:
+    raise ValueError(f"{path}: {size} bytes, above the {limit}-byte limit for this file.")

@@ -111,14 +111,14 @@ def run_cli(argv, timeout=1200, cwd=None, env=None):
 def save_random_public(path, cfg=None, seed=0):
   """A randomly initialized public model saved as ``pretrain`` would (byte vocabulary)."""
   from flexolmo_jax.checkpoint import store
-  from flexolmo_jax.data import tasks
+  from flexolmo_jax.data import vocabularies
   from flexolmo_jax.model.transformer import pure_model
 
   cfg = cfg or tiny()
   params = pure_model(cfg).init(seed)
   store.save(str(path), params, {
       "kind": "public", "config": store.config_to_json(cfg),
-      "vocabulary": {"spec": "byte", **tasks.vocabulary_identity("byte")},
+      "vocabulary": {"spec": "byte", **vocabularies.identity("byte")},
       "fingerprint": store.fingerprint(params), "data_card": {}})
   return str(path), cfg, params
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexolmo_jax.data import tasks
+from flexolmo_jax.data import tasks, vocabularies
 from flexolmo_jax.flexolmo import expert, router_init
 from flexolmo_jax.model.transformer import pure_model, run_on_batch
 from flexolmo_jax.privacy import accounting, documents, dpsgd
@@ -121,9 +121,9 @@ def test_documents_are_whole_examples_and_the_sampling_resumes(tmp_path):
   path = tmp_path / "own.jsonl"
   path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
   task = tasks.register_corpus("dpdocs", [str(path)], data_dir=str(tmp_path / "data"),
-                               vocabulary=tasks.byte_vocabulary(), require=())
+                               vocabulary=vocabularies.load("byte"), require=())
   docs = documents.load(task, seq_len=8, chunks=2)
-  vocab = tasks.byte_vocabulary()
+  vocab = vocabularies.load("byte")
   assert docs.count >= 3      # a small validation split may take one
   for row, length in zip(docs.tokens, docs.lengths):
     ids = row[:length].tolist()

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from flexolmo_jax.data import tasks
+from flexolmo_jax.data import vocabularies
 from flexolmo_jax.eval import generate, perplexity, scoring
 from flexolmo_jax.model import logprobs
 from flexolmo_jax.model.transformer import pure_model
@@ -53,7 +53,7 @@ def test_scorer_matches_a_naive_loop(model):
 
 def test_multiple_choice_accuracy(model, tmp_path):
   cfg, params = model
-  vocab = tasks.vocabulary_from_spec("byte")
+  vocab = vocabularies.load("byte")
   questions = [{"context": "Paris is in", "choices": [" France", " Peru", " Mars"], "answer": 0},
                {"context": "2 + 2 =", "choices": [" 4", " five"], "answer": 1},
                {"context": "Ünïcode", "choices": [" ok", " nö"], "answer": 1}]
@@ -81,7 +81,7 @@ def test_multiple_choice_accuracy(model, tmp_path):
 
 def test_domain_stats_loss_perplexity_and_bits_per_byte(model):
   cfg, params = model
-  vocab = tasks.vocabulary_from_spec("byte")
+  vocab = vocabularies.load("byte")
   batch = lm_batch(259, batch=2, length=32)
   batch["decoder_target_tokens"][0, 5] = 1            # an EOS target: a token, not a byte
   scorer = logprobs.model_scorer(cfg, params)
@@ -167,7 +167,7 @@ def test_flexolmo_eval_multiple_choice_cli(tmp_path, capsys):
   mc.write_text("\n".join(json.dumps(q) for q in questions))
   out = tmp_path / "r.json"
   assert cli.main(["eval", "--model", path, "--mc", f"toy={mc}", "--json", str(out)]) == 0
-  want = scoring.multiple_choice(scoring.Scorer(cfg, params), tasks.vocabulary_from_spec("byte"),
+  want = scoring.multiple_choice(scoring.Scorer(cfg, params), vocabularies.load("byte"),
                                  questions)
   assert json.loads(out.read_text())["toy"] == want
   assert "toy  acc" in capsys.readouterr().out

@@ -96,12 +96,12 @@ def test_filters_match_a_naive_oracle():
 
 def test_flexolmo_generate_cli(tmp_path, capsys):
   from flexolmo_jax import cli
-  from flexolmo_jax.data import tasks
+  from flexolmo_jax.data import vocabularies
 
   path, cfg, params = save_random_public(tmp_path / "model", seed=1)
   assert cli.main(["generate", "--model", path, "--prompt", "héllo", "--max-new-tokens", "12"]) == 0
   out = capsys.readouterr().out
-  vocab = tasks.vocabulary_from_spec("byte")
+  vocab = vocabularies.load("byte")
   ids = list(vocab.encode("héllo"))
   row = generate.generate(cfg, params, [ids], 12, eos_id=1)[0]
   new = [t for t in generate.trim(row, len(ids), 1)[len(ids):] if t != 1]

@@ -14,12 +14,12 @@ from safetensors.numpy import load_file, save_file
 from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.convert import export, importer
 from flexolmo_jax.convert.safetensors_io import SINGLE, TensorReader
-from flexolmo_jax.data import tasks
+from flexolmo_jax.data import vocabularies
 from flexolmo_jax.flexolmo import merge
 from flexolmo_jax.model.transformer import Transformer, pure_model
 from tests.helpers import hf_logits, hf_reference, spread_router, tiny
 
-BYTE = {"spec": "byte", **tasks.vocabulary_identity("byte")}
+BYTE = {"spec": "byte", **vocabularies.identity("byte")}
 EXPERTS = ("public", "code", "math", "news")
 
 
@@ -82,7 +82,7 @@ def test_byte_tokenizer_matches_the_seqio_vocabulary(merged, tmp_path):
   out = export.export_hf(merged[1], str(tmp_path / "hf"), progress=lambda _: None)
   tok = AutoTokenizer.from_pretrained(out)
   byt5 = ByT5Tokenizer.from_pretrained(out)
-  vocab = tasks.vocabulary_from_spec("byte")
+  vocab = vocabularies.load("byte")
   stdlib = sysconfig.get_paths()["stdlib"]
   for name in ("re/_casefix.py", "shlex.py"):
     with open(os.path.join(stdlib, name), encoding="utf-8") as fh:
@@ -186,3 +186,42 @@ def test_bf16_export_loads_and_imports(merged, tmp_path):
       params["embed"], reader.get("model.embed_tokens.weight").astype(np.float32))
   ref = load_hf(out)
   assert ref.dtype == torch.float32          # loaded as asked; the weights are the bf16 values
+
+
+def test_a_tokenizer_json_is_imported_by_itself_and_exported_unchanged(tmp_path):
+  """An OLMo-2 checkpoint with a byte-level BPE tokenizer.json: import-hf takes the vocabulary
+  from it (no --vocabulary), keeps its files, and export-hf writes them back byte for byte; the
+  exported model gives transformers' logits; another tokenizer is refused naming both."""
+  from transformers import AutoTokenizer
+
+  from flexolmo_jax.flexolmo import expert
+  from flexolmo_jax.train import loop
+  from tests.test_vocabularies import TEXTS, write_bpe
+
+  olmo = hf_checkpoint("olmo2", str(tmp_path / "olmo"))
+  bpe = write_bpe(olmo, vocab_size=500)
+  vocab = vocabularies.load(bpe)
+  public = importer.import_hf(olmo, str(tmp_path / "public"), progress=lambda _: None)
+  manifest = store.read_manifest(public, "public")
+  assert manifest["vocabulary"] == {"spec": "tokenizer.json", **vocabularies.identity(bpe)}
+  assert vocabularies.load(os.path.join(public, "tokenizer.json")) == vocab
+
+  out = export.export_hf(public, str(tmp_path / "hf"), progress=lambda _: None)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    with open(os.path.join(out, name), "rb") as a, open(os.path.join(olmo, name), "rb") as b:
+      assert a.read() == b.read(), name
+  with open(os.path.join(out, "generation_config.json")) as fh:
+    generation = json.load(fh)
+  assert (generation["eos_token_id"], generation["pad_token_id"]) == (vocab.eos_id,
+                                                                       vocab.tokenizer_pad_id)
+  ids = AutoTokenizer.from_pretrained(out).encode(TEXTS["code"], add_special_tokens=False)
+  assert ids == vocab.encode(TEXTS["code"])
+  cfg, params = ours(public)
+  np.testing.assert_allclose(hf_logits(load_hf(out), [ids]),
+                             np.asarray(pure_model(cfg)(params, np.array([ids]))[0]),
+                             atol=1e-4, rtol=1e-4)
+
+  other = write_bpe(str(tmp_path / "other"), vocab_size=400)
+  with pytest.raises(ValueError, match=r"is tokenizer \(400 ids, sha256 \w+\), but the public "
+                                       r"model .* was trained with tokenizer \(500 ids"):
+    expert.check_public(public, "code", other, loop.TrainConfig(seq_len=64))

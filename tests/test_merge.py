@@ -121,7 +121,8 @@ def test_refusals_name_the_expert(tiny, tmp_path):
   refuse([edited_copy(code, tmp_path / "cfg", lambda m: m["config"].update(d_ff=256))],
          r"expert 'code' .* different config .* d_ff=256 \(public 128\)")
   refuse([edited_copy(code, tmp_path / "voc", lambda m: m["vocabulary"].update(size=300))],
-         "expert 'code' .* uses vocabulary")
+         r"expert 'code' .* was trained with the vocabulary byte \(300 ids\), the public model .* "
+         r"has byte \(259 ids\)")
   truncated = edited_copy(code, tmp_path / "trunc", lambda m: None)
   victim = data_file(truncated)
   with open(victim, "r+b") as fh:

@@ -8,7 +8,7 @@ import numpy as np
 import seqio
 import pytest
 
-from flexolmo_jax.data import sources, tasks
+from flexolmo_jax.data import sources, tasks, vocabularies
 
 STDLIB_JSON = os.path.dirname(json.__file__)
 SEQ, BATCH = 256, 4
@@ -138,7 +138,7 @@ def test_mixture_rates_by_tokens(task_name, tmp_path):
 
 def test_sentencepiece_vocabulary_trained_locally(task_name, tmp_path):
   data_dir = os.path.dirname(os.path.dirname(tasks._TASK_DIRS[task_name]))
-  vocab = tasks.train_sentencepiece(os.path.join(data_dir, task_name, "1.0.0"),
+  vocab = vocabularies.train_sentencepiece(os.path.join(data_dir, task_name, "1.0.0"),
                                     str(tmp_path / "spm" / "public"), vocab_size=1000)
   assert vocab.vocab_size == 1000 and vocab.eos_id == 1 and vocab.pad_id == 0
   text = documents()[0].decode("utf-8")[:500] + " ünïcödé ✓"
@@ -178,7 +178,7 @@ def test_byte_vocabulary_ids_equal_the_byt5_tokenizer():
   """The HF export will ship a ByT5 tokenizer: its ids must be the seqio byte vocabulary's."""
   from transformers import ByT5Tokenizer
   hf_tok = ByT5Tokenizer()
-  vocab = tasks.byte_vocabulary()
+  vocab = vocabularies.load("byte")
   with open(os.path.join(STDLIB_JSON, "decoder.py"), encoding="utf-8") as fh:
     text = fh.read()[:2000] + " naïve café — ✓ 中文"
   ids = vocab.encode(text)

@@ -20,6 +20,7 @@ import numpy as np
 from flexolmo_jax import experts as experts_lib
 from flexolmo_jax.baselines.members import check_anchor, read_members
 from flexolmo_jax.checkpoint import merged_model, saved
+from flexolmo_jax.data import vocabularies
 from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.flexolmo import merge as merge_lib
 from flexolmo_jax.flexolmo import router_init
@@ -58,11 +59,12 @@ def btx(public: str, paths: Sequence[str], out: str, top_k: int | None = None, s
   params["blocks"]["ffn"] = {k: v[:, order] for k, v in params["blocks"]["ffn"].items()}
   moe_cfg = cfg.replace(experts=experts, top_k=min(merge_lib.DEFAULT_TOP_K, n)
                         if top_k is None else top_k, top_k_policy="clamp", negative_bias=False)
-  spec = public_manifest["vocabulary"]["spec"]
+  vocabulary_files = vocabularies.saved_files(saved.vocabulary_spec(public_path,
+                                                                   public_manifest))[1]
   by_name = {m["name"]: (p, m) for p, m in members}
   return merge_lib.save_moe(
       out, moe_cfg, params, vocabulary=public_manifest["vocabulary"],
-      extra_files=None if spec == "byte" else {spec: os.path.join(public_path, spec)},
+      extra_files=vocabulary_files,
       public_card={"baseline": "btx", "trunk": "uniform average", "members": [PUBLIC, *names],
                    "public_fingerprint": public_manifest["fingerprint"]},
       expert_cards={name: {"baseline": "btx", "ffn_from": {"path": os.path.abspath(p),

@@ -86,6 +86,6 @@ def vocabulary(path: str):
     path = os.path.join(path, merged_model.PUBLIC_DIR)
   # Imported here: seqio brings TensorFlow (10 s), which opening a model for merging, export or
   # inspection does not need.
-  from flexolmo_jax.data import tasks
+  from flexolmo_jax.data import vocabularies
 
-  return tasks.vocabulary_from_spec(vocabulary_spec(path, manifest))
+  return vocabularies.load(vocabulary_spec(path, manifest))

@@ -47,7 +47,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
   """The flags of every training run (each sets a gin macro, cli/run_config.py)."""
   p.add_argument("--data", action="append", help="file or directory of text (repeat)")
   p.add_argument("--out", help="output (run) directory; re-running resumes it")
-  p.add_argument("--vocabulary", help="'byte' or a SentencePiece .model file")
+  p.add_argument("--vocabulary", help="'byte', a SentencePiece .model file or a Hugging Face "
+                 "tokenizer.json (its special tokens from the tokenizer_config.json beside it)")
   p.add_argument("--steps", type=count)
   p.add_argument("--batch-size", type=count, help="global sequences per step")
   p.add_argument("--seq-len", type=count)

@@ -41,7 +41,7 @@ def add(sub) -> None:
   imh.add_argument("--names", help="names of experts 1..n-1 of a FlexOlmo model: a,b,c")
   imh.add_argument("--split", action="store_true", help="also keep the public model and each "
                    "expert artifact: OUT/public, OUT/experts/NAME, OUT/merged")
-  imh.add_argument("--vocabulary", help="'byte' or a SentencePiece .model (default: from the "
+  imh.add_argument("--vocabulary", help="'byte', a SentencePiece .model or a tokenizer.json (default: from the "
                    "tokenizer files)")
   imh.add_argument("--overwrite", action="store_true")
   imh.set_defaults(fn=_import)

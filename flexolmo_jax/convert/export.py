@@ -28,6 +28,7 @@ from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.convert import hf
 from flexolmo_jax.convert.safetensors_io import ShardedWriter, parse_size
+from flexolmo_jax.data import vocabularies
 from flexolmo_jax.experts import PUBLIC
 
 DTYPES = {"fp32": "F32", "bf16": "BF16"}
@@ -93,6 +94,14 @@ def vocabulary_files(source: Source, out_dir: str) -> tuple[int, int, int | None
   if spec == "byte":
     size = hf.BYTE_OFFSET + 256
     files, ids = hf.byte_tokenizer_files(cfg.max_seq_len), (0, 1, None)
+  elif vocabularies.kind(spec) == "tokenizer":
+    # A Hugging Face tokenizer goes back as it came: its files, unchanged.
+    vocab = vocabularies.load(os.path.join(source.vocabulary_dir, spec))
+    size, files = vocab.vocab_size, {}
+    for name, path in vocabularies.saved_files(vocab.path)[1].items():
+      shutil.copyfile(path, os.path.join(out_dir, name))
+    pad = vocab.tokenizer_pad_id
+    ids = (vocab.eos_id if pad is None else pad, vocab.eos_id, vocab.bos_id)
   else:
     import sentencepiece as spm
 

@@ -23,20 +23,21 @@ from typing import Sequence
 
 import numpy as np
 
+from flexolmo_jax import paths
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.convert import hf
 from flexolmo_jax.convert.safetensors_io import TensorReader
+from flexolmo_jax.data import vocabularies
 from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.experts import validate as validate_expert_names
 from flexolmo_jax.flexolmo import merge as merge_lib
 from flexolmo_jax.flexolmo import router_init
 
-SP_FILE = "vocabulary.model"
-
-
 def detect_vocabulary(hf_dir: str, given: str | None) -> str:
-  """``"byte"`` or the path of a SentencePiece model, from ``given`` or the tokenizer files."""
+  """A vocabulary spec from ``given`` or the tokenizer files: ``byte`` for ByT5's (and the one
+  export-hf writes for the byte vocabulary), else the ``tokenizer.json`` (what transformers'
+  AutoTokenizer reads first), else a SentencePiece ``tokenizer.model``."""
   if given:
     return given
   config_path = os.path.join(hf_dir, "tokenizer_config.json")
@@ -46,29 +47,28 @@ def detect_vocabulary(hf_dir: str, given: str | None) -> str:
         return "byte"
   tokenizer_path = os.path.join(hf_dir, "tokenizer.json")
   if os.path.exists(tokenizer_path):
+    paths.check_size(tokenizer_path, vocabularies.MAX_TOKENIZER_BYTES)
     with open(tokenizer_path) as fh:
       if json.load(fh).get("model", {}).get("vocab") == hf.byte_tokenizer_files(0)[
           "tokenizer.json"]["model"]["vocab"]:
         return "byte"                      # the byte tokenizer export-hf writes
+    return tokenizer_path
   if os.path.exists(os.path.join(hf_dir, "tokenizer.model")):
     return os.path.join(hf_dir, "tokenizer.model")
   raise ValueError(
-      f"{hf_dir}: cannot tell the vocabulary (no ByT5 tokenizer_config.json, no tokenizer.model). "
-      "Pass --vocabulary byte or --vocabulary PATH.model; a tokenizer.json-only (BPE) tokenizer "
-      "has no seqio vocabulary.")
+      f"{hf_dir}: cannot tell the vocabulary (no tokenizer.json, no tokenizer.model, no ByT5 "
+      "tokenizer_config.json). Pass --vocabulary byte, a SentencePiece .model or a "
+      "tokenizer.json.")
 
 
 def vocabulary_record(spec: str, cfg: ModelConfig) -> tuple[dict, dict[str, str]]:
   """(the manifest's vocabulary entry, files to copy into the public model)."""
-  from flexolmo_jax.data import tasks   # seqio and TensorFlow: only when a model is imported
-
-  identity = tasks.vocabulary_identity(spec)
+  identity = vocabularies.identity(spec)
   if identity["size"] > cfg.vocab_size:
     raise ValueError(f"The vocabulary {spec} has {identity['size']} ids but the model's embedding "
                      f"has {cfg.vocab_size} rows: the model cannot represent it.")
-  if spec == "byte":
-    return {"spec": "byte", **identity}, {}
-  return {"spec": SP_FILE, **identity}, {SP_FILE: spec}
+  saved_spec, files = vocabularies.saved_files(spec)
+  return {"spec": saved_spec, **identity}, files
 
 
 def _names(hf_dir: str, config: dict, names: Sequence[str] | None) -> tuple[str, ...] | None:

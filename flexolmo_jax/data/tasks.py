@@ -18,7 +18,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flexolmo_jax.data import sources
+from flexolmo_jax.data import sources, vocabularies
 
 
 # TensorFlow only runs the input pipeline; it must not take accelerator memory from JAX.
@@ -26,37 +26,6 @@ try:
   tf.config.set_visible_devices([], "GPU")
 except RuntimeError:  # already initialized by the caller
   pass
-
-
-def byte_vocabulary() -> seqio.Vocabulary:
-  return seqio.ByteVocabulary()
-
-
-def train_sentencepiece(dataset_dir: str, model_prefix: str, vocab_size: int = 8000,
-                        max_documents: int = 100_000) -> seqio.Vocabulary:
-  """Trains a SentencePiece vocabulary locally on a prepared (public) dataset's train split.
-
-  Ids 0/1/2 are pad/eos/unk as seqio expects. Returns the seqio vocabulary over the written model.
-  """
-  import sentencepiece as spm
-  import tensorflow_datasets as tfds
-
-  if not os.path.exists(model_prefix + ".model"):
-    builder = tfds.builder_from_directory(dataset_dir)
-    texts = (ex["text"].decode("utf-8") for ex in
-             tfds.as_numpy(builder.as_dataset(split="train").take(max_documents)))
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    tmp_prefix = model_prefix + ".tmp"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=texts, model_prefix=tmp_prefix, vocab_size=vocab_size,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
-        character_coverage=1.0, max_sentence_length=1 << 16, minloglevel=2,
-        # Lossless on code and prose: no NFKC, keep every space and newline.
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_digits=True)
-    os.replace(tmp_prefix + ".vocab", model_prefix + ".vocab")
-    os.replace(tmp_prefix + ".model", model_prefix + ".model")   # last: marks completion
-  return seqio.SentencePieceVocabulary(model_prefix + ".model")
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
@@ -110,7 +79,7 @@ _TASK_DIRS: dict[str, str] = {}
 def register_domain_task(name: str, dataset_dir: str,
                          vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
   """Registers (or re-registers) the Task ``name`` over a dataset prepared by sources.prepare."""
-  vocabulary = vocabulary or byte_vocabulary()
+  vocabulary = vocabulary or vocabularies.load(vocabularies.BYTE)
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   _TASK_DIRS[name] = os.fspath(dataset_dir)
@@ -143,6 +112,9 @@ def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float | str
   return seqio.MixtureRegistry.add(name, rates)
 
 
+_TOKEN_FEATURES = ("decoder_input_tokens", "decoder_target_tokens")
+
+
 def lm_dataset(task_or_mixture: str, *, seq_len: int, batch_size: int, split: str = "train",
                seed: int | None = 0, shuffle: bool = True, num_epochs: int | None = None,
                shard_index: int | None = None, num_shards: int | None = None,
@@ -162,6 +134,11 @@ def lm_dataset(task_or_mixture: str, *, seq_len: int, batch_size: int, split: st
       shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=False,
       shard_info=seqio.ShardInfo(shard_index, num_shards),
       feature_converter=seqio.DecoderFeatureConverter(pack=True))
+  stand_in = getattr(seqio.get_mixture_or_task(task_or_mixture).output_features["targets"]
+                     .vocabulary, "zero_stand_in", None)
+  if stand_in is not None:      # a tokenizer whose id 0 is a real token (hf_tokenizer)
+    ds = ds.map(lambda ex: {k: tf.where(v == stand_in, 0, v) if k in _TOKEN_FEATURES else v
+                            for k, v in ex.items()})
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   options = tf.data.Options()
   options.deterministic = True
@@ -222,27 +199,6 @@ def owner_batches(name: str, paths: Sequence[str], *, data_dir: str, seq_len: in
   return lm_batches(task, seq_len=seq_len, batch_size=batch_size, split=split, seed=seed,
                     shard_index=shard_index, num_shards=num_shards, start_step=start_step,
                     num_epochs=num_epochs)
-
-
-def vocabulary_from_spec(spec: str) -> seqio.Vocabulary:
-  """``"byte"`` or the path of a SentencePiece ``.model`` file."""
-  if spec == "byte":
-    return byte_vocabulary()
-  if not os.path.isfile(spec):
-    raise FileNotFoundError(f"Vocabulary {spec!r}: use 'byte' or a SentencePiece .model file.")
-  return seqio.SentencePieceVocabulary(spec)
-
-
-def vocabulary_identity(spec: str) -> dict:
-  """What makes two vocabularies the same: kind, size and (SentencePiece) the model file's hash."""
-  import hashlib
-
-  vocab = vocabulary_from_spec(spec)
-  if spec == "byte":
-    return {"kind": "byte", "size": vocab.vocab_size}
-  with open(spec, "rb") as fh:
-    digest = hashlib.sha256(fh.read()).hexdigest()
-  return {"kind": "sentencepiece", "size": vocab.vocab_size, "sha256": digest}
 
 
 def eval_batches(data: Mapping[str, Sequence[str]], vocabulary, data_dir: str, seq_len: int,

@@ -29,7 +29,7 @@ from flexolmo_jax import experts as experts_lib
 from flexolmo_jax import paths, sharding
 from flexolmo_jax.checkpoint import saved, store
 from flexolmo_jax.config import ModelConfig, write_gin_config
-from flexolmo_jax.data import tasks
+from flexolmo_jax.data import tasks, vocabularies
 from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.flexolmo import router_init
 from flexolmo_jax.model.transformer import PureModel, pure_model, run_on_batch
@@ -180,11 +180,12 @@ def check_public(public: str, name: str, vocabulary: str | None, train: loop.Tra
   public_path, manifest, public_cfg = saved.open_public(public)
   loop.check_seq_len(train, public_cfg.max_seq_len)
   if vocabulary is not None:
-    given = tasks.vocabulary_identity(vocabulary)
+    given = vocabularies.identity(vocabulary)
     expected = {k: v for k, v in manifest["vocabulary"].items() if k != "spec"}
     if given != expected:
-      raise ValueError(f"The data's vocabulary {vocabulary!r} ({given}) differs from the public "
-                       f"model's ({expected}, {os.path.join(public_path, store.MANIFEST)}).")
+      raise ValueError(f"The vocabulary {vocabulary!r} is {vocabularies.describe(given)}, but the "
+                       f"public model {public_path} was trained with "
+                       f"{vocabularies.describe(manifest['vocabulary'])}.")
   return public_path, manifest, public_cfg
 
 
@@ -242,7 +243,7 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
   if dtype:
     public_cfg = public_cfg.replace(dtype=dtype)
   cfg = expert_config(public_cfg, name, ecfg)
-  vocab = tasks.vocabulary_from_spec(saved.vocabulary_spec(public_path, manifest))
+  vocab = vocabularies.load(saved.vocabulary_spec(public_path, manifest))
   dense, moe = pure_model(public_cfg), pure_model(cfg)
   mesh = sharding.make_mesh(train.mesh)
   anchor, anchor_shardings = load_anchor(dense, public_path, manifest, mesh, rules)

@@ -26,6 +26,7 @@ from flexolmo_jax import distributed
 from flexolmo_jax import experts as experts_lib
 from flexolmo_jax.checkpoint import integrity, merged_model, saved, store
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.data import vocabularies
 from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.flexolmo import router_init
 from flexolmo_jax.privacy import accounting
@@ -83,8 +84,10 @@ def read_expert(path: str, public_manifest: dict, public_cfg: ModelConfig,
   if diff:
     raise ValueError(f"{what} has a different config from the public model: {', '.join(diff)}.")
   if manifest.get("vocabulary") != public_manifest.get("vocabulary"):
-    raise ValueError(f"{what} uses vocabulary {manifest.get('vocabulary')}, the public model "
-                     f"{public_manifest.get('vocabulary')}.")
+    raise ValueError(f"{what} was trained with the vocabulary "
+                     f"{vocabularies.describe(manifest.get('vocabulary') or {})}, the public "
+                     f"model {public_path} has "
+                     f"{vocabularies.describe(public_manifest.get('vocabulary') or {})}.")
   if cfg.experts != (PUBLIC, name):
     raise ValueError(f"{what}: its config names experts {list(cfg.experts)}, expected "
                      f"['public', {name!r}].")

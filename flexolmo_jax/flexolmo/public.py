@@ -19,7 +19,7 @@ import numpy as np
 from flexolmo_jax import paths, sharding
 from flexolmo_jax.checkpoint import saved, store
 from flexolmo_jax.config import ModelConfig, write_gin_config
-from flexolmo_jax.data import tasks
+from flexolmo_jax.data import tasks, vocabularies
 from flexolmo_jax.flexolmo import router_init
 from flexolmo_jax.model.transformer import pure_model, run_on_batch
 from flexolmo_jax.train import loop, metrics, streams
@@ -83,17 +83,14 @@ def save_public(output_dir: str, cfg: ModelConfig, result, model_fn, task: str, 
                                                 shard_index=0, num_shards=1),   # same on every host
       embedding_documents)
   out = os.path.join(output_dir, "model")
-  extra = {}
-  if vocabulary != "byte":
-    extra["vocabulary.model"] = vocabulary
+  spec, extra = vocabularies.saved_files(vocabulary)
   emb_path = os.path.join(output_dir, EMBEDDING_FILE)
   if jax.process_index() == 0:
     np.savez(emb_path, **embedding)
   extra[EMBEDDING_FILE] = emb_path
   manifest = {
       "kind": "public", "config": store.config_to_json(cfg),
-      "vocabulary": {"spec": "byte" if vocabulary == "byte" else "vocabulary.model",
-                     **tasks.vocabulary_identity(vocabulary)},
+      "vocabulary": {"spec": spec, **vocabularies.identity(vocabulary)},
       "fingerprint": store.fingerprint(result.params),
       "data_card": streams.data_card("public", data, result, train),
   }
@@ -126,7 +123,7 @@ def pretrain(output_dir: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
       paths.absolute(output_dir)
   loop.check_seq_len(train, cfg.max_seq_len)
   store.refuse_to_replace(os.path.join(output_dir, "model"), train.steps)
-  vocab = tasks.vocabulary_from_spec(vocabulary)
+  vocab = vocabularies.load(vocabulary)
   check_vocabulary(vocab, cfg, vocabulary)
   write_gin_config(output_dir)
   data_dir = os.path.join(output_dir, "data")

@@ -36,7 +36,7 @@ import numpy as np
 from flexolmo_jax import paths, sharding
 from flexolmo_jax.checkpoint import merged_model, saved, store
 from flexolmo_jax.config import write_gin_config
-from flexolmo_jax.data import sources, tasks
+from flexolmo_jax.data import sources, tasks, vocabularies
 from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.flexolmo import merge as merge_lib
 from flexolmo_jax.flexolmo import router_init
@@ -219,7 +219,7 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   # proxy_weight 0 tunes on the public data alone (the BTX-lite baseline): no proxy sets, so no
   # domain embedding is read.
   embeddings = domain_embeddings(merged, names) if tune.proxy_weight else None
-  vocab = tasks.vocabulary_from_spec(saved.vocabulary_spec(
+  vocab = vocabularies.load(saved.vocabulary_spec(
       os.path.join(merged, merged_model.PUBLIC_DIR), manifest))
   write_gin_config(output_dir)
   task = tasks.register_corpus("public", data, data_dir=os.path.join(output_dir, "data"),

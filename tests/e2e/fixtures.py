@@ -15,7 +15,7 @@ import pytest
 
 from flexolmo_jax import sharding
 from flexolmo_jax.config import MeshConfig
-from flexolmo_jax.data import flexmix_mini, tasks
+from flexolmo_jax.data import flexmix_mini, tasks, vocabularies
 from flexolmo_jax.flexolmo import expert
 from flexolmo_jax.train import loop
 from tests.helpers import run_cli
@@ -119,6 +119,6 @@ def experts(demo_run, code_expert):
 
 def validation(flexmix, domains=None, seq_len=128, batch_size=8):
   """{domain: its validation batches} of FlexMix-mini (byte vocabulary)."""
-  vocab = tasks.vocabulary_from_spec("byte")
+  vocab = vocabularies.load("byte")
   return {d: list(tasks.eval_batches({d: [flexmix[d]]}, vocab, "unused", seq_len, batch_size)[d])
           for d in domains or flexmix}

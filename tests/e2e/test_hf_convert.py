@@ -12,13 +12,13 @@ from flexolmo_jax import cli
 from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.convert import export, importer
 from flexolmo_jax.convert.safetensors_io import INDEX, SINGLE, TensorReader
-from flexolmo_jax.data import tasks
+from flexolmo_jax.data import vocabularies
 from flexolmo_jax.eval import generate
 from flexolmo_jax.flexolmo import merge
 from flexolmo_jax.model.transformer import pure_model
 from tests.helpers import hf_logits
 from tests.test_hf_convert import hf_checkpoint, load_hf, merged, ours  # noqa: F401  (the fixture)
-BYTE = {"spec": "byte", **tasks.vocabulary_identity("byte")}
+BYTE = {"spec": "byte", **vocabularies.identity("byte")}
 EXPERTS = ("public", "code", "math", "news")
 
 
