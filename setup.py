@@ -32,7 +32,8 @@ setup(
         "dp-accounting>=0.6,<0.7",
     ],
     extras_require={
-        "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "torch==2.13.0"],
+        # Hugging Face in and out; lm-evaluation-harness for downstream benchmarks (`lm-eval`).
+        "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "torch==2.13.0", "lm-eval>=0.4.13,<0.5"],
         # `flexolmo plan --topology v5p:...` compiles for TPUs on any host through libtpu (the
         # version jax[tpu] 0.10.2 pins).
         "tpu": ["libtpu==0.0.42.*"],
@@ -45,6 +46,7 @@ setup(
             "transformers>=5.0,<6",
             "safetensors>=0.4",
             "torch==2.13.0",
+            "lm-eval>=0.4.13,<0.5",
             "libtpu==0.0.42.*",
         ],
     },

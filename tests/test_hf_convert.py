@@ -196,7 +196,8 @@ def test_a_tokenizer_json_is_imported_by_itself_and_exported_unchanged(tmp_path)
 
   from flexolmo_jax.flexolmo import expert
   from flexolmo_jax.train import loop
-  from tests.test_vocabularies import TEXTS, write_bpe
+  from tests.bpe import write_bpe
+  from tests.test_vocabularies import TEXTS
 
   olmo = hf_checkpoint("olmo2", str(tmp_path / "olmo"))
   bpe = write_bpe(olmo, vocab_size=500)

@@ -3,53 +3,19 @@ in Python and inside the tf.data pipeline, its identity in manifests, and its fi
 import json
 import os
 import pickle
-import sysconfig
 
 import numpy as np
 import pytest
 
 from flexolmo_jax.data import tasks, vocabularies
+from tests.bpe import EOS, write_bpe
 
-EOS, PAD, BOS = "<|endoftext|>", "<|pad|>", "<|endoftext|>"
 TEXTS = {
     "code": "def area(r):\n    return 3.14159 * r ** 2  # circle\n\n\tprint(area(2))\n",
     "prose": "The owners train their experts alone; nobody's data leaves its house. It's fine!",
     "non_ascii": "Grüße aus Zürich — 東京で会いましょう 🙂 naïve façade ÅÆØ ΔΣΩ",
     "special": f"one document{EOS}another",
 }
-
-
-def corpus_lines(limit=400):
-  """Real text already on the machine: the standard library's own sources."""
-  lines = []
-  for name in ("shlex.py", "textwrap.py", "json/decoder.py"):
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], name), encoding="utf-8") as fh:
-      lines.extend(fh.read().splitlines()[:limit])
-  return lines + list(TEXTS.values())
-
-
-def write_bpe(directory, vocab_size=1000, specials=(EOS, PAD), config=None):
-  """A byte-level BPE tokenizer.json (GPT-2's scheme, as OLMo-2's) trained here on local text,
-  its special tokens added after the trained entries (as OLMo-2's: id 0 is "!"), with a
-  tokenizer_config.json naming them. Returns the tokenizer.json path."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(corpus_lines(), trainer)
-  tok.add_special_tokens(list(specials))
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, "tokenizer.json")
-  tok.save(path)
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as fh:
-    json.dump(config if config is not None else {
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD,
-        "bos_token": BOS, "model_max_length": 128}, fh)
-  return path
 
 
 @pytest.fixture(scope="module")

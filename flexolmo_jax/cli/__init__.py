@@ -10,7 +10,7 @@ import os
 import sys
 
 from flexolmo_jax import console, paths
-from flexolmo_jax.cli import combine, data, evaluate, hf, project, train
+from flexolmo_jax.cli import benchmarks, combine, data, evaluate, hf, project, train
 from flexolmo_jax.cli.args import Parser
 from flexolmo_jax.cli.evaluate import print_privacy
 from flexolmo_jax.cli.run_config import split_gin_flags
@@ -32,7 +32,7 @@ MULTI_PROCESS_COMMANDS: frozenset[str] = frozenset({"pretrain", "train-expert", 
 # Nothing is sharded, so nothing is gained from more hosts, and no runtime is started that could
 # wait for absent peers.
 LEADER_COMMANDS: frozenset[str] = frozenset({"merge", "btx", "export-hf", "import-hf",
-                                             "generate", "extraction"})
+                                             "generate", "extraction", "lm-eval"})
 
 
 def split_distributed_flags(argv):
@@ -71,14 +71,14 @@ def build_parser() -> Parser:
   for add in (project.add_info, data.add, train.add_pretrain, train.add_train_expert,
               combine.add_merge, train.add_train_dense, combine.add_baselines,
               train.add_tune_router, evaluate.add_generate, evaluate.add_extraction, hf.add,
-              evaluate.add_eval, project.add_plan, project.add_launch, project.add_demo):
+              evaluate.add_eval, benchmarks.add, project.add_plan, project.add_launch, project.add_demo):
     add(sub)
   return p
 
 
 # Flags that name local files or directories; made absolute once, before any command runs.
 PATH_FLAGS = ("out", "public", "expert", "hf", "documents", "dense", "merged", "flexmix", "json",
-              "path", "data_dir", "workdir", "gin_file", "dp_router_proxy")
+              "path", "data_dir", "workdir", "gin_file", "dp_router_proxy", "include_path")
 NAMED_PATH_FLAGS = ("eval_data", "mc")   # NAME=PATH
 
 

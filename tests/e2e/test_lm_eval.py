@@ -1,0 +1,87 @@
+"""lm-evaluation-harness with our model class against the harness's own Hugging Face model on the
+same checkpoint: a local multiple-choice task and a local generation task, from local JSONL."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from flexolmo_jax.convert import importer
+from tests.e2e.test_released_tokenizer import release
+
+MC_YAML = """task: local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+GEN_YAML = """task: local_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+WORDS = "def class return import lambda yield while for print open list dict".split()
+
+
+def local_tasks(directory):
+  rng = np.random.RandomState(0)
+  mc, gen = [], []
+  for i in range(12):
+    words = list(rng.choice(WORDS, 6))
+    mc.append({"context": " ".join(words[:3]), "choices": [" " + w for w in words[3:]],
+               "answer": int(rng.randint(3))})
+    gen.append({"prompt": f"{words[0]}({i}) -> {words[1]}", "target": words[2]})
+  for name, rows, yaml in (("mc", mc, MC_YAML), ("gen", gen, GEN_YAML)):
+    data = os.path.join(directory, f"{name}.jsonl")
+    with open(data, "w") as fh:
+      fh.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(directory, f"{name}.yaml"), "w") as fh:
+      fh.write(yaml.format(data=data))
+  return str(directory)
+
+
+@pytest.mark.slow
+def test_our_model_class_scores_like_the_harness_hf_model(tmp_path, monkeypatch):
+  from lm_eval import evaluator
+  from lm_eval.tasks import TaskManager
+
+  from flexolmo_jax.eval.harness import FlexOlmoLM
+
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  hf_dir, _ = release("flex_olmo", tmp_path / "flex")
+  merged = importer.import_hf(hf_dir, str(tmp_path / "ours"), progress=lambda _: None)
+  tasks_dir = local_tasks(tmp_path / "tasks")
+
+  def run(model, **kw):
+    return evaluator.simple_evaluate(model=model, tasks=["local_mc", "local_gen"],
+                                     task_manager=TaskManager(include_path=tasks_dir),
+                                     log_samples=True, **kw)
+
+  ours = run(FlexOlmoLM(merged, batch_size=4))
+  theirs = run("hf", model_args=f"pretrained={hf_dir},dtype=float32", device="cpu",
+               batch_size=4)
+  assert ours["results"]["local_mc"]["acc,none"] == theirs["results"]["local_mc"]["acc,none"]
+  for a, b in zip(ours["samples"]["local_mc"], theirs["samples"]["local_mc"]):
+    np.testing.assert_allclose([r[0] for r in a["filtered_resps"]],
+                               [r[0] for r in b["filtered_resps"]], atol=1e-3)
+  mine = [s["resps"] for s in ours["samples"]["local_gen"]]
+  assert mine == [s["resps"] for s in theirs["samples"]["local_gen"]]
+  assert any(r[0][0] for r in mine)                 # something was generated
