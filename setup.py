@@ -33,7 +33,8 @@ setup(
     ],
     extras_require={
         # Hugging Face in and out; lm-evaluation-harness for downstream benchmarks (`lm-eval`).
-        "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "torch==2.13.0", "lm-eval>=0.4.13,<0.5"],
+        "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "torch==2.13.0",
+               "lm-eval[hf]>=0.4.13,<0.5"],
         # `flexolmo plan --topology v5p:...` compiles for TPUs on any host through libtpu (the
         # version jax[tpu] 0.10.2 pins).
         "tpu": ["libtpu==0.0.42.*"],
@@ -46,7 +47,7 @@ setup(
             "transformers>=5.0,<6",
             "safetensors>=0.4",
             "torch==2.13.0",
-            "lm-eval>=0.4.13,<0.5",
+            "lm-eval[hf]>=0.4.13,<0.5",
             "libtpu==0.0.42.*",
         ],
     },

@@ -126,3 +126,11 @@ def test_process_0_of_a_multi_process_launch_generates_like_one_process(tmp_path
   assert "has nothing to do" in capsys.readouterr().out
   assert cli.main([*launched, "--process-id", "0"]) == 0
   assert capsys.readouterr().out == alone
+
+
+def test_a_longer_cache_gives_the_same_tokens(model):
+  """A bucketed KV cache (positions past the written ones masked) changes nothing."""
+  cfg, params = model
+  prompt = np.random.RandomState(2).randint(3, cfg.vocab_size, (2, 7))
+  want = generate.generate(cfg, params, prompt, 12)
+  np.testing.assert_array_equal(generate.generate(cfg, params, prompt, 12, cache_len=64), want)

@@ -74,8 +74,11 @@ def _step(params, tokens, cache, key, done, *, cfg, sampling, eos_id, pad_id, ex
 
 def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int,
              sampling: Sampling = Sampling(), *, eos_id: int | None = None, pad_id: int = 0,
-             experts: Sequence[str] | None = None) -> np.ndarray:
-  """``[B, P + max_new_tokens]`` tokens: the prompts ``[B, P]`` and their continuations."""
+             experts: Sequence[str] | None = None, cache_len: int | None = None) -> np.ndarray:
+  """``[B, P + max_new_tokens]`` tokens: the prompts ``[B, P]`` and their continuations.
+  ``cache_len`` (at least P + max_new_tokens) sizes the KV cache: callers with prompts of many
+  lengths pass a few bucketed sizes, so the one-token step compiles once per bucket; positions
+  past the written ones are masked, so the tokens do not change."""
   prompts = np.asarray(prompts, np.int32)
   if prompts.ndim != 2 or prompts.shape[1] == 0:
     raise ValueError(f"prompts must be [batch, length > 0], got shape {prompts.shape}.")
@@ -87,7 +90,7 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int,
   experts = tuple(experts) if experts else None
   out = np.full((b, total), pad_id, np.int32)
   out[:, :p] = prompts
-  cache = KVCache.empty(cfg, b, total)
+  cache = KVCache.empty(cfg, b, max(total, cache_len or 0))
   done = jnp.zeros((b,), bool)
   tokens = jnp.asarray(prompts)
   root = jax.random.key(sampling.seed)

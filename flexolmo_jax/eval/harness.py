@@ -19,13 +19,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import lm_eval.models  # noqa: F401  (the harness's own models, registered before ours)
+from lm_eval import utils as harness_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval import utils as harness_utils
 
 from flexolmo_jax import experts as experts_lib
 from flexolmo_jax.checkpoint import saved
 from flexolmo_jax.eval import generate, scoring
+
+
+CACHE_BUCKET = 64   # KV-cache sizes of generate_until, so its decoding step compiles a few times
 
 
 def _names(value: str | Sequence[str] | None):
@@ -101,8 +105,9 @@ class FlexOlmoLM(TemplateLM):
       until = [until] if isinstance(until, str) else list(until)
       max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
       prompt = self.tok_encode(context)[-(self.max_length - max_new):] or [self.prefix_token_id]
-      row = generate.generate(self.cfg, self.params, [prompt], max_new,
-                              eos_id=self.eot_token_id)[0]
+      bucket = min(-(-(len(prompt) + max_new) // CACHE_BUCKET) * CACHE_BUCKET, self.max_length)
+      row = generate.generate(self.cfg, self.params, [prompt], max_new, eos_id=self.eot_token_id,
+                              cache_len=bucket)[0]
       tokens = generate.trim(row, len(prompt), self.eot_token_id)[len(prompt):]
       text = self.tok_decode(tokens)
       for stop in until:

@@ -42,6 +42,7 @@ WORDS = "def class return import lambda yield while for print open list dict".sp
 
 
 def local_tasks(directory):
+  os.makedirs(directory)
   rng = np.random.RandomState(0)
   mc, gen = [], []
   for i in range(12):
