@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
+from flexolmo_jax import cli
 from flexolmo_jax.convert import importer
+from tests.e2e.fixtures import DEMO_READERS
 from tests.e2e.test_released_tokenizer import release
 
 MC_YAML = """task: local_mc
@@ -60,11 +62,9 @@ def local_tasks(directory):
 
 
 @pytest.mark.slow
-def test_our_model_class_scores_like_the_harness_hf_model(tmp_path, monkeypatch):
+def test_our_model_class_scores_like_the_harness_hf_model(tmp_path, monkeypatch, capsys):
   from lm_eval import evaluator
   from lm_eval.tasks import TaskManager
-
-  from flexolmo_jax.eval.harness import FlexOlmoLM
 
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   hf_dir, _ = release("flex_olmo", tmp_path / "flex")
@@ -76,7 +76,13 @@ def test_our_model_class_scores_like_the_harness_hf_model(tmp_path, monkeypatch)
                                      task_manager=TaskManager(include_path=tasks_dir),
                                      log_samples=True, **kw)
 
-  ours = run(FlexOlmoLM(merged, batch_size=4))
+  # Ours through `flexolmo lm-eval`, as the harness writes its results.
+  out = tmp_path / "results.json"
+  assert cli.main(["lm-eval", "--model", merged, "--tasks", "local_mc,local_gen",
+                   "--include-path", tasks_dir, "--batch-size", "4", "--log-samples",
+                   "--json", str(out)]) == 0
+  assert "local_mc" in capsys.readouterr().out          # the harness's table
+  ours = json.loads(out.read_text())
   theirs = run("hf", model_args=f"pretrained={hf_dir},dtype=float32", device="cpu",
                batch_size=4)
   assert ours["results"]["local_mc"]["acc,none"] == theirs["results"]["local_mc"]["acc,none"]
@@ -86,3 +92,51 @@ def test_our_model_class_scores_like_the_harness_hf_model(tmp_path, monkeypatch)
   mine = [s["resps"] for s in ours["samples"]["local_gen"]]
   assert mine == [s["resps"] for s in theirs["samples"]["local_gen"]]
   assert any(r[0][0] for r in mine)                 # something was generated
+
+
+ROLLING_YAML = """task: demo_{domain}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+"""
+DOMAINS = ("code", "prose", "legal", "math")
+
+
+@pytest.mark.slow
+@DEMO_READERS[0]
+@DEMO_READERS[1]
+def test_opting_an_owner_out_costs_its_own_domain_most(demo_run, tmp_path, monkeypatch):
+  """The quick demo's tuned merged model as a harness model, opted in and with math out, on
+  a bits-per-byte task per owner (ten of the owner's documents): opting math out costs math
+  more than twice what it costs any other owner's domain."""
+  from lm_eval import evaluator
+  from lm_eval.tasks import TaskManager
+
+  from flexolmo_jax.eval.harness import FlexOlmoLM
+
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  raw = os.path.join(demo_run["workdir"], "flexmix_mini", "raw")
+  for domain in DOMAINS:
+    with open(os.path.join(raw, f"{domain}.jsonl")) as fh:
+      docs = [t for t in (json.loads(line)["text"] for line in fh) if len(t) >= 200][:10]
+    data = tmp_path / f"{domain}.jsonl"
+    data.write_text("".join(json.dumps({"text": t[:600]}) + "\n" for t in docs))
+    (tmp_path / f"{domain}.yaml").write_text(ROLLING_YAML.format(domain=domain, data=data))
+  tuned = os.path.join(demo_run["workdir"], "tuned", "merged")
+
+  def bits_per_byte(**select):
+    results = evaluator.simple_evaluate(
+        model=FlexOlmoLM(tuned, batch_size=8, **select), tasks=[f"demo_{d}" for d in DOMAINS],
+        task_manager=TaskManager(include_path=str(tmp_path)))["results"]
+    return {d: results[f"demo_{d}"]["bits_per_byte,none"] for d in DOMAINS}
+
+  full, without_math = bits_per_byte(), bits_per_byte(exclude="math")
+  cost = {d: without_math[d] - full[d] for d in DOMAINS}
+  assert cost["math"] > 2 * max(abs(cost[d]) for d in DOMAINS if d != "math"), cost
