@@ -124,6 +124,25 @@ class TokenizerVocabulary(seqio.Vocabulary):
     """Many texts at once (the library encodes them on several threads)."""
     return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
+  def tokenize_dataset(self, dataset: tf.data.Dataset, key: str = "targets",
+                       batch: int = 128) -> tf.data.Dataset:
+    """``dataset``'s ``key`` texts as ids, ``batch`` documents per call into the library (which
+    spreads them over the host's cores): seqio's per-document tokenize, faster. The order is
+    kept; id 0 comes out as ``zero_stand_in``, as from ``encode_tf``."""
+    def encode(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      ids = self.encode_batch([t.decode("utf-8") for t in texts])
+      flat = np.concatenate([np.asarray(i, np.int32) for i in ids] or [np.zeros(0, np.int32)])
+      return flat, np.asarray([len(i) for i in ids], np.int64)
+
+    def tokenize(examples):
+      flat, lengths = tf.numpy_function(encode, [examples[key]], (tf.int32, tf.int64),
+                                        stateful=False)
+      flat = tf.where(tf.reshape(flat, [-1]) == 0, self.zero_stand_in, tf.reshape(flat, [-1]))
+      return {**examples, key: tf.RaggedTensor.from_row_lengths(flat, tf.reshape(lengths, [-1]))}
+
+    return dataset.batch(batch).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE,
+                                    deterministic=True).unbatch()
+
   def _decode(self, ids) -> str:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 

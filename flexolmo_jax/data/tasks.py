@@ -37,6 +37,14 @@ def _text_to_targets(ex):
   return {"targets": ex["text"]}
 
 
+def _tokenize(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
+  """seqio's tokenize, or a vocabulary's own batched one (hf_tokenizer) where it has one."""
+  vocab = output_features["targets"].vocabulary
+  if hasattr(vocab, "tokenize_dataset"):
+    return vocab.tokenize_dataset(dataset, "targets")
+  return seqio.preprocessors.tokenize(dataset, output_features)
+
+
 def split_to_length(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
                     output_features=None) -> tf.data.Dataset:
   """Cuts each tokenized document into consecutive chunks of at most the target length."""
@@ -86,7 +94,7 @@ def register_domain_task(name: str, dataset_dir: str,
   return seqio.TaskRegistry.add(
       name,
       source=_source_for(os.fspath(dataset_dir)),
-      preprocessors=[_text_to_targets, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos,
+      preprocessors=[_text_to_targets, _tokenize, seqio.preprocessors.append_eos,
                      split_to_length],
       output_features=output_features(vocabulary),
       shuffle_buffer_size=10_000)
