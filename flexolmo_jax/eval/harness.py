@@ -42,9 +42,15 @@ def _names(value: str | Sequence[str] | None):
 class FlexOlmoLM(TemplateLM):
   def __init__(self, path: str, experts: str | Sequence[str] | None = None,
                exclude: str | Sequence[str] | None = None, batch_size: int | str = 16,
-               dtype: str | None = None, max_gen_toks: int = 256):
+               dtype: str | None = None, max_gen_toks: int = 256,
+               max_length: int | str | None = None):
     super().__init__()
     self.cfg, self.params, _ = saved.open_saved(path, _names(experts), _names(exclude), dtype)
+    if max_length is not None:     # e.g. the length a model was trained at, below max_seq_len
+      if not 0 < int(max_length) <= self.cfg.max_seq_len:
+        raise ValueError(f"max_length={max_length}: between 1 and the model's max_seq_len "
+                         f"{self.cfg.max_seq_len}.")
+      self.cfg = self.cfg.replace(max_seq_len=int(max_length))
     self.vocabulary = saved.vocabulary(path)
     self.scorer = scoring.Scorer(self.cfg, self.params, int(batch_size))
     self.max_gen_toks = int(max_gen_toks)
