@@ -2,6 +2,7 @@
 with a byte-level BPE tokenizer.json -> import-hf (the vocabulary from its files) -> train-expert on
 text tokenized by it -> merge -> export-hf -> transformers gives our logits and greedy tokens, and
 the tokenizer files come back unchanged."""
+import json
 import os
 import sysconfig
 
@@ -113,3 +114,38 @@ def test_a_flexolmo_release_with_its_tokenizer_is_extended_leaving_its_experts_u
                          progress=lambda _: None)
   without_bias(params)
   assert_transformers_agree(out, hf_dir, cfg, params, vocab)
+
+
+@pytest.mark.slow
+def test_pretrain_eval_and_generate_with_a_tokenizer_json(tmp_path, capsys):
+  """The commands a user types with `--vocabulary tokenizer.json`: the public model keeps the
+  tokenizer's files and records its identity; eval and generate read it back."""
+  from flexolmo_jax import cli
+
+  bpe = write_bpe(str(tmp_path / "tok"), vocab_size=1000)
+  vocab = vocabularies.load(bpe)
+  data = owner_text(tmp_path / "public.txt")
+  run = str(tmp_path / "run")
+  assert cli.main(["pretrain", "--model", "tiny", "--data", data, "--out", run,
+                   "--vocabulary", bpe, "--steps", "3", "--batch-size", "8", "--seq-len", "64",
+                   "--warmup", "1", "--gin.flexolmo.ModelConfig.vocab_size=1024",
+                   "--gin.flexolmo.TrainConfig.peak_tflops=1.0"]) == 0
+  model = os.path.join(run, "model")
+  manifest = store.read_manifest(model, "public")
+  assert manifest["vocabulary"] == {"spec": "tokenizer.json", **vocabularies.identity(bpe)}
+  for name in TOKENIZER_FILES:
+    with open(os.path.join(model, name), "rb") as a, open(os.path.join(tmp_path / "tok", name),
+                                                          "rb") as b:
+      assert a.read() == b.read(), name
+  capsys.readouterr()
+  with open(data) as fh:     # one document per three lines: some are validation documents
+    lines = fh.read().splitlines()
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 3])}) + "\n"
+                          for i in range(0, len(lines), 3)))
+  assert cli.main(["eval", "--model", run, "--data", f"code={docs}", "--seq-len", "64"]) == 0
+  assert "code" in capsys.readouterr().out
+  assert cli.main(["generate", "--model", run, "--prompt", "def main(",
+                   "--max-new-tokens", "8"]) == 0
+  out = capsys.readouterr().out
+  assert "def main(" in out and vocab.vocab_size == 1000
