@@ -28,7 +28,7 @@ from typing import Sequence
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
 ENGINES = ("slurm", "k8s", "xpk", "local")
 RUNS = ("pretrain", "train-expert", "train-dense", "tune-router", "merge", "btx", "eval", "generate",
-        "extraction", "export-hf", "import-hf")
+        "extraction", "export-hf", "import-hf", "lm-eval")
 TEMPLATES = {"slurm": "slurm/job.sbatch", "k8s": "k8s/jobset.yaml"}
 SUFFIX = {"slurm": ".sbatch", "k8s": ".yaml"}
 SUBMIT = {"slurm": ["sbatch"], "k8s": ["kubectl", "apply", "-f"]}
