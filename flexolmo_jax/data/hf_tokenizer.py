@@ -40,10 +40,10 @@ class TokenizerVocabulary(seqio.Vocabulary):
 
   Encoding adds no special tokens (seqio appends EOS itself), so ids equal
   ``AutoTokenizer(...).encode(text, add_special_tokens=False)`` on the same files (in Python; see
-  ``zero_stand_in`` for TensorFlow). Decoding skips
-  special tokens. EOS, PAD, BOS and UNK are named by ``config_files`` (a ``tokenizer_config.json``
-  and ``special_tokens_map.json``, the first that names a role wins; absent files are skipped); a
-  tokenizer without an EOS token is refused, since documents are separated by it.
+  ``zero_stand_in`` for TensorFlow). Decoding skips special tokens. EOS, PAD, BOS and UNK are
+  named by ``config_files`` (a ``tokenizer_config.json`` and ``special_tokens_map.json``; the
+  first that names a role wins; absent files are skipped). A tokenizer without an EOS token is
+  refused, since documents are separated by it.
   """
 
   def __init__(self, path: str, config_files: tuple[str, ...] = ()):
@@ -53,7 +53,8 @@ class TokenizerVocabulary(seqio.Vocabulary):
     try:
       self._tokenizer = Tokenizer.from_file(self.path)
     except Exception as e:  # the Rust library's parse errors are plain Exceptions
-      raise ValueError(f"{self.path}: not a tokenizer.json the tokenizers library reads ({e}).")
+      raise ValueError(f"{self.path}: not a tokenizer.json the tokenizers library reads "
+                       f"({e}).") from e
     self._tokenizer.no_padding()
     self._tokenizer.no_truncation()
     self._size = max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
