@@ -107,6 +107,11 @@ class TokenizerVocabulary(seqio.Vocabulary):
     return self._ids.get("pad")
 
   @property
+  def sha256(self) -> str:
+    """The tokenizer.json's SHA-256 (read once, when the vocabulary is built)."""
+    return self._digest
+
+  @property
   def zero_stand_in(self) -> int:
     """seqio's packing takes id 0 for padding: it cuts each example to its count of non-zero ids
     and masks zeros out of the segments and the loss. Id 0 is a real token here (OLMo-2's "!"), so

@@ -75,8 +75,7 @@ def identity(spec: str) -> dict:
     return {"kind": "byte", "size": vocab.vocab_size}
   if kind(spec) == "tokenizer":
     return {"kind": "tokenizer", "size": vocab.vocab_size, "eos": vocab.eos_id,
-            "pad": vocab.tokenizer_pad_id, "bos": vocab.bos_id,
-            "sha256": _sha256([spec])}
+            "pad": vocab.tokenizer_pad_id, "bos": vocab.bos_id, "sha256": vocab.sha256}
   return {"kind": "sentencepiece", "size": vocab.vocab_size, "sha256": _sha256([spec])}
 
 
