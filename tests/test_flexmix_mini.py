@@ -78,6 +78,22 @@ def test_public_is_disjoint_from_every_closed_domain(built):
   assert any("import " in d or "def " in d for d in public)
 
 
+def test_no_domain_repeats_a_document_but_the_planted_canaries(built):
+  """Licence files of many distributions share their first pieces word for word: each domain
+  keeps one copy, so its validation split is not two stray notices beside many copies of one
+  licence in train."""
+  out, card, _ = built
+  canaries = set(raw_docs(out, flexmix_mini.CANARY_FILE.removesuffix(".jsonl")))
+  for name, info in card["domains"].items():
+    docs = raw_docs(out, name)
+    real = [d for d in docs if d not in canaries]
+    assert len(real) == len(set(real)), name
+    size = {s: sum(len(d.encode()) for d in docs
+                   if sources.split_of(d, info["validation_fraction"]) == s)
+            for s in ("train", "validation")}
+    assert size["validation"] >= 0.05 * (size["train"] + size["validation"]), (name, size)
+
+
 def test_build_is_deterministic(built, tmp_path):
   out, _, _ = built
   flexmix_mini.build(str(tmp_path), "quick", log=lambda _: None)
@@ -149,6 +165,12 @@ def test_small_domains_still_get_validation_documents():
   assert units[1] < frac < units[2]
   # Enough documents already below the fraction: unchanged.
   assert flexmix_mini.validation_fraction(docs, 0.999) == 0.999
+  # Many small documents and one large: enough of the bytes go to validation too.
+  big = next(t for t in (f"long licence {i} " * 400 for i in range(100))
+             if 0.3 < sources.hash_unit(t) < max(units))
+  docs.append(big)
+  frac = flexmix_mini.validation_fraction(docs, 0.1)
+  assert sources.split_of(big, frac) == "validation" and frac > 0.1
 
 
 def test_canaries_are_planted_in_one_owners_train_split_only(built):

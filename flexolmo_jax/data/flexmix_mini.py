@@ -6,7 +6,7 @@ Closed domains (one data owner each):
 - ``prose`` English technical prose: the documentation topics bundled with Python
             (``pydoc_data.topics``), one document per topic paragraph group.
 - ``legal`` licence texts: the interpreter's LICENSE.txt and the licence/notice files of every
-            installed distribution, duplicates removed (so it depends on the environment).
+            installed distribution (so it depends on the environment).
 - ``math``  SYNTHETIC arithmetic and algebra worked examples from a seeded generator (labelled
             as synthetic in every document).
 
@@ -14,7 +14,11 @@ Closed domains (one data owner each):
 style's documents is held out of the closed domains and pooled into the public set, so the public
 model sees a little of every style, as FlexOlmo's public mix does, but never a closed document.
 
-Every document is assigned by a hash of its text, so the build is deterministic. Each domain is
+Every domain keeps one copy of each document: many distributions ship the same licence with
+its own copyright appendix, so whole files differ while their first pieces are the same text
+(a quick build once held 16 copies of the Apache licence's first 4 KB among 29 legal documents,
+and 2 documents of validation). Every document is assigned by a hash of its text, so the build
+is deterministic. Each domain is
 written as JSONL (``raw/<domain>.jsonl``) and prepared as a TFDS dataset (``tfds/``).
 
 Canaries: ``canaries`` SYNTHETIC secret documents are planted, ``canary_copies`` times each, in the
@@ -123,15 +127,12 @@ def legal_documents() -> Iterator[str]:
     for f in dist.files or []:
       if os.path.basename(str(f)).upper().startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")):
         paths.append(str(dist.locate_file(f)))
-  seen = set()
   for path in sorted(set(paths)):
     if not os.path.isfile(path):
       continue
     with open(path, "rb") as fh:
       text = fh.read().decode("utf-8", errors="replace").strip()
-    key = hashlib.sha256(text.encode()).hexdigest()
-    if text and key not in seen:
-      seen.add(key)
+    if text:
       yield from _pieces(text)
 
 
@@ -197,8 +198,8 @@ def canary_documents(n: int, length: int = 255, cycle: int = 5, seed: int = 0) -
 
 
 def _budgeted(docs: Iterator[str], budget: int, salt: str) -> list[str]:
-  """A deterministic, content-shuffled selection of documents up to ``budget`` bytes."""
-  ranked = sorted(docs, key=lambda t: _stable_unit(t, salt))
+  """A deterministic, content-shuffled selection of distinct documents up to ``budget`` bytes."""
+  ranked = sorted(set(docs), key=lambda t: _stable_unit(t, salt))
   out, used = [], 0
   for text in ranked:
     n = len(text.encode("utf-8"))
@@ -215,13 +216,20 @@ MIN_VALIDATION_DOCUMENTS = 2
 
 
 def validation_fraction(docs: list[str], fraction: float) -> float:
-  """``fraction``, raised just enough that at least MIN_VALIDATION_DOCUMENTS documents fall below
-  it: a small domain (a few licence files) must still have a validation split to evaluate on."""
-  units = sorted(sources.hash_unit(text) for text in docs)
-  k = MIN_VALIDATION_DOCUMENTS
-  if len(units) <= k or sum(u < fraction for u in units) >= k:
-    return fraction
-  return (units[k - 1] + units[k]) / 2
+  """``fraction``, raised just enough that at least MIN_VALIDATION_DOCUMENTS documents, and at
+  least half of ``fraction``'s share of the bytes, fall below it.
+
+  The split is by document hash, so its share of bytes is luck: a domain of a few licence files
+  must still have a validation split, and one of many small documents (the public set's math
+  examples) must not evaluate on a thousand bytes."""
+  ranked = sorted((sources.hash_unit(text), len(text.encode("utf-8"))) for text in docs)
+  want = fraction / 2 * sum(n for _, n in ranked)
+  taken = 0
+  for k, (unit, n) in enumerate(ranked):
+    if k >= MIN_VALIDATION_DOCUMENTS and taken >= want:
+      return fraction if ranked[k - 1][0] < fraction else (ranked[k - 1][0] + unit) / 2
+    taken += n
+  return fraction
 
 
 def build(out_dir: str, size: str | FlexMixSize = "default", *,
