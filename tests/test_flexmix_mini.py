@@ -1,5 +1,7 @@
 """FlexMix-mini: real local text, disjoint public set, deterministic, distinct domains."""
 import collections
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -94,11 +96,37 @@ def test_no_domain_repeats_a_document_but_the_planted_canaries(built):
     assert size["validation"] >= 0.05 * (size["train"] + size["validation"]), (name, size)
 
 
-def test_build_is_deterministic(built, tmp_path):
-  out, _, _ = built
-  flexmix_mini.build(str(tmp_path), "quick", log=lambda _: None)
+def test_build_is_deterministic_and_its_fingerprint_names_the_text(built, tmp_path):
+  out, card, _ = built
+  again = flexmix_mini.build(str(tmp_path), "quick", log=lambda _: None)
   for name in flexmix_mini.CLOSED_DOMAINS + ("public",):
     assert raw_docs(out, name) == raw_docs(str(tmp_path), name)
+    with open(os.path.join(out, "raw", f"{name}.jsonl"), "rb") as fh:
+      assert card["domains"][name]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+  assert again["sha256"] == card["sha256"]
+  changed = {**card, "domains": {**card["domains"], "legal": {
+      **card["domains"]["legal"], "validation_fraction": 0.5}}}
+  assert flexmix_mini.fingerprint(changed) != card["sha256"]
+
+
+def test_the_legal_domain_reads_only_the_interpreter_and_the_required_distributions(
+    monkeypatch):
+  """Installing another package (lm-eval and its dependencies, say) leaves the corpus as it
+  was: only the interpreter's licence and those of flexolmo_jax's own requirements are read."""
+  before = list(flexmix_mini.legal_documents())
+  real = importlib.metadata.distribution
+  opened = []
+
+  def distribution(name):
+    opened.append(name)
+    return real(name)
+
+  monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+  monkeypatch.setattr(importlib.metadata, "distributions",
+                      lambda: pytest.fail("every installed distribution was listed"))
+  assert list(flexmix_mini.legal_documents()) == before
+  assert tuple(opened) == flexmix_mini.LICENSED_DISTRIBUTIONS
+  assert any("Python Software Foundation" in d for d in before)
 
 
 def test_domains_are_distinct(built):

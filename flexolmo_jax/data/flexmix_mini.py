@@ -5,8 +5,10 @@ Closed domains (one data owner each):
 - ``code``  Python source files of the standard library (tests, idlelib and site-packages excluded).
 - ``prose`` English technical prose: the documentation topics bundled with Python
             (``pydoc_data.topics``), one document per topic paragraph group.
-- ``legal`` licence texts: the interpreter's LICENSE.txt and the licence/notice files of every
-            installed distribution (so it depends on the environment).
+- ``legal`` licence texts: the interpreter's LICENSE.txt and the licence/notice files of the
+            distributions flexolmo_jax requires (LICENSED_DISTRIBUTIONS), never of whatever else
+            is installed: the corpus changes only with those distributions' versions, and its
+            fingerprint (the card's ``sha256``) says whether two builds hold the same text.
 - ``math``  SYNTHETIC arithmetic and algebra worked examples from a seeded generator (labelled
             as synthetic in every document).
 
@@ -121,13 +123,26 @@ def prose_documents() -> Iterator[str]:
     yield from _pieces(pydoc_data.topics.topics[name].strip())
 
 
+# The distributions every install of flexolmo_jax has (setup.py's install_requires). Extras
+# and the packages they pull in are left out: an environment with lm-eval once held 16 more
+# copies of the Apache licence and changed what the legal owner's expert learned.
+LICENSED_DISTRIBUTIONS = (
+    "dp-accounting", "flax", "gin-config", "importlib_resources", "jax", "jax-privacy", "jaxlib",
+    "matplotlib", "ml_dtypes", "numpy", "optax", "orbax-checkpoint", "seqio", "sentencepiece", "tensorboard",
+    "tensorflow", "tensorflow-datasets")
+LICENCE_NAMES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
+
+
 def legal_documents() -> Iterator[str]:
-  paths = [os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")]
-  for dist in importlib.metadata.distributions():
-    for f in dist.files or []:
-      if os.path.basename(str(f)).upper().startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")):
-        paths.append(str(dist.locate_file(f)))
-  for path in sorted(set(paths)):
+  files = [os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")]
+  for name in LICENSED_DISTRIBUTIONS:
+    try:
+      dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+      continue
+    files += sorted(str(dist.locate_file(f)) for f in dist.files or []
+                    if os.path.basename(str(f)).upper().startswith(LICENCE_NAMES))
+  for path in files:
     if not os.path.isfile(path):
       continue
     with open(path, "rb") as fh:
@@ -256,9 +271,10 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
   for name, docs in domains.items():
     path = os.path.join(raw_dir, f"{name}.jsonl")
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-      for text in docs:
-        fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    data = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in docs)
+    data = data.encode("utf-8")
+    with open(tmp, "wb") as fh:
+      fh.write(data)
     os.replace(tmp, path)
     fraction = validation_fraction(docs, size.validation_fraction)
     assert not any(sources.split_of(c, fraction) == "validation" for c in canaries), fraction
@@ -267,7 +283,7 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
                                overwrite=True)
     tokens = {s: stats.utf8_bytes[s] + stats.documents[s] for s in stats.documents}  # + EOS
     card["domains"][name] = {"documents": stats.documents, "byte_tokens": tokens,
-                             "validation_fraction": fraction,
+                             "validation_fraction": fraction, "sha256": hashlib.sha256(data).hexdigest(),
                              "dataset_dir": f"tfds/flexmix_{name}/1.0.0"}
     log(f"FlexMix-mini {name:>6}: {sum(stats.documents.values()):5d} documents, "
         f"{tokens['train']:,} train / {tokens['validation']:,} validation byte tokens")
@@ -280,9 +296,21 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
                         "documents": len(canaries), "path": f"raw/{CANARY_FILE}"}
     log(f"FlexMix-mini canaries: {len(canaries)} synthetic secrets planted "
         f"{size.canary_copies} times each in {size.canary_domain}'s train split")
+  card["sha256"] = fingerprint(card)
+  log(f"FlexMix-mini fingerprint: {card['sha256'][:16]}")
   with open(os.path.join(out_dir, CARD_FILE), "w") as fh:
     json.dump(card, fh, indent=1)
   return read_card(out_dir)
+
+
+def fingerprint(card: dict) -> str:
+  """One SHA-256 over every domain's documents and validation split: two builds with the same
+  fingerprint train and evaluate on the same text."""
+  digest = hashlib.sha256()
+  for name in sorted(card["domains"]):
+    info = card["domains"][name]
+    digest.update(f"{name}\0{info['sha256']}\0{info['validation_fraction']!r}\n".encode())
+  return digest.hexdigest()
 
 
 def read_card(directory: str) -> dict:

@@ -18,6 +18,7 @@ class Report:
     report = {
         "size": self.size_name, "config": dataclasses.asdict(self.size), "seed": self.seed,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "corpus_sha256": self.card["sha256"],
         "seconds": round(self.timing["seconds"], 1),
         "stage_seconds": {k: round(v, 1) for k, v in self.timing["stages"].items()},
         "domains": domains, "closed_domains": self.closed, "losses": table,
