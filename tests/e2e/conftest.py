@@ -2,7 +2,8 @@
 (tests/e2e/fixtures.py)."""
 import pytest
 
-from tests.e2e.fixtures import code_expert, demo_run, experts, flexmix, public  # noqa: F401
+from tests.e2e.fixtures import (code_expert, demo_run, experts, flexmix,  # noqa: F401
+                                 olmo2_tokenizer, public)
 
 
 def pytest_collection_modifyitems(items):

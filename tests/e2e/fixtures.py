@@ -29,6 +29,22 @@ TRAIN = dict(batch_size=8, seq_len=128, log_every=50, async_checkpoints=False, p
 CODE_EXPERT_STEPS = 300
 
 
+# The tests that take the ~100k-entry OLMo-2-style tokenizer run on one pytest-xdist worker, so
+# it is trained once (76 s on a loaded runner).
+OLMO2_TOKENIZER_USERS = pytest.mark.xdist_group("olmo2_tokenizer")
+
+
+@pytest.fixture(scope="session")
+def olmo2_tokenizer(tmp_path_factory):
+  """The tokenizer.json path of a byte-level BPE at OLMo-2's size, with its pre-tokenizer
+  pattern and its special tokens at its ids, trained on the standard library's sources."""
+  from tests import bpe
+
+  return bpe.write_bpe(str(tmp_path_factory.mktemp("olmo2_tokenizer")),
+                       bpe.OLMO2_TRAINED + len(bpe.OLMO2_SPECIALS),
+                       bpe.stdlib_texts(96 << 20), olmo2=True)
+
+
 def run_dir(tmp_path_factory, name):
   """A fresh directory, or with FLEXOLMO_TEST_RUNS set (local iteration only) a kept one that
   the next session resumes from instead of training again."""

@@ -6,15 +6,11 @@ import os
 import pytest
 
 from flexolmo_jax.data import vocabularies
-from tests import bpe
+from tests.e2e.fixtures import OLMO2_TOKENIZER_USERS
 from tests.test_vocabularies import TEXTS
 
 
-@pytest.fixture(scope="module")
-def olmo2_tokenizer(tmp_path_factory):
-  return bpe.write_bpe(str(tmp_path_factory.mktemp("olmo2")),
-                       bpe.OLMO2_TRAINED + len(bpe.OLMO2_SPECIALS),
-                       bpe.stdlib_texts(96 << 20), olmo2=True)
+pytestmark = OLMO2_TOKENIZER_USERS
 
 
 @pytest.mark.slow

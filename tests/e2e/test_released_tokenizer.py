@@ -4,6 +4,7 @@ text tokenized by it -> merge -> export-hf -> transformers gives our logits and 
 the tokenizer files come back unchanged."""
 import json
 import os
+import shutil
 import sysconfig
 
 import jax
@@ -19,6 +20,7 @@ from flexolmo_jax.eval import generate
 from flexolmo_jax.flexolmo import expert, merge
 from flexolmo_jax.model.transformer import pure_model
 from flexolmo_jax.train import loop
+from tests.e2e.fixtures import OLMO2_TOKENIZER_USERS
 from tests.helpers import hf_logits, hf_reference
 from tests.test_hf_convert import load_hf
 from tests.bpe import write_bpe
@@ -27,14 +29,34 @@ from tests.test_vocabularies import TEXTS
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def release(kind, out):
-  """A random transformers model saved with a 1000-entry BPE tokenizer (its embedding padded
-  to 1024 rows, its config's special ids the tokenizer's)."""
-  vocab = vocabularies.load(write_bpe(str(out), vocab_size=1000))
-  ref, _, _ = hf_reference(kind, vocab_size=1024, eos_token_id=vocab.eos_id,
-                           pad_token_id=vocab.tokenizer_pad_id, bos_token_id=vocab.bos_id)
+def release(kind, out, tokenizer=None):
+  """A random transformers model saved with a BPE tokenizer: a 1000-entry one trained here, or
+  ``tokenizer`` (a tokenizer.json whose files are copied). Its embedding is padded to a multiple
+  of 128 rows, its config's special ids are the tokenizer's."""
+  if tokenizer is None:
+    tokenizer = write_bpe(str(out), vocab_size=1000)
+  else:
+    os.makedirs(out)
+    for name in TOKENIZER_FILES:
+      shutil.copy(os.path.join(os.path.dirname(tokenizer), name), out)
+    tokenizer = os.path.join(out, "tokenizer.json")
+  vocab = vocabularies.load(tokenizer)
+  ref, _, _ = hf_reference(kind, vocab_size=-(-vocab.vocab_size // 128) * 128,
+                           eos_token_id=vocab.eos_id, pad_token_id=vocab.tokenizer_pad_id,
+                           bos_token_id=vocab.bos_id)
   ref.save_pretrained(str(out))
   return str(out), vocab
+
+
+# Both flows run with a 1000-entry tokenizer and with one at OLMo-2's size (100,278 ids, its
+# specials and pre-tokenizer pattern: tests/bpe.py).
+SIZES = ["1k", pytest.param("100k", marks=OLMO2_TOKENIZER_USERS)]
+
+
+@pytest.fixture(params=SIZES)
+def tokenizer(request):
+  """None (a 1000-entry tokenizer trained with the release) or the OLMo-2-sized tokenizer.json."""
+  return request.getfixturevalue("olmo2_tokenizer") if request.param == "100k" else None
 
 
 def owner_text(path):
@@ -80,8 +102,8 @@ def assert_transformers_agree(hf_dir, source_dir, cfg, params, vocab):
 
 
 @pytest.mark.slow
-def test_a_dense_olmo2_release_gets_an_expert_with_its_own_tokenizer(tmp_path):
-  hf_dir, vocab = release("olmo2", tmp_path / "olmo2")
+def test_a_dense_olmo2_release_gets_an_expert_with_its_own_tokenizer(tmp_path, tokenizer):
+  hf_dir, vocab = release("olmo2", tmp_path / "olmo2", tokenizer)
   public = importer.import_hf(hf_dir, str(tmp_path / "public"), progress=lambda _: None)
   assert store.read_manifest(public, "public")["vocabulary"]["kind"] == "tokenizer"
   artifact = train_owner(public, tmp_path, router_init="random")   # no public data to embed
@@ -97,8 +119,9 @@ def test_a_dense_olmo2_release_gets_an_expert_with_its_own_tokenizer(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_flexolmo_release_with_its_tokenizer_is_extended_leaving_its_experts_untouched(tmp_path):
-  hf_dir, vocab = release("flex_olmo", tmp_path / "flex")
+def test_a_flexolmo_release_with_its_tokenizer_is_extended_leaving_its_experts_untouched(
+    tmp_path, tokenizer):
+  hf_dir, vocab = release("flex_olmo", tmp_path / "flex", tokenizer)
   importer.import_hf(hf_dir, str(tmp_path / "release"), split=True, progress=lambda _: None)
   released = str(tmp_path / "release" / "merged")
   artifact = train_owner(str(tmp_path / "release" / "public"), tmp_path)
