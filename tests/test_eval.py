@@ -206,3 +206,75 @@ def test_router_probabilities_match_a_per_token_loop():
   assert abs(sum(got.values()) - 1) < 1e-5
   with pytest.raises(ValueError, match="dense"):
     routing.router_probabilities(tiny(), pure_model(tiny()).init(0), batches)
+
+
+def test_layer_routing_and_row_geometry_match_a_per_token_loop():
+  from flexolmo_jax.eval import routing
+  from flexolmo_jax.model.transformer import Transformer
+  from flax import nnx
+  from tests.helpers import spread_router
+
+  cfg = tiny(experts=("public", "a", "b"), top_k=2, negative_bias=True)
+  params = nnx.split(spread_router(Transformer(cfg, nnx.Rngs(1)), scale=0.05), nnx.Param)[1]
+  params = jax.tree.map(np.asarray, params.to_pure_dict())
+  ffn = params["blocks"]["ffn"]
+  ffn["negative_bias"] = np.asarray([[0.0, -0.5, 0.3]] * cfg.n_layers, np.float32)
+  batches = [lm_batch(cfg.vocab_size, batch=2, length=24, seed=s) for s in (0, 1)]
+  got = routing.layer_routing(cfg, params, batches)
+
+  sums = {k: np.zeros((cfg.n_layers, 3)) for k in ("probs", "logits", "top1")}
+  spread, norm, count = np.zeros(cfg.n_layers), np.zeros(cfg.n_layers), 0
+  for batch in batches:
+    _, _, hidden = pure_model(cfg)(params, batch["decoder_input_tokens"],
+                                   positions_bt=batch["decoder_positions"],
+                                   segment_ids_bt=batch["decoder_segment_ids"], return_hidden=True)
+    h = np.asarray(hidden.router_inputs, np.float64)
+    for b, t in zip(*np.nonzero(batch["decoder_loss_weights"])):
+      for layer in range(cfg.n_layers):
+        x = h[layer, b, t]
+        z = ffn["router_embedding"][layer] @ x + np.minimum(ffn["negative_bias"][layer], 0) * [0, 1, 1]
+        sums["logits"][layer] += z
+        sums["probs"][layer] += np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        sums["top1"][layer, np.argmax(z)] += 1
+        spread[layer] += z.std()
+        norm[layer] += np.linalg.norm(x)
+      count += 1
+  for k, v in sums.items():
+    np.testing.assert_allclose(got[k], v / count, rtol=1e-4, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(got["spread"], spread / count, rtol=1e-4)
+  np.testing.assert_allclose(got["hidden_norm"], norm / count, rtol=1e-4)
+
+  geometry = routing.row_geometry(cfg, params)
+  rows = np.asarray(ffn["router_embedding"], np.float64)
+  for layer in range(cfg.n_layers):
+    for i in range(3):
+      assert geometry["norm"][layer, i] == pytest.approx(np.linalg.norm(rows[layer, i]))
+      for j in range(3):
+        cos = rows[layer, i] @ rows[layer, j] / np.linalg.norm(rows[layer, i]) / np.linalg.norm(
+            rows[layer, j])
+        assert geometry["cosine"][layer, i, j] == pytest.approx(cos)
+  np.testing.assert_array_equal(geometry["negative_bias"], [[0.0, -0.5, 0.0]] * cfg.n_layers)
+
+
+def test_eval_routing_reports_the_router_of_a_merged_model(world, tmp_path, capsys):
+  from tests.artifacts import refused
+
+  out = tmp_path / "eval.json"
+  data = ["--data", f"code={world['data']}", "--data-dir", str(tmp_path / "prepared"),
+          "--seq-len", "32"]
+  from flexolmo_jax import cli
+
+  capsys.readouterr()
+  assert cli.main(["eval", "--model", world["merged"], *data, "--routing", "--json",
+                   str(out)]) == 0
+  text = capsys.readouterr().out
+  report = json.loads(out.read_text())["routing"]
+  assert report["experts"] == ["public", "code"] and report["top_k"] == 2
+  probs = np.asarray(report["domains"]["code"]["probs"])
+  n_layers = probs.shape[0]
+  np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(report["rows"]["cosine"])[:, [0, 1], [0, 1]], 1.0,
+                             rtol=1e-6)
+  assert f"layer {n_layers - 1} cos(public)" in text and "code mean prob" in text
+  refused(capsys, "eval", "--model", world["public"], *data, "--routing", naming="dense model")
+  refused(capsys, "eval", "--model", world["merged"], "--routing", naming="--data")

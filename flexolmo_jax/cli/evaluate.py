@@ -75,6 +75,47 @@ def _multiple_choice(args, tasks_mc, vocab) -> dict:
   return report
 
 
+def _routing(args, data, vocab) -> dict:
+  """Where the router sends each domain, per layer, and the geometry of its rows: the numbers
+  that say whether a merged model routes to its owners (docs/usage.md, "Reading the router")."""
+  import itertools
+
+  import numpy as np
+
+  from flexolmo_jax.checkpoint import saved
+  from flexolmo_jax.experts import PUBLIC
+  from flexolmo_jax.data import tasks
+  from flexolmo_jax.eval import routing
+
+  cfg, params, _ = saved.open_saved(args.model, args.experts, args.exclude)
+  if not cfg.is_moe:
+    raise ValueError(f"eval --routing: {args.model} is a dense model; it has no router.")
+  names = cfg.experts
+  table = lambda values: "  ".join(f"{n} {v:6.3f}" for n, v in zip(names, values))
+  geometry = routing.row_geometry(cfg, params)
+  report = {"experts": list(names), "top_k": cfg.top_k,
+            "rows": {k: v.tolist() for k, v in geometry.items()}, "domains": {}}
+  print(f"router: {len(names)} experts, top-k {cfg.top_k}")
+  for layer in range(geometry["norm"].shape[0]):
+    print(f"layer {layer} row norm     {table(geometry['norm'][layer])}")
+    if PUBLIC in names:
+      print(f"layer {layer} cos(public)  "
+            f"{table(geometry['cosine'][layer, names.index(PUBLIC)])}")
+    print(f"layer {layer} bias         {table(geometry['negative_bias'][layer])}")
+  for name, paths in data.items():
+    batches = tasks.eval_batches({name: paths}, vocab, args.data_dir, args.seq_len,
+                                 args.batch_size)[name]
+    if args.max_batches:
+      batches = itertools.islice(batches, args.max_batches)
+    stats = routing.layer_routing(cfg, params, batches)
+    report["domains"][name] = {k: v.tolist() for k, v in stats.items()}
+    for layer in range(stats["probs"].shape[0]):
+      print(f"{name:>10} layer {layer} |x| {stats['hidden_norm'][layer]:7.2f}  logit spread "
+            f"{stats['spread'][layer]:6.3f}  prob  {table(stats['probs'][layer])}")
+    print(f"{name:>10} mean prob   {table(np.mean(stats['probs'], axis=0))}")
+  return report
+
+
 def _eval(args) -> int:
   """Per-domain losses (data-parallel over processes: each scores its shard of the stream)
   and multiple-choice accuracy (every process scores every question); process 0 alone prints
@@ -89,8 +130,12 @@ def _eval(args) -> int:
       raise ValueError("eval needs at least one --data NAME=PATH or --mc NAME=FILE.jsonl.")
     vocab = saved.vocabulary(args.model)
     print_privacy(args.model)
+    if args.routing and not data:
+      raise ValueError("eval --routing needs --data: the routing is measured on its tokens.")
     report = {**(_losses(args, data, vocab) if data else {}),
               **(_multiple_choice(args, tasks_mc, vocab) if tasks_mc else {})}
+    if args.routing:
+      report["routing"] = _routing(args, data, vocab)
   if args.json and leader:
     with open(args.json, "w") as fh:
       json.dump(report, fh, indent=2)
@@ -172,6 +217,9 @@ def add_eval(sub) -> None:
   p.add_argument("--seq-len", type=count, default=256)
   p.add_argument("--batch-size", type=count, default=16)
   p.add_argument("--max-batches", type=count)
+  p.add_argument("--routing", action="store_true",
+                 help="also report the router of a merged model: each domain's mean router "
+                      "probability and logit spread per layer, the rows' norms, cosines and bias")
   p.add_argument("--json", help="write every number here")
   p.set_defaults(fn=_eval)
 
