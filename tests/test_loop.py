@@ -90,6 +90,28 @@ def test_metrics_tensorboard_and_checkpoints_are_written(tmp_path):
   assert result.tokens_seen == 6 * 8 * 28 and result.documents_seen == 6 * 8 * 2
 
 
+def test_router_lr_scale_scales_exactly_the_router_updates():
+  rs = np.random.RandomState(0)
+  params = {"w_gate": rs.randn(3, 4).astype(np.float32), "router": rs.randn(2, 4).astype(
+      np.float32), "negative_bias": rs.randn(2).astype(np.float32)}
+  grads = jax.tree.map(lambda p: np.float32(0.1) * np.ones_like(p), params)
+
+  def update(scale):
+    cfg = loop.TrainConfig(learning_rate=1e-2, warmup_steps=0, router_lr_scale=scale)
+    tx = optim.adamw(cfg, params)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  full, half, held = update(1.0), update(0.5), update(0.0)
+  np.testing.assert_array_equal(half["w_gate"], full["w_gate"])
+  np.testing.assert_array_equal(held["w_gate"], full["w_gate"])
+  for name in ("router", "negative_bias"):
+    np.testing.assert_allclose(half[name], 0.5 * full[name], rtol=1e-6)
+    np.testing.assert_array_equal(held[name], 0.0)
+    assert np.all(np.abs(full[name]) > 0)
+  with pytest.raises(ValueError, match="router_lr_scale"):
+    loop.TrainConfig(router_lr_scale=-1.0)
+
+
 def test_sigterm_saves_and_the_rerun_continues_with_identical_losses(tmp_path):
   reference = make_trainer(tmp_path / "ref")
   reference.train()

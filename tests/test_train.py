@@ -84,6 +84,25 @@ def test_domain_embedding_matches_a_naive_mean():
   assert rows.min() >= -0.006 and rows.max() <= 0.0
 
 
+def test_router_init_scale_stretches_the_owner_row_away_from_the_public_one(tmp_path):
+  rs = np.random.RandomState(0)
+  public = {"shared": rs.randn(64).astype(np.float32),
+            "per_layer": rs.randn(2, 64).astype(np.float32)}
+  np.savez(tmp_path / router_init.EMBEDDING_FILE, **public)
+  owner = {"shared": rs.randn(64).astype(np.float32),
+           "per_layer": rs.randn(2, 64).astype(np.float32)}
+  for mode in ("shared", "per_layer"):
+    rows = lambda scale: expert.router_rows(mode, str(tmp_path), {"fingerprint": "0" * 16},
+                                            tiny(), owner, 0, scale)
+    r_pub, plain = rows(1.0)
+    np.testing.assert_array_equal(plain, router_init.rows_for(mode, owner, 2, 64))
+    same_pub, stretched = rows(4.0)
+    np.testing.assert_array_equal(same_pub, r_pub)
+    np.testing.assert_allclose(stretched, r_pub + 4.0 * (plain - r_pub), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="router_init_scale"):
+    expert.ExpertConfig(router_init_scale=0.0)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -53,6 +53,10 @@ class ExpertConfig:
   negative_bias_init: float = 0.0
   router_init: str = "shared"          # shared | per_layer | random (router_init.MODES)
   router_init_documents: int = 1000
+  # The owner's row is r_pub + router_init_scale * (e_own - r_pub): 1 is the paper's row, the
+  # domain embedding itself; above 1 stretches what sets the owner's domain apart from the
+  # public one (the domain embeddings share one dominant direction, docs/method.md §5).
+  router_init_scale: float = 1.0
   dispatch: str | None = None          # None: the public config's backend
   # How the frozen public model is held while the expert trains: None as stored (fp32), or
   # "bfloat16", which halves its memory (it has no optimizer state and needs no fp32 copy; the
@@ -66,6 +70,9 @@ class ExpertConfig:
     if self.router_init not in router_init.MODES:
       raise ValueError(f"ExpertConfig: router_init={self.router_init!r}; choose one of "
                        f"{router_init.MODES}.")
+    if not (isinstance(self.router_init_scale, (int, float)) and self.router_init_scale > 0):
+      raise ValueError(f"ExpertConfig: router_init_scale={self.router_init_scale!r} must be a "
+                       "number above 0.")
     if self.top_k not in (1, 2):
       raise ValueError(f"ExpertConfig: top_k={self.top_k}; the 2-expert model takes 1 or 2.")
 
@@ -129,8 +136,9 @@ def training_parts(moe: PureModel, params: dict, anchor_shardings: dict, mesh, r
 
 
 def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
-                owner_embedding: dict, seed: int):
-  """(r_pub, r_NAME) [L, d] rows from the owner's domain embedding (or random).
+                owner_embedding: dict, seed: int, scale: float = 1.0):
+  """(r_pub, r_NAME) [L, d] rows from the owner's domain embedding (or random); ``scale``
+  stretches the owner's row away from r_pub (ExpertConfig.router_init_scale).
 
   The domain embedding is computed in every mode: it goes into the artifact, where router tuning
   uses it to pick proxy documents from the public data (flexolmo/router_tune.py)."""
@@ -138,7 +146,8 @@ def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
                                   cfg.d_model)
   if mode == "random":
     return r_pub, router_init.random_rows(jax.random.key(seed), cfg.n_layers, cfg.d_model)
-  return r_pub, router_init.rows_for(mode, owner_embedding, cfg.n_layers, cfg.d_model)
+  own = router_init.rows_for(mode, owner_embedding, cfg.n_layers, cfg.d_model)
+  return r_pub, (own if scale == 1.0 else (r_pub + scale * (own - r_pub)).astype(np.float32))
 
 
 def task_embedding(model: PureModel, anchor, task: str, train: loop.TrainConfig,
@@ -256,7 +265,7 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
   else:
     owner_embedding = task_embedding(dense, anchor, task, train, ecfg.router_init_documents)
   r_pub, r_own = router_rows(ecfg.router_init, public_path, manifest, public_cfg,
-                             owner_embedding, train.seed)
+                             owner_embedding, train.seed, ecfg.router_init_scale)
   params = initial_expert(anchor, r_own, ecfg)   # from the fp32 public weights
   frozen = {"anchor": hold_anchor(anchor, ecfg), "public_router": jnp.asarray(r_pub, jnp.float32)}
   apply, param_shardings, frozen_shardings = training_parts(moe, params, anchor_shardings, mesh,

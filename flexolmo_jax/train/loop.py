@@ -58,6 +58,11 @@ class TrainConfig:
   b2: float = 0.95
   eps: float = 1e-8
   grad_clip: float = 1.0
+  # The learning rate of router rows and negative biases, relative to every other weight's
+  # (0 holds them at their initialization). Adam moves every coordinate by about the learning
+  # rate per step whatever its gradient's size, so at 3e-3 a router row of norm ~1 in d=64 is
+  # rewritten within tens of steps.
+  router_lr_scale: float = 1.0
   lm_z_loss_weight: float = 1e-5
   log_every: int = 10
   eval_every: int = 0           # 0: evaluate at the end only
@@ -89,7 +94,8 @@ class TrainConfig:
       if getattr(self, name) <= 0:
         raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be above 0.")
     for name in ("warmup_steps", "eval_every", "eval_batches", "seed", "weight_decay",
-                 "grad_clip", "lm_z_loss_weight", "peak_tflops", "final_lr_fraction"):
+                 "grad_clip", "lm_z_loss_weight", "peak_tflops", "final_lr_fraction",
+                 "router_lr_scale"):
       if getattr(self, name) < 0:
         raise ValueError(f"TrainConfig: {name}={getattr(self, name)} must be >= 0.")
     for name in ("b1", "b2"):

@@ -35,13 +35,25 @@ def decay_mask(params: Mapping[str, Any]):
   return walk(params)
 
 
+def router_mask(params: Mapping[str, Any]):
+  """True at router rows and negative biases (every leaf whose path names a router or a bias
+  of the routing)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(word in jax.tree_util.keystr(path)
+                          for word in ("router", "negative_bias")), dict(params))
+
+
 def adamw(cfg, params: Mapping[str, Any]) -> optax.GradientTransformation:
-  """``cfg`` is a TrainConfig; ``params`` the trainable tree (for the decay mask)."""
+  """``cfg`` is a TrainConfig; ``params`` the trainable tree (for the decay mask). The router's
+  updates are scaled by ``cfg.router_lr_scale``."""
   lr = schedule(cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction)
+  scale = cfg.router_lr_scale
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                  mask=decay_mask(params)))
+                  mask=decay_mask(params)),
+      optax.masked(optax.scale(scale), router_mask(params)) if scale != 1.0
+      else optax.identity())
 
 
 def state_shardings(opt_state, param_shardings, replicated):
