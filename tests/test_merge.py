@@ -153,3 +153,4 @@ def test_an_interrupted_merge_leaves_nothing_that_looks_complete(tiny, tmp_path,
   with pytest.raises(KeyboardInterrupt):
     merge.merge(tiny["public"], list(tiny["experts"].values()), str(tmp_path / "m"))
   assert os.listdir(tmp_path) == []
+

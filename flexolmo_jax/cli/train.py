@@ -59,7 +59,8 @@ def _add_dp_flags(p) -> None:
 def add_train_expert(sub) -> None:
   p = sub.add_parser("train-expert",
                      help="train one owner's expert against the frozen public model")
-  p.add_argument("--public", help="public model directory (or pretrain run directory)")
+  p.add_argument("--public", help="public model directory (or pretrain run directory), or a "
+                 "merged model to join: the expert trains against its live public router row")
   p.add_argument("--name", help="the expert's name ('public' is reserved)")
   p.add_argument("--top-k", type=count, help="1 or 2 (default 2 of 2)")
   p.add_argument("--router-init", choices=["shared", "per_layer", "random"])

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 
 from flexolmo_jax import experts as experts_lib
 from flexolmo_jax import paths, sharding
-from flexolmo_jax.checkpoint import saved, store
+from flexolmo_jax.checkpoint import merged_model, saved, store
 from flexolmo_jax.config import ModelConfig, write_gin_config
 from flexolmo_jax.data import tasks, vocabularies
 from flexolmo_jax.experts import PUBLIC
@@ -136,14 +136,16 @@ def training_parts(moe: PureModel, params: dict, anchor_shardings: dict, mesh, r
 
 
 def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
-                owner_embedding: dict, seed: int, scale: float = 1.0):
+                owner_embedding: dict, seed: int, scale: float = 1.0,
+                live_public_row: np.ndarray | None = None):
   """(r_pub, r_NAME) [L, d] rows from the owner's domain embedding (or random); ``scale``
-  stretches the owner's row away from r_pub (ExpertConfig.router_init_scale).
+  stretches the owner's row away from r_pub (ExpertConfig.router_init_scale). Joining a merged
+  model, r_pub is that model's ``live_public_row`` (see :func:`joined_model`).
 
   The domain embedding is computed in every mode: it goes into the artifact, where router tuning
   uses it to pick proxy documents from the public data (flexolmo/router_tune.py)."""
   r_pub = router_init.public_rows(mode, public_path, manifest["fingerprint"], cfg.n_layers,
-                                  cfg.d_model)
+                                  cfg.d_model) if live_public_row is None else live_public_row
   if mode == "random":
     return r_pub, router_init.random_rows(jax.random.key(seed), cfg.n_layers, cfg.d_model)
   own = router_init.rows_for(mode, owner_embedding, cfg.n_layers, cfg.d_model)
@@ -176,6 +178,21 @@ def private_setup(dp, task: str, train: loop.TrainConfig, model: PureModel, anch
         f"epsilon {guarantee.epsilon:.4f} at delta {guarantee.delta:g} ({dp.accountant}, "
         f"{dp.sampling} sampling q={guarantee.sampling_rate:.4g}, {train.steps} steps)")
   return docs, guarantee, embedding
+
+
+def joined_model(public: str) -> tuple[str, np.ndarray | None]:
+  """(public model directory, the live public router row [L, d] or None).
+
+  An owner who joins a consortium after its merge (and router tuning) trains against the merged
+  model itself: its public model is the anchor, and its router row is the one the merged model
+  routes with now (tuned or imported), so that `merge MERGED --expert NEW` accepts the new
+  expert without touching any existing row."""
+  path = store.saved_dir(public)
+  if store.read_manifest(path).get("kind") != merged_model.KIND:
+    return public, None
+  router = merged_model.read_router(path)
+  return (os.path.join(path, merged_model.PUBLIC_DIR),
+          np.asarray(router[f"{PUBLIC}/router"], np.float32))
 
 
 def check_public(public: str, name: str, vocabulary: str | None, train: loop.TrainConfig
@@ -248,6 +265,7 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
   data, output_dir = paths.absolute_all([data] if isinstance(data, str) else data), \
       paths.absolute(output_dir)
   store.refuse_to_replace(os.path.join(output_dir, "expert"), train.steps)
+  public, live_public_row = joined_model(public)
   public_path, manifest, public_cfg = check_public(public, name, vocabulary, train)
   if dtype:
     public_cfg = public_cfg.replace(dtype=dtype)
@@ -265,7 +283,8 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
   else:
     owner_embedding = task_embedding(dense, anchor, task, train, ecfg.router_init_documents)
   r_pub, r_own = router_rows(ecfg.router_init, public_path, manifest, public_cfg,
-                             owner_embedding, train.seed, ecfg.router_init_scale)
+                             owner_embedding, train.seed, ecfg.router_init_scale,
+                             live_public_row)
   params = initial_expert(anchor, r_own, ecfg)   # from the fp32 public weights
   frozen = {"anchor": hold_anchor(anchor, ecfg), "public_router": jnp.asarray(r_pub, jnp.float32)}
   apply, param_shardings, frozen_shardings = training_parts(moe, params, anchor_shardings, mesh,

@@ -162,8 +162,9 @@ def router_rows(source: Source, names: Sequence[str], negative_bias: bool) -> di
       if e.manifest.get("public_router_fingerprint") != expected:
         raise ValueError(
             f"expert {e.name!r} ({e.path}) was trained against a different public router row "
-            f"than the merged model {source.public_path} uses; train it against that model's "
-            "public directory (with --router-init per_layer for an imported model).")
+            f"than the merged model {os.path.dirname(source.public_path)} routes with; train it "
+            "against that merged model (`train-expert --public MERGED_DIR`), which trains "
+            "against its live public row.")
       rows.update(_own_rows(e))
   else:
     by_mode: dict[str, list[str]] = {}
