@@ -99,6 +99,11 @@ def test_router_init_scale_stretches_the_owner_row_away_from_the_public_one(tmp_
     same_pub, stretched = rows(4.0)
     np.testing.assert_array_equal(same_pub, r_pub)
     np.testing.assert_allclose(stretched, r_pub + 4.0 * (plain - r_pub), rtol=1e-6, atol=1e-6)
+    _, orthogonal = expert.router_rows(mode, str(tmp_path), {"fingerprint": "0" * 16}, tiny(),
+                                       owner, 0, 4.0, orthogonal=True)
+    delta = (orthogonal - r_pub) / 4.0
+    np.testing.assert_allclose(np.sum(delta * r_pub, axis=-1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.sum((plain - r_pub - delta) * delta, axis=-1), 0.0, atol=1e-4)
   with pytest.raises(ValueError, match="router_init_scale"):
     expert.ExpertConfig(router_init_scale=0.0)
 

@@ -57,6 +57,10 @@ class ExpertConfig:
   # domain embedding itself; above 1 stretches what sets the owner's domain apart from the
   # public one (the domain embeddings share one dominant direction, docs/method.md §5).
   router_init_scale: float = 1.0
+  # Drop the part of (e_own - r_pub) along r_pub before scaling: what is left is what sets the
+  # owner's domain apart, not how concentrated its embeddings are (which r_pub's direction
+  # carries, and which would raise or lower the owner's logit on every token alike).
+  router_init_orthogonal: bool = False
   dispatch: str | None = None          # None: the public config's backend
   # How the frozen public model is held while the expert trains: None as stored (fp32), or
   # "bfloat16", which halves its memory (it has no optimizer state and needs no fp32 copy; the
@@ -137,7 +141,7 @@ def training_parts(moe: PureModel, params: dict, anchor_shardings: dict, mesh, r
 
 def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
                 owner_embedding: dict, seed: int, scale: float = 1.0,
-                live_public_row: np.ndarray | None = None):
+                live_public_row: np.ndarray | None = None, orthogonal: bool = False):
   """(r_pub, r_NAME) [L, d] rows from the owner's domain embedding (or random); ``scale``
   stretches the owner's row away from r_pub (ExpertConfig.router_init_scale). Joining a merged
   model, r_pub is that model's ``live_public_row`` (see :func:`joined_model`).
@@ -149,7 +153,13 @@ def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
   if mode == "random":
     return r_pub, router_init.random_rows(jax.random.key(seed), cfg.n_layers, cfg.d_model)
   own = router_init.rows_for(mode, owner_embedding, cfg.n_layers, cfg.d_model)
-  return r_pub, (own if scale == 1.0 else (r_pub + scale * (own - r_pub)).astype(np.float32))
+  if scale == 1.0 and not orthogonal:
+    return r_pub, own
+  delta = own - r_pub
+  if orthogonal:
+    unit = r_pub / np.maximum(np.linalg.norm(r_pub, axis=-1, keepdims=True), 1e-30)
+    delta = delta - np.sum(delta * unit, axis=-1, keepdims=True) * unit
+  return r_pub, (r_pub + scale * delta).astype(np.float32)
 
 
 def task_embedding(model: PureModel, anchor, task: str, train: loop.TrainConfig,
@@ -284,7 +294,7 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
     owner_embedding = task_embedding(dense, anchor, task, train, ecfg.router_init_documents)
   r_pub, r_own = router_rows(ecfg.router_init, public_path, manifest, public_cfg,
                              owner_embedding, train.seed, ecfg.router_init_scale,
-                             live_public_row)
+                             live_public_row, ecfg.router_init_orthogonal)
   params = initial_expert(anchor, r_own, ecfg)   # from the fp32 public weights
   frozen = {"anchor": hold_anchor(anchor, ecfg), "public_router": jnp.asarray(r_pub, jnp.float32)}
   apply, param_shardings, frozen_shardings = training_parts(moe, params, anchor_shardings, mesh,
