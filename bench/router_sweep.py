@@ -31,6 +31,12 @@ SWEEP = {
                           "flexolmo.TrainConfig.router_lr_scale=0.1"],
     "x16, held": ["flexolmo.ExpertConfig.router_init_scale=16.0",
                   "flexolmo.TrainConfig.router_lr_scale=0.0"],
+    "orthogonal x4, held": ["flexolmo.ExpertConfig.router_init_scale=4.0",
+                            "flexolmo.ExpertConfig.router_init_orthogonal=True",
+                            "flexolmo.TrainConfig.router_lr_scale=0.0"],
+    "orthogonal x16, held": ["flexolmo.ExpertConfig.router_init_scale=16.0",
+                             "flexolmo.ExpertConfig.router_init_orthogonal=True",
+                             "flexolmo.TrainConfig.router_lr_scale=0.0"],
 }
 CLOSED = ("code", "prose", "legal", "math")
 
@@ -113,6 +119,9 @@ def main():
                       f"{r['routing'][d]['best other']:.2f}" for d in CLOSED)
           + f"  ({r['seconds']:.0f} s)", flush=True)
   path = os.path.join(workdir, "router_sweep", "results.json")
+  if os.path.exists(path):                      # earlier sweeps' variants are kept
+    with open(path) as fh:
+      results = {**json.load(fh)["variants"], **results}
   with open(path, "w") as fh:
     json.dump({"reference": ref, "variants": results}, fh, indent=1)
   print(f"-> {path}")
