@@ -154,3 +154,26 @@ def test_an_interrupted_merge_leaves_nothing_that_looks_complete(tiny, tmp_path,
     merge.merge(tiny["public"], list(tiny["experts"].values()), str(tmp_path / "m"))
   assert os.listdir(tmp_path) == []
 
+
+
+def test_expert_bias_lowers_every_non_public_experts_bias_by_the_same_amount(tiny, merged_all,
+                                                                            tmp_path):
+  biased = merge.merge(tiny["public"], list(tiny["experts"].values()), str(tmp_path / "b"),
+                       expert_bias=-2.0, progress=lambda _: None)
+  plain_rows, rows = merged_model.read_router(merged_all), merged_model.read_router(biased)
+  assert set(rows) == set(plain_rows)
+  for key, value in plain_rows.items():
+    want = value - np.float32(2.0) if key.endswith("/negative_bias") else value
+    np.testing.assert_array_equal(rows[key], want, err_msg=key)
+  assert "public/negative_bias" not in rows
+  assert store.read_manifest(biased)["router"]["expert_bias"] == -2.0
+  _, plain = merged_model.load_merged(merged_all)
+  _, params = merged_model.load_merged(biased)
+  np.testing.assert_array_equal(params["blocks"]["ffn"].pop("negative_bias"),
+                                plain["blocks"]["ffn"].pop("negative_bias")
+                                - np.float32(2.0) * np.asarray([0, 1, 1, 1, 1], np.float32))
+  jax.tree.map(np.testing.assert_array_equal, params, plain)
+  for bad, flags in ((0.5, {}), (-1.0, {"negative_bias": False})):
+    with pytest.raises(ValueError, match="expert-bias"):
+      merge.merge(tiny["public"], list(tiny["experts"].values()), str(tmp_path / "x"),
+                  expert_bias=bad, progress=lambda _: None, **flags)

@@ -9,7 +9,8 @@ def _merge(args) -> int:
 
   merge.merge(args.public, args.expert or [], args.out, exclude=args.exclude or [],
               top_k=args.top_k, top_k_policy=args.top_k_policy,
-              negative_bias=not args.drop_negative_bias, overwrite=args.overwrite)
+              negative_bias=not args.drop_negative_bias, overwrite=args.overwrite,
+              expert_bias=args.expert_bias)
   return 0
 
 
@@ -50,6 +51,10 @@ def add_merge(sub) -> None:
                  help="when fewer than top-k experts are opted in at inference")
   p.add_argument("--drop-negative-bias", action="store_true",
                  help="drop the experts' negative biases (the reference and HF layout)")
+  p.add_argument("--expert-bias", type=number, default=0.0,
+                 help="add this (<= 0) to every non-public expert's negative bias, so the "
+                      "public expert keeps its training-time share among many experts "
+                      "(docs/method.md section 6; default 0, the paper's merge)")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(fn=_merge)
 

@@ -220,11 +220,20 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
           exclude: Sequence[str] = (), top_k: int | None = None, top_k_policy: str = "clamp",
           negative_bias: bool = True, router: Mapping[str, np.ndarray] | None = None,
           router_record: Mapping[str, Any] | None = None, overwrite: bool = False,
-          progress=print) -> str:
+          expert_bias: float = 0.0, progress=print) -> str:
   """Writes the merged checkpoint; returns its directory. ``router`` replaces the router rows
-  (router tuning); ``exclude`` drops names from the inputs for good."""
+  (router tuning); ``exclude`` drops names from the inputs for good. ``expert_bias`` (<= 0) is
+  added to every non-public expert's negative bias: each owner trained beside the public expert
+  alone, and among many experts the public one would otherwise get far less of the weight it
+  had then (docs/method.md §6)."""
   if out is None:
     raise ValueError("merge needs an output directory (--out).")
+  if not (isinstance(expert_bias, (int, float)) and expert_bias <= 0 and np.isfinite(expert_bias)):
+    raise ValueError(f"--expert-bias {expert_bias!r}: a negative bias is a number <= 0 (a "
+                     "positive one is clipped to 0 by the router).")
+  if expert_bias and not negative_bias:
+    raise ValueError("--expert-bias is applied through the negative bias, which "
+                     "--drop-negative-bias drops; choose one.")
   source = read_sources(public, experts)
   present = [e.name for e in source.experts]
   if PUBLIC in exclude:
@@ -237,7 +246,8 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
                           key=lambda e: e.name)
   names = (PUBLIC, *(e.name for e in source.experts))
   k = min(DEFAULT_TOP_K, len(names)) if top_k is None else top_k
-  with_bias = negative_bias and any(e.negative_bias is not None for e in source.experts)
+  with_bias = negative_bias and (bool(expert_bias) or any(e.negative_bias is not None
+                                                           for e in source.experts))
   cfg = source.public_cfg.replace(experts=names, top_k=k, top_k_policy=top_k_policy,
                                   negative_bias=with_bias)
   rows = dict(router) if router is not None else router_rows(source, names, with_bias)
@@ -246,6 +256,9 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
       raise ValueError(f"The router has no row for expert {name!r}.")
     if with_bias and name != PUBLIC and f"{name}/negative_bias" not in rows:
       rows[f"{name}/negative_bias"] = np.zeros((cfg.n_layers,), np.float32)
+    if expert_bias and name != PUBLIC:
+      rows[f"{name}/negative_bias"] = (rows[f"{name}/negative_bias"]
+                                       + np.float32(expert_bias)).astype(np.float32)
 
   out, partial = store.begin(out, overwrite)
   try:
@@ -255,7 +268,8 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
         "anchor_fingerprint": source.public_manifest["fingerprint"],
         "data_cards": {PUBLIC: source.public_manifest.get("data_card", {}),
                        **{e.name: e.manifest.get("data_card", {}) for e in source.experts}},
-        "router": dict(router_record or {"source": "experts"}),
+        "router": {**dict(router_record or {"source": "experts"}),
+                   **({"expert_bias": float(expert_bias)} if expert_bias else {})},
     }
     store.finish(partial, out, manifest, write_parts(partial, source, rows, progress))
   except BaseException:
