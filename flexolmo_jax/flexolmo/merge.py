@@ -216,6 +216,15 @@ def write_parts(partial: str, source: Source, rows: Mapping[str, np.ndarray], pr
   return known
 
 
+def check_expert_bias(expert_bias: float, negative_bias: bool) -> None:
+  if not (isinstance(expert_bias, (int, float)) and expert_bias <= 0 and np.isfinite(expert_bias)):
+    raise ValueError(f"--expert-bias {expert_bias!r}: a negative bias is a number <= 0 (a "
+                     "positive one is clipped to 0 by the router).")
+  if expert_bias and not negative_bias:
+    raise ValueError("--expert-bias is applied through the negative bias, which "
+                     "--drop-negative-bias drops; choose one.")
+
+
 def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
           exclude: Sequence[str] = (), top_k: int | None = None, top_k_policy: str = "clamp",
           negative_bias: bool = True, router: Mapping[str, np.ndarray] | None = None,
@@ -228,12 +237,7 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
   had then (docs/method.md §6)."""
   if out is None:
     raise ValueError("merge needs an output directory (--out).")
-  if not (isinstance(expert_bias, (int, float)) and expert_bias <= 0 and np.isfinite(expert_bias)):
-    raise ValueError(f"--expert-bias {expert_bias!r}: a negative bias is a number <= 0 (a "
-                     "positive one is clipped to 0 by the router).")
-  if expert_bias and not negative_bias:
-    raise ValueError("--expert-bias is applied through the negative bias, which "
-                     "--drop-negative-bias drops; choose one.")
+  check_expert_bias(expert_bias, negative_bias)
   source = read_sources(public, experts)
   present = [e.name for e in source.experts]
   if PUBLIC in exclude:
