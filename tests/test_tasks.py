@@ -107,6 +107,24 @@ def test_same_seed_same_batches_and_resume(task_name):
       np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_the_same_files_anywhere_give_the_same_batches(tmp_path):
+  """Where the data sits (the workdir, the data dir) must not change the stream: two copies of
+  one corpus, prepared in two places, give identical batches."""
+  streams = []
+  for where in ("a", "deeper/b"):
+    copy = tmp_path / where / "corpus"
+    copy.mkdir(parents=True)
+    for f in sorted(os.listdir(STDLIB_JSON)):
+      if f.endswith(".py"):
+        (copy / f).write_bytes(open(os.path.join(STDLIB_JSON, f), "rb").read())
+    task = tasks.register_corpus(f"copy_{where[-1]}", [str(copy)], data_dir=str(tmp_path / where))
+    streams.append(list(itertools.islice(
+        tasks.lm_batches(task, seq_len=64, batch_size=2, seed=0), 3)))
+  for x, y in zip(*streams):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
 def test_host_shards_are_disjoint_and_cover(task_name):
   kw = dict(shuffle=False, num_epochs=1, drop_remainder=False)
   whole = collections.Counter(chunks_of(stream(task_name, **kw)))

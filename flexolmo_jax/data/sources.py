@@ -60,8 +60,14 @@ class SourceSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-  key: str     # unique and stable: "<file>" or "<file>:<line>"
+  path: str               # the file, as found from the spec's paths
+  line: int | None        # the JSONL line, or None for a whole-file document
   text: str
+
+  @property
+  def key(self) -> str:
+    """Where the document is, for messages: "<file>" or "<file>:<line>"."""
+    return self.path if self.line is None else f"{self.path}:{self.line}"
 
 
 @dataclasses.dataclass
@@ -155,10 +161,16 @@ def list_files(spec: SourceSpec, stats: SourceStats | None = None) -> list[str]:
   return files
 
 
+# Bumped whenever the same inputs would be written differently (the example keys, hence the order).
+PREPARED_FORMAT = 2
+
+
 def source_key(spec: SourceSpec) -> str:
   """What a prepared dataset is keyed by: the spec, then every input file's path, size,
-  modification time and the SHA-256 of its bytes. Changed inputs give another key."""
-  digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+  modification time and the SHA-256 of its bytes. Changed inputs give another key, and so does
+  another way of writing the dataset (``PREPARED_FORMAT``)."""
+  digest = hashlib.sha256(json.dumps({"format": PREPARED_FORMAT, **dataclasses.asdict(spec)},
+                                     sort_keys=True).encode())
   for path in list_files(spec):
     info = os.stat(path)
     digest.update(f"\n{os.path.abspath(path)}|{info.st_size}|{info.st_mtime_ns}|".encode())
@@ -202,7 +214,7 @@ def _jsonl_documents(path, spec, stats) -> Iterator[Document]:
       if not isinstance(text, str):
         raise DataError(f"{path}:{lineno}: field {spec.field!r} is {type(text).__name__}, "
                         "not a string.")
-      yield Document(f"{path}:{lineno}", text)
+      yield Document(path, lineno, text)
 
 
 def iter_documents(spec: SourceSpec, stats: SourceStats | None = None) -> Iterator[Document]:
@@ -214,7 +226,7 @@ def iter_documents(spec: SourceSpec, stats: SourceStats | None = None) -> Iterat
       docs = _jsonl_documents(path, spec, stats)
     else:
       with open(path, "rb") as fh:
-        docs = iter([Document(path, _decode(fh.read(), path, spec, stats))])
+        docs = iter([Document(path, None, _decode(fh.read(), path, spec, stats))])
     for doc in docs:
       if not doc.text:
         stats.empty_skipped += 1
@@ -243,10 +255,29 @@ def scan(spec: SourceSpec) -> SourceStats:
   return stats
 
 
+def example_keys(spec: SourceSpec) -> dict[str, str]:
+  """{file: its name relative to the spec path it came from, behind that path's index}.
+
+  TFDS orders a prepared dataset by a hash of each example's key, so the key must not hold the
+  directory the data happens to sit in: the same files prepared anywhere give the same order,
+  hence the same batches (the i-th spec path is ``i/``, a file under a directory keeps its
+  relative name)."""
+  keys = {}
+  for i, path in enumerate(spec.paths):
+    if os.path.isdir(path):
+      for file in _directory_files(path, spec.pattern, SourceStats()):
+        keys.setdefault(file, f"{i}/{os.path.relpath(file, path)}")
+    else:
+      keys.setdefault(path, f"{i}/{os.path.basename(path)}")
+  return keys
+
+
 def _split_examples(spec: SourceSpec, split: str):
+  keys = example_keys(spec)
   for doc in iter_documents(spec):
     if split_of(doc.text, spec.validation_fraction) == split:
-      yield doc.key, {"text": doc.text}
+      name = keys[doc.path]
+      yield (name if doc.line is None else f"{name}:{doc.line}"), {"text": doc.text}
 
 
 def dataset_name(name: str) -> str:
