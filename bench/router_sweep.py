@@ -37,6 +37,15 @@ SWEEP = {
     "orthogonal x16, held": ["flexolmo.ExpertConfig.router_init_scale=16.0",
                              "flexolmo.ExpertConfig.router_init_orthogonal=True",
                              "flexolmo.TrainConfig.router_lr_scale=0.0"],
+    "classifier, held": ["flexolmo.ExpertConfig.router_init='classifier'",
+                         "flexolmo.TrainConfig.router_lr_scale=0.0"],
+    "classifier": ["flexolmo.ExpertConfig.router_init='classifier'"],
+    "classifier odds 1, held": ["flexolmo.ExpertConfig.router_init='classifier'",
+                                "flexolmo.ExpertConfig.router_public_odds=1.0",
+                                "flexolmo.TrainConfig.router_lr_scale=0.0"],
+    "classifier odds 16, held": ["flexolmo.ExpertConfig.router_init='classifier'",
+                                 "flexolmo.ExpertConfig.router_public_odds=16.0",
+                                 "flexolmo.TrainConfig.router_lr_scale=0.0"],
 }
 CLOSED = ("code", "prose", "legal", "math")
 
@@ -72,7 +81,8 @@ def run_variant(workdir: str, name: str, bindings: list[str], card: dict) -> dic
     experts += ["--expert", run]
   merged = os.path.join(out, "merged")
   if not os.path.exists(os.path.join(merged, "manifest.json")):
-    flexolmo("merge", "--public", os.path.join(workdir, "public"), *experts, "--out", merged)
+    flexolmo("merge", "--public", os.path.join(workdir, "public"), *experts, "--out", merged,
+             "--top-k", str(1 + len(CLOSED)))        # every expert active, as the demo merges
   report = os.path.join(out, "eval.json")
   flexolmo("eval", "--model", merged, "--flexmix", os.path.join(workdir, "flexmix_mini"),
            *[a for d in (*CLOSED, "public") for a in ("--data", d)], "--seq-len", "128",

@@ -84,6 +84,52 @@ def test_domain_embedding_matches_a_naive_mean():
   assert rows.min() >= -0.006 and rows.max() <= 0.0
 
 
+def test_token_moments_match_a_naive_mean_and_covariance():
+  cfg = tiny()
+  model = pure_model(cfg)
+  params = model.init(0)
+  batches = [lm_batch(cfg.vocab_size, 2, 32, seed=s) for s in (0, 1)]
+  emb = router_init.domain_embedding(model, params, batches, num_documents=100, moments=True)
+  xs = []
+  for batch in batches:
+    _, _, hidden = model(params, batch["decoder_input_tokens"],
+                         positions_bt=batch["decoder_positions"],
+                         segment_ids_bt=batch["decoder_segment_ids"], return_hidden=True)
+    real = batch["decoder_segment_ids"] > 0
+    xs.append(np.asarray(hidden.router_inputs, np.float64)[:, real])       # [L, n, d]
+  x = np.concatenate(xs, axis=1)
+  assert int(emb["tokens"]) == x.shape[1]
+  np.testing.assert_allclose(emb["token_mean"], x.mean(axis=1), atol=1e-4)
+  for layer in range(cfg.n_layers):
+    np.testing.assert_allclose(emb["token_cov"][layer], np.cov(x[layer].T, bias=True),
+                               atol=2e-3, rtol=1e-3)
+
+
+def test_classifier_rows_are_the_bayes_log_odds_of_two_gaussians():
+  """With equal covariances the discriminant is exact: w.x + b equals log N(x; m_o, C) -
+  log N(x; m_p, C) - log(public_odds) at any x (ridge 0)."""
+  rs = np.random.RandomState(0)
+  d, layers = 6, 2
+  a = rs.randn(layers, d, d)
+  cov = a @ a.transpose(0, 2, 1) + d * np.eye(d)
+  own = {"token_mean": rs.randn(layers, d), "token_cov": cov}
+  public = {"token_mean": rs.randn(layers, d), "token_cov": cov}
+  w, b = router_init.classifier_rows(own, public, public_odds=4.0, ridge=0.0)
+  x = rs.randn(layers, d)
+
+  def log_density(m, c, v):
+    diff = v - m
+    return -0.5 * diff @ np.linalg.solve(c, diff)       # the normalizers cancel
+  for layer in range(layers):
+    want = (log_density(own["token_mean"][layer], cov[layer], x[layer])
+            - log_density(public["token_mean"][layer], cov[layer], x[layer]) - np.log(4.0))
+    np.testing.assert_allclose(w[layer] @ x[layer] + b[layer], want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(KeyError, match="token_cov"):
+    router_init.classifier_rows({"token_mean": own["token_mean"]}, public, 4.0)
+  with pytest.raises(ValueError, match="router_public_odds"):
+    expert.ExpertConfig(router_public_odds=0.0)
+
+
 def test_router_init_scale_stretches_the_owner_row_away_from_the_public_one(tmp_path):
   rs = np.random.RandomState(0)
   public = {"shared": rs.randn(64).astype(np.float32),
@@ -93,14 +139,15 @@ def test_router_init_scale_stretches_the_owner_row_away_from_the_public_one(tmp_
            "per_layer": rs.randn(2, 64).astype(np.float32)}
   for mode in ("shared", "per_layer"):
     rows = lambda scale: expert.router_rows(mode, str(tmp_path), {"fingerprint": "0" * 16},
-                                            tiny(), owner, 0, scale)
+                                            tiny(), owner, 0, scale)[:2]
     r_pub, plain = rows(1.0)
     np.testing.assert_array_equal(plain, router_init.rows_for(mode, owner, 2, 64))
     same_pub, stretched = rows(4.0)
     np.testing.assert_array_equal(same_pub, r_pub)
     np.testing.assert_allclose(stretched, r_pub + 4.0 * (plain - r_pub), rtol=1e-6, atol=1e-6)
-    _, orthogonal = expert.router_rows(mode, str(tmp_path), {"fingerprint": "0" * 16}, tiny(),
-                                       owner, 0, 4.0, orthogonal=True)
+    _, orthogonal, bias = expert.router_rows(mode, str(tmp_path), {"fingerprint": "0" * 16},
+                                             tiny(), owner, 0, 4.0, orthogonal=True)
+    assert bias is None
     delta = (orthogonal - r_pub) / 4.0
     np.testing.assert_allclose(np.sum(delta * r_pub, axis=-1), 0.0, atol=1e-4)
     np.testing.assert_allclose(np.sum((plain - r_pub - delta) * delta, axis=-1), 0.0, atol=1e-4)

@@ -16,6 +16,7 @@ TRAIN_FLAGS = {"steps": "STEPS", "batch_size": "BATCH_SIZE", "seq_len": "SEQ_LEN
 PRETRAIN_FLAGS = {**TRAIN_FLAGS, "eval_data": "EVAL_DATA"}
 EXPERT_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME", "top_k": "TOP_K",
                 "router_init": "ROUTER_INIT", "router_init_documents": "ROUTER_INIT_DOCUMENTS",
+                "router_public_odds": "ROUTER_PUBLIC_ODDS", "router_lr_scale": "ROUTER_LR_SCALE",
                 "negative_bias": "NEGATIVE_BIAS", "anchor_dtype": "ANCHOR_DTYPE", "dp": "DP", "target_epsilon": "TARGET_EPSILON",
                 "delta": "DELTA", "clip": "CLIP", "noise_multiplier": "NOISE_MULTIPLIER",
                 "dp_sampling": "DP_SAMPLING", "dp_accountant": "DP_ACCOUNTANT",

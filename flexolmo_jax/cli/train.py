@@ -63,8 +63,12 @@ def add_train_expert(sub) -> None:
                  "merged model to join: the expert trains against its live public router row")
   p.add_argument("--name", help="the expert's name ('public' is reserved)")
   p.add_argument("--top-k", type=count, help="1 or 2 (default 2 of 2)")
-  p.add_argument("--router-init", choices=["shared", "per_layer", "random"])
+  p.add_argument("--router-init", choices=["shared", "per_layer", "random", "classifier"])
   p.add_argument("--router-init-documents", type=count)
+  p.add_argument("--router-public-odds", type=number,
+                 help="classifier init: prior odds of a token being public (default 4)")
+  p.add_argument("--router-lr-scale", type=number,
+                 help="the router's learning rate as a multiple of --lr (0 holds it)")
   p.add_argument("--no-negative-bias", dest="negative_bias", action="store_const", const=False)
   p.add_argument("--anchor-dtype", choices=["float32", "bfloat16"],
                  help="hold the frozen public model in this dtype (bfloat16: half its memory)")

@@ -51,8 +51,12 @@ class ExpertConfig:
   top_k: int = 2                       # 2 of 2: the reference script's soft mixture
   negative_bias: bool = True
   negative_bias_init: float = 0.0
-  router_init: str = "shared"          # shared | per_layer | random (router_init.MODES)
+  router_init: str = "shared"          # shared | per_layer | random | classifier (router_init.MODES)
   router_init_documents: int = 1000
+  # ``classifier`` init: the prior odds of a token being public rather than this owner's. Its
+  # log goes into the initial negative bias: the expert gets weight only where the classifier
+  # is that sure the token is the owner's kind (docs/method.md §5).
+  router_public_odds: float = 4.0
   # The owner's row is r_pub + router_init_scale * (e_own - r_pub): 1 is the paper's row, the
   # domain embedding itself; above 1 stretches what sets the owner's domain apart from the
   # public one (the domain embeddings share one dominant direction, docs/method.md §5).
@@ -74,6 +78,9 @@ class ExpertConfig:
     if self.router_init not in router_init.MODES:
       raise ValueError(f"ExpertConfig: router_init={self.router_init!r}; choose one of "
                        f"{router_init.MODES}.")
+    if not (isinstance(self.router_public_odds, (int, float)) and self.router_public_odds > 0):
+      raise ValueError(f"ExpertConfig: router_public_odds={self.router_public_odds!r} must be a "
+                       "number above 0.")
     if not (isinstance(self.router_init_scale, (int, float)) and self.router_init_scale > 0):
       raise ValueError(f"ExpertConfig: router_init_scale={self.router_init_scale!r} must be a "
                        "number above 0.")
@@ -102,12 +109,13 @@ def assemble(anchor: dict, public_router, expert: dict) -> dict:
   return {**anchor, "blocks": {**blocks, "ffn": moe}}
 
 
-def initial_expert(anchor: dict, router_row, ecfg: ExpertConfig) -> dict:
+def initial_expert(anchor: dict, router_row, ecfg: ExpertConfig, bias=None) -> dict:
   ffn = anchor["blocks"]["ffn"]
   expert = {"w_gate": jnp.array(ffn["gate_proj"]), "w_up": jnp.array(ffn["up_proj"]),
             "w_down": jnp.array(ffn["down_proj"]), "router": jnp.array(router_row, jnp.float32)}
   if ecfg.negative_bias:
-    expert["negative_bias"] = jnp.full(router_row.shape[:1], ecfg.negative_bias_init, jnp.float32)
+    expert["negative_bias"] = (jnp.full(router_row.shape[:1], ecfg.negative_bias_init, jnp.float32)
+                               if bias is None else jnp.asarray(bias, jnp.float32))
   return expert
 
 
@@ -141,34 +149,42 @@ def training_parts(moe: PureModel, params: dict, anchor_shardings: dict, mesh, r
 
 def router_rows(mode: str, public_path: str, manifest: dict, cfg: ModelConfig,
                 owner_embedding: dict, seed: int, scale: float = 1.0,
-                live_public_row: np.ndarray | None = None, orthogonal: bool = False):
-  """(r_pub, r_NAME) [L, d] rows from the owner's domain embedding (or random); ``scale``
-  stretches the owner's row away from r_pub (ExpertConfig.router_init_scale). Joining a merged
-  model, r_pub is that model's ``live_public_row`` (see :func:`joined_model`).
+                live_public_row: np.ndarray | None = None, orthogonal: bool = False,
+                public_odds: float = 4.0):
+  """(r_pub, r_NAME [L, d], initial negative bias [L] or None) from the owner's domain embedding
+  (or random); ``scale`` stretches the owner's row away from r_pub
+  (ExpertConfig.router_init_scale). Joining a merged model, r_pub is that model's
+  ``live_public_row`` (see :func:`joined_model`). ``classifier``: r_NAME = r_pub + w and the
+  bias b of router_init.classifier_rows.
 
   The domain embedding is computed in every mode: it goes into the artifact, where router tuning
   uses it to pick proxy documents from the public data (flexolmo/router_tune.py)."""
   r_pub = router_init.public_rows(mode, public_path, manifest["fingerprint"], cfg.n_layers,
                                   cfg.d_model) if live_public_row is None else live_public_row
   if mode == "random":
-    return r_pub, router_init.random_rows(jax.random.key(seed), cfg.n_layers, cfg.d_model)
+    return r_pub, router_init.random_rows(jax.random.key(seed), cfg.n_layers, cfg.d_model), None
+  if mode == "classifier":
+    w, b = router_init.classifier_rows(owner_embedding, router_init.public_embedding(public_path),
+                                       public_odds)
+    return r_pub, (r_pub + w).astype(np.float32), b
   own = router_init.rows_for(mode, owner_embedding, cfg.n_layers, cfg.d_model)
   if scale == 1.0 and not orthogonal:
-    return r_pub, own
+    return r_pub, own, None
   delta = own - r_pub
   if orthogonal:
     unit = r_pub / np.maximum(np.linalg.norm(r_pub, axis=-1, keepdims=True), 1e-30)
     delta = delta - np.sum(delta * unit, axis=-1, keepdims=True) * unit
-  return r_pub, (r_pub + scale * delta).astype(np.float32)
+  return r_pub, (r_pub + scale * delta).astype(np.float32), None
 
 
 def task_embedding(model: PureModel, anchor, task: str, train: loop.TrainConfig,
-                   num_documents: int = 1000) -> dict:
+                   num_documents: int = 1000, moments: bool = False) -> dict:
   """The domain embedding of ``task``'s first ``num_documents`` documents (one pass, the same
-  rows on every host)."""
+  rows on every host), with its token statistics when ``moments``."""
   return router_init.domain_embedding(
       model, anchor, tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8, seed=train.seed,
-                                      num_epochs=1, shard_index=0, num_shards=1), num_documents)
+                                      num_epochs=1, shard_index=0, num_shards=1), num_documents,
+      moments)
 
 
 def private_setup(dp, task: str, train: loop.TrainConfig, model: PureModel, anchor, n_layers: int,
@@ -253,7 +269,8 @@ def save_artifact(output_dir: str, name: str, result, manifest: dict, cfg: Model
     artifact["data_card"]["dp"] = dp_card
   emb_path = os.path.join(output_dir, router_init.DOMAIN_EMBEDDING_FILE)
   if jax.process_index() == 0:   # store.save copies it in from process 0
-    np.savez(emb_path, **embedding)
+    # The owner's token statistics stay with the owner: the artifact carries only the means.
+    np.savez(emb_path, **{k: v for k, v in embedding.items() if not k.startswith("token")})
   store.save(out, result.params, artifact, overwrite=True,
              extra_files={router_init.DOMAIN_EMBEDDING_FILE: emb_path})
   print(f"expert {name!r} -> {out}")
@@ -287,15 +304,20 @@ def train_expert(public: str = gin.REQUIRED, name: str = gin.REQUIRED,
   write_gin_config(output_dir)
   data_dir = os.path.join(output_dir, "data")
   task = tasks.register_corpus(name, data, data_dir=data_dir, vocabulary=vocab)
+  if dp.enabled and ecfg.router_init == "classifier":
+    raise ValueError("router_init='classifier' reads second moments of the owner's data, which "
+                     "DP-SGD does not cover; with --dp use 'shared' or 'per_layer' (a noised mean).")
   if dp.enabled:
     docs, guarantee, owner_embedding = private_setup(dp, task, train, dense, anchor,
                                                      public_cfg.n_layers, vocab, data_dir)
   else:
-    owner_embedding = task_embedding(dense, anchor, task, train, ecfg.router_init_documents)
-  r_pub, r_own = router_rows(ecfg.router_init, public_path, manifest, public_cfg,
-                             owner_embedding, train.seed, ecfg.router_init_scale,
-                             live_public_row, ecfg.router_init_orthogonal)
-  params = initial_expert(anchor, r_own, ecfg)   # from the fp32 public weights
+    owner_embedding = task_embedding(dense, anchor, task, train, ecfg.router_init_documents,
+                                     moments=ecfg.router_init == "classifier")
+  r_pub, r_own, bias = router_rows(ecfg.router_init, public_path, manifest, public_cfg,
+                                   owner_embedding, train.seed, ecfg.router_init_scale,
+                                   live_public_row, ecfg.router_init_orthogonal,
+                                   ecfg.router_public_odds)
+  params = initial_expert(anchor, r_own, ecfg, bias)   # from the fp32 public weights
   frozen = {"anchor": hold_anchor(anchor, ecfg), "public_router": jnp.asarray(r_pub, jnp.float32)}
   apply, param_shardings, frozen_shardings = training_parts(moe, params, anchor_shardings, mesh,
                                                             rules)

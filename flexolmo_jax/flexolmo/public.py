@@ -81,7 +81,7 @@ def save_public(output_dir: str, cfg: ModelConfig, result, model_fn, task: str, 
       model_fn, result.params, tasks.lm_batches(task, seq_len=train.seq_len, batch_size=8,
                                                 shuffle=True, seed=train.seed, num_epochs=1,
                                                 shard_index=0, num_shards=1),   # same on every host
-      embedding_documents)
+      embedding_documents, moments=True)
   out = os.path.join(output_dir, "model")
   spec, extra = vocabularies.saved_files(vocabulary)
   emb_path = os.path.join(output_dir, EMBEDDING_FILE)
