@@ -100,3 +100,23 @@ def make_tiny(root) -> dict:
   experts = {name: save_random_expert(root / "experts" / name, public, name, seed)
              for seed, name in enumerate(CLOSED, start=1)}
   return {"public": public, "params": params, "experts": experts}
+
+
+def unicode_catalogue(path, documents=400, per_document=24):
+  """A domain FlexMix-mini does not hold, from real data on every Python: the Unicode
+  character database as a catalogue (``U+00E0 à LATIN SMALL LETTER A WITH GRAVE Ll``), one
+  document per run of ``per_document`` named characters, written as JSONL."""
+  import unicodedata
+
+  named = [c for c in map(chr, range(0x20, 0x30000))
+           if unicodedata.category(c)[0] in "LNPS" and unicodedata.name(c, "")
+           and not any(w in unicodedata.name(c) for w in ("IDEOGRAPH", "SYLLABLE"))]
+  lines = [f"U+{ord(c):04X} {c} {unicodedata.name(c)} {unicodedata.category(c)}" for c in named]
+  step = max(1, len(lines) // (documents * per_document))
+  with open(path, "w", encoding="utf-8") as fh:
+    for d in range(documents):
+      start = d * per_document * step
+      chunk = lines[start:start + per_document * step:step]
+      if chunk:
+        fh.write(json.dumps({"text": "\n".join(chunk)}) + "\n")
+  return path

@@ -173,6 +173,11 @@ def test_expert_bias_lowers_every_non_public_experts_bias_by_the_same_amount(tin
                                 plain["blocks"]["ffn"].pop("negative_bias")
                                 - np.float32(2.0) * np.asarray([0, 1, 1, 1, 1], np.float32))
   jax.tree.map(np.testing.assert_array_equal, params, plain)
+  # The experts of a merged input already carry their bias: only entering experts get one.
+  again = merged_model.read_router(merge.merge(biased, [], str(tmp_path / "again"),
+                                               expert_bias=-1.0, progress=lambda _: None))
+  for key, value in rows.items():
+    np.testing.assert_array_equal(again[key], value, err_msg=key)
   for bad, flags in ((0.5, {}), (-1.0, {"negative_bias": False})):
     with pytest.raises(ValueError, match="expert-bias"):
       merge.merge(tiny["public"], list(tiny["experts"].values()), str(tmp_path / "x"),

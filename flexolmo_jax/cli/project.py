@@ -67,7 +67,8 @@ def _launch(args) -> int:
 def _demo(args) -> int:
   from flexolmo_jax import demo
 
-  demo.run(args.workdir, quick=args.quick, fresh=args.fresh, seed=args.seed, jobs=args.jobs)
+  demo.run(args.workdir, quick=args.quick, fresh=args.fresh, seed=args.seed, jobs=args.jobs,
+           ablations=args.ablations)
   return 0
 
 
@@ -156,4 +157,7 @@ def add_demo(sub) -> None:
   p.add_argument("--jobs", type=count, default=2,
                  help="training processes at once for the independent experts and dense "
                       "models (each process still holds one owner's data only)")
+  p.add_argument("--ablations", action="store_true",
+                 help="also the paper's ablations: no negative bias, random router init, the "
+                      "paper's router, uncoordinated experts (each trained, merged and tuned)")
   p.set_defaults(fn=_demo)

@@ -66,7 +66,7 @@ def add_train_expert(sub) -> None:
   p.add_argument("--router-init", choices=["shared", "per_layer", "random", "classifier"])
   p.add_argument("--router-init-documents", type=count)
   p.add_argument("--router-public-odds", type=number,
-                 help="classifier init: prior odds of a token being public (default 4)")
+                 help="classifier init: prior odds of a token being public (default 1)")
   p.add_argument("--router-lr-scale", type=number,
                  help="the router's learning rate as a multiple of --lr (0 holds it)")
   p.add_argument("--no-negative-bias", dest="negative_bias", action="store_const", const=False)

@@ -19,11 +19,15 @@ default 2) run at once, each line of their output labelled with its run:
    that owner's expert in and out, and with its DP-trained expert (``eval/extraction.json``).
 9. The Hugging Face export of the tuned model, checked against transformers' logits (``hf/``).
 10. ``report.json`` (every number), ``report.md`` (the tables) and ``report.png`` (the bars).
+
+With ``ablations`` (``--ablations``), after stage 7: the paper's ablations, each trained, merged,
+tuned and evaluated like FlexOlmo itself (demo/ablations.py, ``ablations/``).
 """
 from __future__ import annotations
 
 import shutil
 
+from flexolmo_jax.demo.ablations import Ablations
 from flexolmo_jax.demo.evaluation import Evaluation
 from flexolmo_jax.demo.processes import run_stages
 from flexolmo_jax.demo.report import Report, render_markdown
@@ -32,21 +36,23 @@ from flexolmo_jax.demo.training import Training
 __all__ = ["Demo", "run", "run_stages"]
 
 
-class Demo(Training, Evaluation, Report):
+class Demo(Training, Evaluation, Ablations, Report):
   """The demo in a work directory: each stage reads the models and results earlier stages
   left there (or in this object) and is skipped when its output exists."""
 
 
 def run(workdir: str, quick: bool = False, fresh: bool = False, seed: int = 0,
-        jobs: int = 2) -> dict:
+        jobs: int = 2, ablations: bool = False) -> dict:
   if jobs < 1:
     raise ValueError(f"--jobs {jobs}: at least one training process is needed.")
   if fresh:
     shutil.rmtree(workdir, ignore_errors=True)
   demo = Demo(workdir, "quick" if quick else "default", seed, jobs)
+  demo.with_ablations = ablations
   for name, stage in (("data", demo.data), ("public", demo.public), ("experts", demo.experts),
                       ("dense", demo.dense), ("merge", demo.merge), ("baselines", demo.baselines),
-                      ("evaluate", demo.evaluate), ("extraction", demo.extraction),
+                      ("evaluate", demo.evaluate), ("ablations", demo.ablations),
+                      ("extraction", demo.extraction),
                       ("export", demo.export)):
     demo.timed(name, stage)
   print("[10/10] report")

@@ -16,8 +16,6 @@ class Evaluation:
   """Stages 7-9 over the models the training stages left in the work directory."""
 
   def evaluate(self) -> None:
-    from flexolmo_jax.eval import perplexity
-
     print("[7/10] validation loss of every model on every domain")
     vocab = self.vocab = saved.vocabulary(self.path("public"))
     data = {d: list(tasks.eval_batches({d: [self.raw[d]]}, vocab, self.path("eval", "data"),
@@ -33,22 +31,29 @@ class Evaluation:
                  for d in self.closed},
               **({f"public + {self.dp_owner} (DP)": (self.merged_dp, {})}
                  if self.dp_owner else {})}
-    self.losses = {}
-    os.makedirs(self.path("eval"), exist_ok=True)
-    for name, (path, select) in models.items():
-      cache = self.path("eval", name.replace(" ", "_").replace(",", "") + ".json")
-      if os.path.exists(cache):
-        with open(cache) as fh:
-          self.losses[name] = json.load(fh)
-        continue
-      self.worked = True
-      stats = perplexity.evaluate_stats(path, data, vocab=vocab, **select)
-      self.losses[name] = {d: s["loss"] for d, s in stats.items()}
-      with open(cache + ".tmp", "w") as fh:
-        json.dump(self.losses[name], fh)
-      os.replace(cache + ".tmp", cache)
-      print(f"  {name:>28}: average {mean(self.losses[name]):.4f}")
+    self.eval_data = data
+    self.losses = {name: self.loss_of(name, path, **select)
+                   for name, (path, select) in models.items()}
     self.routing = self.route(data)
+
+  def loss_of(self, name: str, path: str, **select) -> dict:
+    """{domain: validation loss} of one model (``select``: its experts in or out), kept in
+    ``eval/<name>.json`` and reused from there."""
+    from flexolmo_jax.eval import perplexity
+
+    os.makedirs(self.path("eval"), exist_ok=True)
+    cache = self.path("eval", name.replace(" ", "_").replace(",", "").replace("'", "") + ".json")
+    if os.path.exists(cache):
+      with open(cache) as fh:
+        return json.load(fh)
+    self.worked = True
+    stats = perplexity.evaluate_stats(path, self.eval_data, vocab=self.vocab, **select)
+    losses = {d: s["loss"] for d, s in stats.items()}
+    with open(cache + ".tmp", "w") as fh:
+      json.dump(losses, fh)
+    os.replace(cache + ".tmp", cache)
+    print(f"  {name:>28}: average {mean(losses):.4f}")
+    return losses
 
   def route(self, data: dict) -> dict:
     """{model: {domain: {expert: mean router probability}}} of both FlexOlmo models."""

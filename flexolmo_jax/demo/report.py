@@ -31,6 +31,8 @@ class Report:
         "dp": self.dp_summary(table),
         "hf_export": self.hf_check,
     }
+    if getattr(self, "ablation_results", None):
+      report["ablations"] = self.ablation_results
     with open(self.path("report.json"), "w") as fh:
       json.dump(report, fh, indent=2)
     with open(self.path("report.md"), "w") as fh:
@@ -99,8 +101,20 @@ def render_markdown(report: dict) -> str:
           "Validation loss (nats per byte, lower is better) of every model on every domain's "
           "validation split. `dense D` is the public model continued on D; `public + D` is the "
           "merged model opted in to the public expert and D's only; `flexolmo without D` has D "
-          "opted out.\n\n" + head + rows + routing + extraction + render_dp(report.get("dp")) +
+          "opted out.\n\n" + head + rows + render_ablations(report.get("ablations")) + routing
+          + extraction + render_dp(report.get("dp")) +
           f"\nHugging Face export: {json.dumps(hf)}\n")
+
+
+def render_ablations(ablations: dict | None) -> str:
+  """The ablation table: each variant's average validation loss, untuned and tuned."""
+  if not ablations:
+    return ""
+  return ("\nAblations (demo/ablations.py): each changes one thing of `flexolmo` and goes through "
+          "the same merge, router tuning and evaluation. Average validation loss:\n\n"
+          "| variant | no router tuning | router tuned |\n|---|---|---|\n"
+          + "".join(f"| {name} | {r['untuned']:.3f} | {r['tuned']:.3f} |\n"
+                    for name, r in ablations.items()))
 
 
 def render_dp(dp: dict | None) -> str:

@@ -27,6 +27,15 @@ class Size:
   dp_lr: float = 5e-4
 
 
+# How the owners train and how the builder merges (docs/method.md §5-6), chosen by
+# bench/router_sweep.py at quick size (average validation loss of the untuned merged model, all 5
+# experts active; public model 1.582): the paper's init 1.672; each owner's row and bias from its
+# classifier against the public data ("classifier"), trained 1.679, held 1.631; merged with an
+# expert bias of -2 the paper's init gives 1.523 and the held classifier 1.511, the only one of
+# the four whose own expert leads on code, prose and math (bench/RESULTS.md).
+EXPERT_FLAGS = ("--router-init", "classifier", "--router-lr-scale", "0")
+MERGE_EXPERT_BIAS = -2.0
+
 # Quick router tuning runs 400 steps: opting math out overshot the public model by 0.201 and 0.211
 # after 200 steps, 0.159 and 0.169 after 400 (seeds 1 and 2), and the full model's math loss fell
 # by 0.03-0.05 (default size tunes on 3x the tokens of 200 quick steps already).

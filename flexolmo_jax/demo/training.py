@@ -7,7 +7,7 @@ import os
 import time
 
 from flexolmo_jax.demo.processes import done, run_stages
-from flexolmo_jax.demo.sizes import SIZES
+from flexolmo_jax.demo.sizes import EXPERT_FLAGS, MERGE_EXPERT_BIAS, SIZES
 from flexolmo_jax.experts import PUBLIC
 
 
@@ -86,7 +86,8 @@ class Training:
   def experts(self) -> None:
     print(f"[3/10] experts: each owner alone, {self.size.expert_steps} steps on its own data "
           f"only ({self.jobs} processes at once)")
-    self.train_all(self.per_domain("train-expert", "experts", "expert", "expert")
+    self.train_all([(out, [*argv, *EXPERT_FLAGS], what) for out, argv, what
+                    in self.per_domain("train-expert", "experts", "expert", "expert")]
                    + self.private_expert())
     self.merge_private_expert()
 
@@ -149,7 +150,7 @@ class Training:
     else:
       self.worked = True
       merge.merge(self.path("public"), [self.path("experts", d) for d in self.closed],
-                  self.merged, top_k=1 + len(self.closed))
+                  self.merged, top_k=1 + len(self.closed), expert_bias=MERGE_EXPERT_BIAS)
     self.tuned = self.tune(self.merged, self.path("tuned"), expert_dropout=self.size.tune_dropout)
 
   def baselines(self) -> None:

@@ -216,6 +216,22 @@ def write_parts(partial: str, source: Source, rows: Mapping[str, np.ndarray], pr
   return known
 
 
+def complete_rows(rows: dict, names: Sequence[str], with_bias: bool, n_layers: int,
+                  expert_bias: float, entering: Sequence[str]) -> dict:
+  """Every expert's row checked present, a zero negative bias where one is missing, and
+  ``expert_bias`` added to the experts ``entering`` from their artifacts; those of a merged
+  input already carry theirs (a late joiner added to a tuned model leaves every row as it is)."""
+  for name in names:
+    if f"{name}/router" not in rows:
+      raise ValueError(f"The router has no row for expert {name!r}.")
+    if with_bias and name != PUBLIC and f"{name}/negative_bias" not in rows:
+      rows[f"{name}/negative_bias"] = np.zeros((n_layers,), np.float32)
+    if expert_bias and name != PUBLIC and name in entering:
+      rows[f"{name}/negative_bias"] = (rows[f"{name}/negative_bias"]
+                                       + np.float32(expert_bias)).astype(np.float32)
+  return rows
+
+
 def check_expert_bias(expert_bias: float, negative_bias: bool) -> None:
   if not (isinstance(expert_bias, (int, float)) and expert_bias <= 0 and np.isfinite(expert_bias)):
     raise ValueError(f"--expert-bias {expert_bias!r}: a negative bias is a number <= 0 (a "
@@ -232,9 +248,10 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
           expert_bias: float = 0.0, progress=print) -> str:
   """Writes the merged checkpoint; returns its directory. ``router`` replaces the router rows
   (router tuning); ``exclude`` drops names from the inputs for good. ``expert_bias`` (<= 0) is
-  added to every non-public expert's negative bias: each owner trained beside the public expert
-  alone, and among many experts the public one would otherwise get far less of the weight it
-  had then (docs/method.md §6)."""
+  added to the negative bias of every expert entering from its artifact (not to those a merged
+  input already holds): each owner trained beside the public expert alone, and among many
+  experts the public one would otherwise get far less of the weight it had then
+  (docs/method.md §6)."""
   if out is None:
     raise ValueError("merge needs an output directory (--out).")
   check_expert_bias(expert_bias, negative_bias)
@@ -254,15 +271,11 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
                                                            for e in source.experts))
   cfg = source.public_cfg.replace(experts=names, top_k=k, top_k_policy=top_k_policy,
                                   negative_bias=with_bias)
-  rows = dict(router) if router is not None else router_rows(source, names, with_bias)
-  for name in names:
-    if f"{name}/router" not in rows:
-      raise ValueError(f"The router has no row for expert {name!r}.")
-    if with_bias and name != PUBLIC and f"{name}/negative_bias" not in rows:
-      rows[f"{name}/negative_bias"] = np.zeros((cfg.n_layers,), np.float32)
-    if expert_bias and name != PUBLIC:
-      rows[f"{name}/negative_bias"] = (rows[f"{name}/negative_bias"]
-                                       + np.float32(expert_bias)).astype(np.float32)
+  rows = complete_rows(dict(router) if router is not None
+                       else router_rows(source, names, with_bias), names, with_bias,
+                       cfg.n_layers, expert_bias,
+                       entering=names if router is not None or source.router is None
+                       else [n for n in names if f"{n}/router" not in source.router])
 
   out, partial = store.begin(out, overwrite)
   try:

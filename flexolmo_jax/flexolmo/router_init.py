@@ -95,6 +95,7 @@ def classifier_rows(own: Mapping[str, np.ndarray], public: Mapping[str, np.ndarr
   made well-conditioned by adding ``ridge`` times its mean variance to the diagonal.
   ``public_odds`` is the prior odds of a token being public: above 1 the owner's expert must
   earn its weight, as the paper's negative bias intends; ``b`` carries ``-log(public_odds)``.
+  The merge can add such a prior for every expert at once (``merge --expert-bias``).
   """
   for name, stats in (("owner", own), ("public", public)):
     missing = [k for k in ("token_mean", "token_cov") if k not in stats]
