@@ -135,7 +135,8 @@ def test_committed_default_report_has_the_structure_of_a_fresh_run(demo_run):
   committed = json.load(open(os.path.join(root, "docs", "demo_report.json")))
   fresh = json.load(open(os.path.join(demo_run["workdir"], "report.json")))
   assert committed["size"] == "default" and fresh["size"] == "quick"
-  ignore = ("size", "config", "machine")      # values that legitimately differ in kind
+  # Values that legitimately differ in kind, and the optional ablation stage (`--ablations`).
+  ignore = ("size", "config", "machine", "ablations")
   assert {k: shape_of(v) for k, v in committed.items() if k not in ignore} == \
          {k: shape_of(v) for k, v in fresh.items() if k not in ignore}
   # The same tables in report.md: their header rows, in order.
@@ -145,3 +146,26 @@ def test_committed_default_report_has_the_structure_of_a_fresh_run(demo_run):
   assert len(committed_headers) >= 4
   assert committed_headers == headers(os.path.join(demo_run["workdir"], "report.md"))
   assert "seconds" in committed and committed["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_ablations_order_as_the_papers_table(demo_run, tmp_path):
+  """``flexolmo demo --quick --ablations`` on a copy of the quick demo's work directory: every
+  stage is reused, the ablations run, and FlexOlmo beats each of them untuned, as in the paper's
+  ablation table (uncoordinated experts last)."""
+  import shutil
+
+  copy = tmp_path / "workdir"
+  shutil.copytree(demo_run["workdir"], copy, symlinks=True)
+  run = run_cli(["demo", "--quick", "--ablations", "--workdir", str(copy)],
+                timeout=DEMO_READERS[1].args[0] - 120)
+  assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+  ablations = json.load(open(copy / "report.json"))["ablations"]
+  assert list(ablations) == ["flexolmo", "no negative bias", "random router init",
+                             "paper's router", "uncoordinated"]
+  full = ablations["flexolmo"]
+  for name, row in ablations.items():
+    if name != "flexolmo":
+      assert full["untuned"] < row["untuned"], (name, ablations)
+  assert max(ablations.values(), key=lambda r: r["untuned"]) is ablations["uncoordinated"]
+  assert "| variant | no router tuning | router tuned |" in (copy / "report.md").read_text()
