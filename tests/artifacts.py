@@ -102,21 +102,20 @@ def make_tiny(root) -> dict:
   return {"public": public, "params": params, "experts": experts}
 
 
-def unicode_catalogue(path, documents=400, per_document=24):
-  """A domain FlexMix-mini does not hold, from real data on every Python: the Unicode
-  character database as a catalogue (``U+00E0 à LATIN SMALL LETTER A WITH GRAVE Ll``), one
-  document per run of ``per_document`` named characters, written as JSONL."""
-  import unicodedata
 
-  named = [c for c in map(chr, range(0x20, 0x30000))
-           if unicodedata.category(c)[0] in "LNPS" and unicodedata.name(c, "")
-           and not any(w in unicodedata.name(c) for w in ("IDEOGRAPH", "SYLLABLE"))]
-  lines = [f"U+{ord(c):04X} {c} {unicodedata.name(c)} {unicodedata.category(c)}" for c in named]
-  step = max(1, len(lines) // (documents * per_document))
+def genome_reads(path, documents=400, seed=0):
+  """A domain FlexMix-mini has nothing like: SYNTHETIC DNA reads in FASTA form, each a header
+  and 300-600 bases from one seeded order-2 Markov chain (so there is structure to learn),
+  written as JSONL."""
+  rs = np.random.RandomState(seed)
+  bases = "ACGT"
+  table = rs.dirichlet(np.full(4, 0.3), size=(4, 4))      # P(next | two previous bases)
   with open(path, "w", encoding="utf-8") as fh:
     for d in range(documents):
-      start = d * per_document * step
-      chunk = lines[start:start + per_document * step:step]
-      if chunk:
-        fh.write(json.dumps({"text": "\n".join(chunk)}) + "\n")
+      seq = list(rs.choice(4, 2))
+      for _ in range(rs.randint(300, 600)):
+        seq.append(rs.choice(4, p=table[seq[-2], seq[-1]]))
+      text = "".join(bases[b] for b in seq)
+      lines = [text[i:i + 60] for i in range(0, len(text), 60)]
+      fh.write(json.dumps({"text": f">read_{d:04d} synthetic\n" + "\n".join(lines)}) + "\n")
   return path

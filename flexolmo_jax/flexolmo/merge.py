@@ -112,15 +112,18 @@ class Source:
   public_cfg: ModelConfig
   experts: list[Expert]
   router: dict[str, np.ndarray] | None = None    # from a merged input (tuned rows are kept)
+  top_k: int | None = None          # a merged input's top-k, None when it routes to all experts
 
 
 def read_sources(public: str, experts: Sequence[str]) -> Source:
   """The public model (or a merged checkpoint, whose experts come along) plus expert artifacts."""
   public = store.saved_dir(public)
   manifest = store.read_manifest(public)
-  merged_router = None
+  merged_router, merged_top_k = None, None
   paths = list(experts)
   if manifest.get("kind") == merged_model.KIND:
+    had = manifest["config"].get("top_k")
+    merged_top_k = had if isinstance(had, int) and had < len(manifest["experts"]) else None
     paths = [os.path.join(public, merged_model.EXPERTS_DIR, n) for n in manifest["experts"]
              if n != PUBLIC]
     paths += list(experts)
@@ -139,7 +142,7 @@ def read_sources(public: str, experts: Sequence[str]) -> Source:
                        f"{expert.path}; names identify experts, so each must be unique.")
     seen[expert.name] = expert.path
     out.append(expert)
-  return Source(public_path, public_manifest, public_cfg, out, merged_router)
+  return Source(public_path, public_manifest, public_cfg, out, merged_router, merged_top_k)
 
 
 def _own_rows(e: Expert) -> dict[str, np.ndarray]:
@@ -216,6 +219,15 @@ def write_parts(partial: str, source: Source, rows: Mapping[str, np.ndarray], pr
   return known
 
 
+def default_top_k(source: Source, n: int) -> int:
+  """Top-k when none is given: a merged input's own (all of the experts when it routed to all
+  of its own, so adding an owner to it changes no other owner's routing), else
+  min(DEFAULT_TOP_K, n)."""
+  if source.router is not None:
+    return n if source.top_k is None else min(source.top_k, n)
+  return min(DEFAULT_TOP_K, n)
+
+
 def complete_rows(rows: dict, names: Sequence[str], with_bias: bool, n_layers: int,
                   expert_bias: float, entering: Sequence[str]) -> dict:
   """Every expert's row checked present, a zero negative bias where one is missing, and
@@ -266,7 +278,7 @@ def merge(public: str, experts: Sequence[str] = (), out: str | None = None, *,
   source.experts = sorted((e for e in source.experts if e.name not in exclude),
                           key=lambda e: e.name)
   names = (PUBLIC, *(e.name for e in source.experts))
-  k = min(DEFAULT_TOP_K, len(names)) if top_k is None else top_k
+  k = top_k if top_k is not None else default_top_k(source, len(names))
   with_bias = negative_bias and (bool(expert_bias) or any(e.negative_bias is not None
                                                            for e in source.experts))
   cfg = source.public_cfg.replace(experts=names, top_k=k, top_k_policy=top_k_policy,

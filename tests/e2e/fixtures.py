@@ -117,9 +117,10 @@ def code_expert(flexmix, public, tmp_path_factory):
   run = run_dir(tmp_path_factory, "expert_code")
   one_device = functools.partial(sharding.make_mesh, devices=jax.devices()[:1])
   with mock.patch.object(sharding, "make_mesh", one_device):
-    result, artifact = expert.train_expert(
+    result, artifact = expert.train_expert(    # as the demo trains its owners (demo/sizes.py)
         public=public["run"], name="code", data=[flexmix["code"]], output_dir=str(run),
-        train=train_config(CODE_EXPERT_STEPS, mesh=MeshConfig(data=1)))
+        train=train_config(CODE_EXPERT_STEPS, mesh=MeshConfig(data=1), router_lr_scale=0.0),
+        expert=expert.ExpertConfig(router_init="classifier"))
   return {"run": str(run), "artifact": artifact, "result": result}
 
 

@@ -8,9 +8,13 @@ from tests.helpers import run_cli
 from tests.e2e.fixtures import DEMO_READERS
 
 pytestmark = DEMO_READERS
-OPT_OUT_TOLERANCE = 0.1
-OPT_OUT_BELOW = 0.1
-OPT_OUT_ABOVE = 0.35
+# Opting X out brings X's loss back to the public model's within OPT_OUT_BACK and moves every
+# other closed domain by at most OPT_OUT_OTHERS (measured at quick size: 0.035 and 0.017 at most).
+OPT_OUT_BACK = 0.05
+OPT_OUT_OTHERS = 0.03
+# The untuned merge's average against oracle routing (each closed domain by `public + its own
+# expert`, the public domain by the public model); measured 1.488 against 1.482.
+ORACLE_MARGIN = 0.02
 
 
 @pytest.mark.slow
@@ -49,25 +53,39 @@ def test_quick_demo_end_to_end(demo_run):
   # Every expert lowers its own domain's loss over the public model.
   for d, gain in report["expert_gain"].items():
     assert gain["public + expert"] < gain["public"], d
-  # FlexOlmo's average over all domains beats the public model and the model soup.
-  assert losses["flexolmo"]["average"] < losses["public"]["average"]
-  assert losses["flexolmo"]["average"] < losses["soup"]["average"]
-  # Opting X out raises X's loss back to the public model's (from OPT_OUT_BELOW under it to
-  # OPT_OUT_ABOVE over it), and leaves the other closed domains near the full model's. (Math
-  # needs the demo's expert dropout in router tuning: without it, math came back to 1.816
-  # against public's 1.361.)
+  # FlexOlmo's average over all domains beats the public model and the model soup, untuned
+  # too, and the untuned merge is as good as routing each domain to its own expert.
+  untuned = losses["flexolmo (no router tuning)"]
+  for model in ("flexolmo", "flexolmo (no router tuning)"):
+    assert losses[model]["average"] < losses["public"]["average"], model
+    assert losses[model]["average"] < losses["soup"]["average"], model
   closed = [d for d in report["closed_domains"] if d in report["domains"]]
+  oracle = {d: losses[f"public + {d}"][d] if d in closed else losses["public"][d]
+            for d in report["domains"]}
+  assert untuned["average"] < sum(oracle.values()) / len(oracle) + ORACLE_MARGIN
+  # Opting X out brings X's loss back to the public model's and leaves the other closed domains
+  # where they were. (The public domain holds a share of every style, so it may move more.)
   for d in closed:
     without = losses[f"flexolmo without {d}"]
     assert without[d] > losses["flexolmo"][d], d
-    assert -OPT_OUT_BELOW < without[d] - losses["public"][d] < OPT_OUT_ABOVE, d
+    assert abs(without[d] - losses["public"][d]) < OPT_OUT_BACK, d
     for other in closed:
       if other != d:
-        assert abs(without[other] - losses["flexolmo"][other]) < OPT_OUT_TOLERANCE, (d, other)
-  # Routing is reported per domain and sums to one.
+        assert abs(without[other] - losses["flexolmo"][other]) <= OPT_OUT_OTHERS, (d, other)
+  # Routing is reported per domain and sums to one. Untuned, each closed domain gives its own
+  # expert more than the other owners' experts get on average, and the largest share on all but
+  # one domain: legal's tokens go to prose's expert about as much as to legal's (no linear
+  # router on this model separates the two, docs/method.md §5).
   for table in report["routing"].values():
     for d, probs in table.items():
       assert abs(sum(probs.values()) - 1) < 1e-4, d
+  leads = 0
+  for d in closed:
+    probs = report["routing"]["flexolmo (no router tuning)"][d]
+    others = [p for e, p in probs.items() if e not in (d, "public")]
+    assert probs[d] > sum(others) / len(others), (d, probs)
+    leads += probs[d] > max(others)
+  assert leads >= len(closed) - 1, report["routing"]["flexolmo (no router tuning)"]
   # The extraction evaluation ran on every planted canary, with their owner's expert in and out.
   # It detects memorization: the owner's dense model (every weight trained) reproduces canaries
   # the public model cannot.
@@ -87,12 +105,12 @@ def test_quick_demo_end_to_end(demo_run):
   assert dense["rate"] >= models["public"]["rate"]
   assert models[f"public + {owner}"]["canary_loss"] < models["public"]["canary_loss"] - 1.0
   # The owner's expert in and out, as the paper measures extraction ("FlexOlmo with the math
-  # expert"): the merged model opted in to the public expert and the owner's extracts canaries;
-  # with the owner opted out only the public expert is left, which computes the public model
-  # (tests/test_merge.py), and it extracts fewer. Measured at quick size with the 1000-step public
-  # model: 4/4 against 0/4; on one data set, sampling seeds 0-3 gave 4, 4, 4, 3 of 4 (with a
-  # 600-step public model 0, 0, 0, 1: see demo/sizes.py).
-  assert models[f"public + {owner}"]["rate"] > models["public"]["rate"]
+  # expert"): with the owner opted out only the public expert is left, which computes the public
+  # model (tests/test_merge.py). The expert learned the canaries (the loss above), but its
+  # classifier router gives it little weight on them (they are not licence text), so at quick
+  # size it extracted none (canary loss 2.79); the paper recipe's expert, which takes half the
+  # weight on every token, extracted 4/4 (loss 0.19).
+  assert models[f"public + {owner}"]["rate"] >= models["public"]["rate"]
   # In the full model the tuned router sends most canary tokens to other experts (not the
   # owner's), yet the canaries' loss is lower with the owner in than out.
   inside, outside = models["flexolmo"], models[f"flexolmo without {owner}"]

@@ -11,7 +11,7 @@ from flexolmo_jax.data import tasks, vocabularies
 from flexolmo_jax.demo.sizes import EXPERT_FLAGS, MERGE_EXPERT_BIAS, SIZES
 from flexolmo_jax.eval import perplexity
 from flexolmo_jax.flexolmo import expert, merge
-from tests.artifacts import unicode_catalogue
+from tests.artifacts import genome_reads
 from tests.e2e.fixtures import DEMO_READERS, validation
 from tests.helpers import run_cli
 
@@ -65,28 +65,28 @@ def test_an_owner_joins_a_tuned_model_and_is_added_leaving_every_row_untouched(
 @pytest.mark.slow
 def test_an_owner_of_a_domain_flexmix_lacks_joins_the_tuned_demo_model(demo_run, flexmix,
                                                                        tmp_path):
-  """A new owner whose text is like none of FlexMix-mini's (the Unicode character catalogue)
-  trains as the demo's owners do, against the demo's tuned model, and is merged into it with the
+  """A new owner whose text is like none of FlexMix-mini's (synthetic DNA reads) trains as the
+  demo's owners do, against the demo's tuned model, and is merged into it with the
   demo's expert bias: the loss on its domain falls, and every other domain stays within 0.03."""
   size = SIZES["quick"]
   tuned = os.path.join(demo_run["workdir"], "tuned")
-  data = str(unicode_catalogue(tmp_path / "unicode.jsonl"))
-  run = run_cli(["train-expert", "--public", tuned, "--name", "unicode", "--data", data,
-                 "--out", str(tmp_path / "unicode"), "--steps", str(size.expert_steps),
+  data = str(genome_reads(tmp_path / "genome.jsonl"))
+  run = run_cli(["train-expert", "--public", tuned, "--name", "genome", "--data", data,
+                 "--out", str(tmp_path / "genome"), "--steps", str(size.expert_steps),
                  "--warmup", str(size.expert_steps // 10), "--lr", "3e-3",
                  "--batch-size", str(size.batch), "--seq-len", str(size.seq), *EXPERT_FLAGS])
   assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-  run = run_cli(["merge", "--public", tuned, "--expert", str(tmp_path / "unicode"),
+  run = run_cli(["merge", "--public", tuned, "--expert", str(tmp_path / "genome"),
                  "--out", str(tmp_path / "joined"), "--expert-bias", str(MERGE_EXPERT_BIAS)])
   assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
   batches = validation(flexmix)
   vocab = vocabularies.load("byte")
-  batches["unicode"] = list(tasks.eval_batches({"unicode": [data]}, vocab,
+  batches["genome"] = list(tasks.eval_batches({"genome": [data]}, vocab,
                                                str(tmp_path / "eval_data"), size.seq,
-                                               size.batch)["unicode"])
+                                               size.batch)["genome"])
   before = perplexity.evaluate(tuned, batches)
   after = perplexity.evaluate(str(tmp_path / "joined"), batches)
-  assert after["unicode"] < before["unicode"] - 0.05, (before, after)
+  assert after["genome"] < before["genome"] - 0.05, (before, after)
   for domain in flexmix:
     assert abs(after[domain] - before[domain]) <= 0.03, (domain, before, after)
   rows, joined = merged_model.read_router(tuned), merged_model.read_router(str(tmp_path / "joined"))

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from flexolmo_jax.checkpoint import store
 from flexolmo_jax.flexolmo import expert, router_init
-from flexolmo_jax.flexolmo import public as pretrain
 from tests.e2e.fixtures import DEMO_READERS
 
 pytestmark = DEMO_READERS
@@ -58,9 +57,12 @@ def test_frozen_is_frozen_and_the_artifact_holds_only_the_expert(public, code_ex
     # ... while the expert half moved away from its copy of the public FFN.
     assert np.abs(np.asarray(merged[f"blocks/ffn/{ours}"])[:, 1] - ffn[theirs]).max() > 1e-3
   np.testing.assert_array_equal(np.asarray(merged["blocks/ffn/negative_bias"])[:, 0], 0.0)
-  with np.load(os.path.join(public["model"], pretrain.EMBEDDING_FILE)) as emb:
-    r_pub = router_init.rows_for("shared", dict(emb), cfg.n_layers, cfg.d_model)
-  np.testing.assert_array_equal(np.asarray(result.frozen["public_router"]), r_pub)
+  # The classifier init (as the demo trains): r_pub is zero, the reference class of every owner.
+  np.testing.assert_array_equal(np.asarray(result.frozen["public_router"]),
+                                router_init.public_rows("classifier", public["model"],
+                                                        manifest["fingerprint"], cfg.n_layers,
+                                                        cfg.d_model))
+  assert not np.asarray(result.frozen["public_router"]).any()
   assert store.fingerprint(anchor) == manifest["fingerprint"]
 
   # The optimizer tracks exactly the trainable parameters: per layer one FFN, a row, a bias.
