@@ -169,8 +169,9 @@ def test_committed_default_report_has_the_structure_of_a_fresh_run(demo_run):
 @pytest.mark.slow
 def test_ablations_order_as_the_papers_table(demo_run, tmp_path):
   """``flexolmo demo --quick --ablations`` on a copy of the quick demo's work directory: every
-  stage is reused, the ablations run, and FlexOlmo beats each of them untuned, as in the paper's
-  ablation table (uncoordinated experts last)."""
+  stage is reused, the ablations run, and FlexOlmo beats each of them, untuned and tuned, as in
+  the paper's ablation table (uncoordinated experts last). Measured at quick size: untuned 1.488
+  against 1.533-1.765, tuned 1.507 against 1.517-1.634."""
   import shutil
 
   copy = tmp_path / "workdir"
@@ -184,6 +185,7 @@ def test_ablations_order_as_the_papers_table(demo_run, tmp_path):
   full = ablations["flexolmo"]
   for name, row in ablations.items():
     if name != "flexolmo":
-      assert full["untuned"] < row["untuned"], (name, ablations)
-  assert max(ablations.values(), key=lambda r: r["untuned"]) is ablations["uncoordinated"]
+      assert full["untuned"] < row["untuned"] and full["tuned"] < row["tuned"], (name, ablations)
+  for column in ("untuned", "tuned"):
+    assert max(ablations.values(), key=lambda r: r[column]) is ablations["uncoordinated"]
   assert "| variant | no router tuning | router tuned |" in (copy / "report.md").read_text()

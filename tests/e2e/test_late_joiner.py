@@ -66,10 +66,16 @@ def test_an_owner_joins_a_tuned_model_and_is_added_leaving_every_row_untouched(
 def test_an_owner_of_a_domain_flexmix_lacks_joins_the_tuned_demo_model(demo_run, flexmix,
                                                                        tmp_path):
   """A new owner whose text is like none of FlexMix-mini's (synthetic DNA reads) trains as the
-  demo's owners do, against the demo's tuned model, and is merged into it with the
-  demo's expert bias: the loss on its domain falls, and every other domain stays within 0.03."""
+  demo's owners do, against the demo's tuned model, and is merged into it: the loss on its
+  domain falls, and every other domain stays within 0.03.
+
+  The builder gives this expert a stronger prior than the demo's owners got (an expert bias of
+  -4, not -2): trained on text this narrow, its outputs off its domain are large, and even the
+  1% of the router's weight it gets on math's tokens cost math 0.048 at -2. Measured at quick
+  size (genome / the largest move elsewhere): -2 1.17 / 0.048 (math), -4 2.05 / 0.026
+  (public), -6 2.50 / 0.004; before joining, genome 5.88."""
   size = SIZES["quick"]
-  tuned = os.path.join(demo_run["workdir"], "tuned")
+  tuned = os.path.join(demo_run["workdir"], "tuned", "merged")
   data = str(genome_reads(tmp_path / "genome.jsonl"))
   run = run_cli(["train-expert", "--public", tuned, "--name", "genome", "--data", data,
                  "--out", str(tmp_path / "genome"), "--steps", str(size.expert_steps),
@@ -77,7 +83,7 @@ def test_an_owner_of_a_domain_flexmix_lacks_joins_the_tuned_demo_model(demo_run,
                  "--batch-size", str(size.batch), "--seq-len", str(size.seq), *EXPERT_FLAGS])
   assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
   run = run_cli(["merge", "--public", tuned, "--expert", str(tmp_path / "genome"),
-                 "--out", str(tmp_path / "joined"), "--expert-bias", str(MERGE_EXPERT_BIAS)])
+                 "--out", str(tmp_path / "joined"), f"--expert-bias={2 * MERGE_EXPERT_BIAS}"])
   assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
   batches = validation(flexmix)
   vocab = vocabularies.load("byte")
@@ -86,7 +92,7 @@ def test_an_owner_of_a_domain_flexmix_lacks_joins_the_tuned_demo_model(demo_run,
                                                size.batch)["genome"])
   before = perplexity.evaluate(tuned, batches)
   after = perplexity.evaluate(str(tmp_path / "joined"), batches)
-  assert after["genome"] < before["genome"] - 0.05, (before, after)
+  assert after["genome"] < before["genome"] - 1.0, (before, after)
   for domain in flexmix:
     assert abs(after[domain] - before[domain]) <= 0.03, (domain, before, after)
   rows, joined = merged_model.read_router(tuned), merged_model.read_router(str(tmp_path / "joined"))
