@@ -21,8 +21,10 @@ print("all-reduce done", float(out.sum()) > 0)
 _WARN_1S = "--xla_cpu_collective_call_warn_stuck_timeout_seconds=1"
 
 
+# 3000 units: device 7 then works about 8 s on 2 cores. With 1000 (about 2.7 s in all) the late
+# devices' threads could all run before device 0 reached the all-reduce, and nothing waited 1 s.
 @pytest.mark.parametrize("user_flags, units, survives", [
-    (_WARN_1S, 1000, True),
+    (_WARN_1S, 3000, True),
     (f"{_WARN_1S} --xla_cpu_collective_call_terminate_timeout_seconds=1", 3000, False),
 ])
 def test_xla_reads_the_patience_flags(user_flags, units, survives):
