@@ -125,6 +125,14 @@ def test_the_same_files_anywhere_give_the_same_batches(tmp_path):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
+def test_a_prepared_datasets_name_directory_is_refused_naming_its_version(tmp_path):
+  spec = sources.SourceSpec(paths=(STDLIB_JSON,), pattern="*.py")
+  sources.prepare("stdlib_json_named", spec, str(tmp_path / "tfds"))
+  name_dir = tmp_path / "tfds" / "stdlib_json_named"
+  with pytest.raises(sources.DataError, match="1.0.0"):
+    tasks.register_corpus("named", [str(name_dir)], data_dir=str(tmp_path / "other"))
+
+
 def test_host_shards_are_disjoint_and_cover(task_name):
   kw = dict(shuffle=False, num_epochs=1, drop_remainder=False)
   whole = collections.Counter(chunks_of(stream(task_name, **kw)))

@@ -348,6 +348,17 @@ def is_prepared(dataset_dir: str) -> bool:
              for f in ("dataset_info.json", SOURCE_RECORD))
 
 
+def prepared_below(path: str) -> str | None:
+  """The prepared dataset directly under ``path`` (TFDS's ``NAME/VERSION`` layout: ``path`` is
+  the NAME directory), or None."""
+  if not os.path.isdir(path) or is_prepared(path):
+    return None
+  for name in sorted(os.listdir(path)):
+    if is_prepared(os.path.join(path, name)):
+      return os.path.join(path, name)
+  return None
+
+
 def _recorded_key(final_dir: str) -> str | None:
   try:
     with open(os.path.join(final_dir, SOURCE_RECORD)) as fh:

@@ -167,6 +167,11 @@ def register_corpus(name: str, paths: Sequence[str], *, data_dir: str, format: s
   stream: this is how an owner's expert sees only its own data. ``require`` names the splits that
   must hold documents.
   """
+  for path in paths:
+    below = sources.prepared_below(os.fspath(path))
+    if below is not None:
+      raise sources.DataError(f"{path} holds a prepared dataset one level down; give its "
+                              f"version directory: {below}")
   if len(paths) == 1 and sources.is_prepared(paths[0]):
     dataset_dir = os.fspath(paths[0])
   else:
