@@ -18,12 +18,11 @@ import os
 
 from flexolmo_jax.demo.processes import done
 from flexolmo_jax.demo.report import mean
-from flexolmo_jax.demo.sizes import MERGE_EXPERT_BIAS
+from flexolmo_jax.demo.sizes import EXPERT_FLAGS, MERGE_EXPERT_BIAS
 
-# name -> (train-expert flags replacing the demo's, expert bias of the merge)
+# name -> (train-expert flags in place of the demo's EXPERT_FLAGS, expert bias of the merge)
 ABLATIONS = {
-    "no negative bias": (("--router-init", "classifier", "--router-lr-scale", "0",
-                          "--no-negative-bias"), 0.0),
+    "no negative bias": ((*EXPERT_FLAGS, "--no-negative-bias"), 0.0),
     "random router init": (("--router-init", "random"), MERGE_EXPERT_BIAS),
     "paper's router": (("--router-init", "shared"), 0.0),
 }
