@@ -140,3 +140,13 @@ def test_the_matrix_covers_every_command_with_forty_cases():
 @pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(a)[:60] for a, _ in CASES])
 def test_bad_input_is_refused_in_one_line(argv, message, places, capsys):
   refused(capsys, *(a.format(**places) for a in argv), naming=message)
+
+
+def test_a_refused_run_leaves_no_gin_bindings_behind(places, capsys):
+  """After a refused `train-expert --top-k 3` in this process, the next ExpertConfig built here
+  has the default top-k again (the bindings end with the command)."""
+  from flexolmo_jax.flexolmo import expert
+
+  refused(capsys, "train-expert", "--public", places["public"], "--name", "x", "--data",
+          places["data"], "--out", places["out"], "--top-k", "3", naming="top_k=3")
+  assert expert.ExpertConfig().top_k == 2

@@ -4,6 +4,8 @@ Each is a gin-configured run (cli/run_config.py); a run stopped by SIGTERM saves
 and exits with :data:`PREEMPTED_EXIT`, and running the same command again resumes it."""
 from __future__ import annotations
 
+import gin
+
 from flexolmo_jax.cli.args import add_train_flags, count, named_paths, number
 from flexolmo_jax.cli.run_config import (DENSE_FLAGS, EXPERT_FLAGS, PRETRAIN_FLAGS, TUNE_FLAGS,
                                          call_configured, parse_run_config)
@@ -19,8 +21,13 @@ def _train(run: str, args, flags: dict[str, str], model: str | None = None) -> i
   # pretrain's ``init_from``).
   fn = {"pretrain": public.pretrain, "train_expert": expert.train_expert,
         "train_dense": public.pretrain, "tune_router": router_tune.tune_router}[run]
-  parse_run_config(run, args, flags, model=model)
-  result, _ = call_configured(fn)
+  try:
+    parse_run_config(run, args, flags, model=model)
+    result, _ = call_configured(fn)
+  finally:
+    # The bindings end with the command: a caller in the same process (a notebook, a test)
+    # must not build its next ExpertConfig or TrainConfig from them, above all after a refusal.
+    gin.clear_config()
   return PREEMPTED_EXIT if result.preempted else 0
 
 
