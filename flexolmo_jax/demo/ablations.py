@@ -35,11 +35,11 @@ def slug(name: str) -> str:
 
 
 class Ablations:
-  """The ablation stage: runs only when the demo was asked for it (``self.with_ablations``)."""
+  """The ablation stage: runs only when the demo was asked for it (``with_ablations``)."""
 
   def ablations(self) -> None:
     self.ablation_results = {}
-    if not getattr(self, "with_ablations", False):
+    if not self.with_ablations:
       return
     print(f"[ablations] {len(ABLATIONS)} variants of the owners' training, each merged, tuned "
           "and evaluated; and the uncoordinated experts (the dense models, merged as BTX does)")

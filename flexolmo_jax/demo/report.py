@@ -31,7 +31,7 @@ class Report:
         "dp": self.dp_summary(table),
         "hf_export": self.hf_check,
     }
-    if getattr(self, "ablation_results", None):
+    if self.ablation_results:
       report["ablations"] = self.ablation_results
     with open(self.path("report.json"), "w") as fh:
       json.dump(report, fh, indent=2)

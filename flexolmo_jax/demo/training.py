@@ -14,9 +14,11 @@ from flexolmo_jax.experts import PUBLIC
 class Training:
   """Stages 1-6: the data, every training run and every combination of models."""
 
-  def __init__(self, workdir: str, size: str, seed: int = 0, jobs: int = 2):
+  def __init__(self, workdir: str, size: str, seed: int = 0, jobs: int = 2,
+               ablations: bool = False):
     self.workdir, self.size_name, self.size, self.seed = workdir, size, SIZES[size], seed
     self.jobs = jobs          # training processes at once where stages are independent
+    self.with_ablations = ablations   # run the ablation stage (demo/ablations.py)
     self.path = lambda *p: os.path.join(workdir, *p)
     s = self.size
     self.worked = False      # did this run do any work (else every stage was reused)

@@ -26,7 +26,6 @@ import os
 from typing import Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.model.embedding import segment_embedder
@@ -42,16 +41,15 @@ def domain_embedding(model: PureModel, params, batches: Iterable[Mapping[str, np
   """{"shared": [d], "per_layer": [L, d], "documents": n} over the first ``num_documents``;
   with ``moments`` also the token statistics of every layer's router input over the batches
   read: "token_mean" [L, d], "token_cov" [L, d, d] and "tokens" (the ``classifier`` init)."""
-  embed = segment_embedder(model)
-  token_moments = _token_moments(model) if moments else None
+  embed = segment_embedder(model, moments)
   shared, per_layer, seen = [], [], 0
   sums = None
   for batch in batches:
-    args = (params, batch["decoder_input_tokens"], batch["decoder_positions"],
-            batch["decoder_segment_ids"])
-    final, layers, valid = jax.device_get(embed(*args))
+    final, layers, valid, *batch_moments = jax.device_get(embed(
+        params, batch["decoder_input_tokens"], batch["decoder_positions"],
+        batch["decoder_segment_ids"]))
     if moments:
-      got = [np.asarray(a, np.float64) for a in jax.device_get(token_moments(*args))]
+      got = [np.asarray(a, np.float64) for a in batch_moments[0]]
       sums = got if sums is None else [a + b for a, b in zip(sums, got)]
     keep = np.flatnonzero(valid)[: num_documents - seen]
     shared.append(final[keep])
@@ -70,20 +68,6 @@ def domain_embedding(model: PureModel, params, batches: Iterable[Mapping[str, np
     out.update(token_mean=mean.astype(np.float32), tokens=np.int64(count),
                token_cov=(outer / count - mean[:, :, None] * mean[:, None, :]).astype(np.float32))
   return out
-
-
-def _token_moments(model: PureModel):
-  """jitted ``(params, tokens, positions, segments) -> (sum [L, d], sum of x x^T [L, d, d],
-  count)`` of every layer's router input over the real (non-padding) tokens, in fp32."""
-
-  @jax.jit
-  def moments(params, tokens, positions, segments):
-    _, _, hidden = model(params, tokens, positions_bt=positions, segment_ids_bt=segments,
-                         return_hidden=True)
-    x = hidden.router_inputs.astype(jnp.float32)             # [L, B, T, d]
-    w = (segments > 0).astype(jnp.float32)
-    return (jnp.einsum("lbtd,bt->ld", x, w), jnp.einsum("lbtd,lbte,bt->lde", x, x, w), w.sum())
-  return moments
 
 
 def classifier_rows(own: Mapping[str, np.ndarray], public: Mapping[str, np.ndarray],

@@ -25,9 +25,18 @@ def segment_embeddings(hidden_btd, segment_ids_bt):
   return mean / jnp.maximum(norm, 1e-12), counts > 0
 
 
-def segment_embedder(model: PureModel):
+def token_moments(router_inputs_lbtd, segment_ids_bt):
+  """(sum [L, d], sum of x x^T [L, d, d], count) of every layer's router input over the real
+  (non-padding) tokens, in fp32."""
+  x = router_inputs_lbtd.astype(jnp.float32)
+  w = (segment_ids_bt > 0).astype(jnp.float32)
+  return (jnp.einsum("lbtd,bt->ld", x, w), jnp.einsum("lbtd,lbte,bt->lde", x, x, w), w.sum())
+
+
+def segment_embedder(model: PureModel, moments: bool = False):
   """jitted ``(params, tokens, positions, segments) -> (final [B*T, d], per_layer [L, B*T, d],
-  valid [B*T])``: every packed segment's normalized embeddings (segment_embeddings' order)."""
+  valid [B*T])``: every packed segment's normalized embeddings (segment_embeddings' order); with
+  ``moments`` a fourth element, the batch's :func:`token_moments`, from the same forward pass."""
 
   @jax.jit
   def embed(params, tokens, positions, segments):
@@ -35,5 +44,7 @@ def segment_embedder(model: PureModel):
                          return_hidden=True)
     final, valid = segment_embeddings(hidden.final, segments)
     per_layer = jax.vmap(lambda h: segment_embeddings(h, segments)[0])(hidden.router_inputs)
+    if moments:
+      return final, per_layer, valid, token_moments(hidden.router_inputs, segments)
     return final, per_layer, valid
   return embed
