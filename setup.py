@@ -38,6 +38,8 @@ setup(
         # `flexolmo plan --topology v5p:...` compiles for TPUs on any host through libtpu (the
         # version jax[tpu] 0.10.2 pins).
         "tpu": ["libtpu==0.0.42.*"],
+        # `flexolmo serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn).
+        "serve": ["fastapi>=0.115,<1", "uvicorn>=0.30,<1"],
         "test": [
             # pytest 9 ignores the groups pytest-xdist 3.8 gives tests (--dist loadgroup): the
             # quick demo would run on both workers of `make test`.
@@ -49,6 +51,10 @@ setup(
             "torch==2.13.0",
             "lm-eval[hf]>=0.4.13,<0.5",
             "libtpu==0.0.42.*",
+            "fastapi>=0.115,<1",
+            "uvicorn>=0.30,<1",
+            # the official client talks to `flexolmo serve` in the serving tests
+            "openai>=1.40,<4",
         ],
     },
     entry_points={"console_scripts": ["flexolmo=flexolmo_jax.cli:main"]},

@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "flexolmo_jax"
 # layers below it, never from a layer above.
 LAYERS = ("paths", "console", "experts", "config", "memory", "distributed", "sharding", "model",
           "data", "checkpoint", "train", "privacy", "flexolmo", "baselines", "convert", "eval",
-          "plan", "launch", "demo", "cli")
+          "serve", "plan", "launch", "demo", "cli")
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 400
 

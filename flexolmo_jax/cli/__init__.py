@@ -10,7 +10,7 @@ import os
 import sys
 
 from flexolmo_jax import console, paths
-from flexolmo_jax.cli import benchmarks, combine, data, evaluate, hf, project, train
+from flexolmo_jax.cli import benchmarks, combine, data, evaluate, hf, project, serve, train
 from flexolmo_jax.cli.args import Parser
 from flexolmo_jax.cli.evaluate import print_privacy
 from flexolmo_jax.cli.run_config import split_gin_flags
@@ -70,7 +70,8 @@ def build_parser() -> Parser:
   # In the order of the method: data, the public model, experts, merge, router, baselines, use.
   for add in (project.add_info, data.add, train.add_pretrain, train.add_train_expert,
               combine.add_merge, train.add_train_dense, combine.add_baselines,
-              train.add_tune_router, evaluate.add_generate, evaluate.add_extraction, hf.add,
+              train.add_tune_router, evaluate.add_generate, serve.add, evaluate.add_extraction,
+              hf.add,
               evaluate.add_eval, benchmarks.add, project.add_plan, project.add_launch, project.add_demo):
     add(sub)
   return p

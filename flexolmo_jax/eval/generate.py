@@ -43,14 +43,20 @@ def filter_logits(logits_bv, top_k: int | None, top_p: float | None):
     kth = jnp.sort(logits_bv, axis=-1)[:, -top_k][:, None]
     logits_bv = jnp.where(logits_bv >= kth, logits_bv, neg)
   if top_p is not None and top_p < 1.0:
-    order = jnp.argsort(-logits_bv, axis=-1)
-    probs = jax.nn.softmax(jnp.take_along_axis(logits_bv, order, -1), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs           # mass of the more likely tokens
-    keep_sorted = before < top_p
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(order.shape[0])[:, None], order].set(
-        keep_sorted)
-    logits_bv = jnp.where(keep, logits_bv, neg)
+    logits_bv = nucleus(logits_bv, top_p)
   return logits_bv
+
+
+def nucleus(logits_bv, top_p):
+  """-inf outside each row's top-p nucleus (``top_p`` may be traced; the token that crosses p is
+  kept, so at least one token remains)."""
+  order = jnp.argsort(-logits_bv, axis=-1)
+  probs = jax.nn.softmax(jnp.take_along_axis(logits_bv, order, -1), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs           # mass of the more likely tokens
+  keep_sorted = before < top_p
+  keep = jnp.zeros_like(keep_sorted).at[jnp.arange(order.shape[0])[:, None], order].set(
+      keep_sorted)
+  return jnp.where(keep, logits_bv, jnp.finfo(logits_bv.dtype).min)
 
 
 def choose(logits_bv, sampling: Sampling, key):

@@ -1,0 +1,203 @@
+"""The HTTP API of ``flexolmo serve``: OpenAI's ``/v1/completions`` (streamed as server-sent
+events or not) with two fields of ours, ``experts`` / ``exclude`` in the request and
+``attribution`` in the response; ``/v1/experts``; ``/v1/models``; ``/health``.
+
+FastAPI on uvicorn: maintained, asyncio-native (thousands of open streams on one thread while
+the engine's thread computes), request bodies checked by pydantic. A bad request gets a 400 in
+OpenAI's error shape naming the field; it never reaches the engine, so it disturbs no one.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from typing import Any
+
+import fastapi
+import pydantic
+from fastapi import responses
+
+from flexolmo_jax.serve import engine as engine_lib
+from flexolmo_jax.serve.text import TextStream
+
+
+class CompletionRequest(pydantic.BaseModel):
+  model_config = pydantic.ConfigDict(extra="allow")
+
+  model: str | None = None
+  prompt: str | list[str] | list[int]
+  max_tokens: int = pydantic.Field(16, ge=1)
+  temperature: float = pydantic.Field(1.0, ge=0.0)
+  top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+  stop: str | list[str] | None = None
+  seed: int | None = pydantic.Field(None, ge=0, lt=2 ** 32)
+  stream: bool = False
+  n: int = pydantic.Field(1, ge=1, le=1)
+  experts: str | list[str] | None = None
+  exclude: str | list[str] | None = None
+
+
+def error(status: int, message: str, param: str | None = None) -> responses.JSONResponse:
+  return responses.JSONResponse(
+      {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                 "code": None}}, status_code=status)
+
+
+class Server:
+  """What the routes share: the engine, the vocabulary, the model's name and inventory."""
+
+  def __init__(self, engine: engine_lib.Engine, vocab, model_name: str, inventory: list[dict]):
+    self.engine, self.vocab, self.model_name, self.inventory = engine, vocab, model_name, inventory
+
+  def prompt_tokens(self, prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+      return list(prompt)
+    if isinstance(prompt, list):
+      if len(prompt) != 1:
+        raise engine_lib.RequestError(f"prompt: one prompt per request (got {len(prompt)}).")
+      prompt = prompt[0]
+    return list(self.vocab.encode(prompt))
+
+  def request(self, body: CompletionRequest, loop, events: asyncio.Queue) -> engine_lib.Request:
+    keep = engine_lib.keep_mask(self.engine.cfg, body.experts, body.exclude)
+    seed = secrets.randbelow(2 ** 31) if body.seed is None else body.seed
+    return engine_lib.Request(
+        self.prompt_tokens(body.prompt), body.max_tokens, keep, temperature=body.temperature,
+        top_p=body.top_p, seed=seed,
+        emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+  def chunk(self, cid: str, text: str, reason: str | None, **extra) -> dict[str, Any]:
+    return {"id": cid, "object": "text_completion", "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
+            **extra}
+
+  def usage(self, prompt: int, done: engine_lib.Done) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": len(done.tokens),
+            "total_tokens": prompt + len(done.tokens)}
+
+
+async def completion_events(server: Server, body: CompletionRequest):
+  """Submits the request; yields (text, None) pieces, then (text, Done)."""
+  loop, events = asyncio.get_running_loop(), asyncio.Queue()
+  req = server.request(body, loop, events)
+  stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+  stream = TextStream(server.vocab.decode, stops, server.engine.eos_id)
+  server.engine.submit(req)
+  finished = False
+  try:
+    while True:
+      event = await events.get()
+      if isinstance(event, engine_lib.Token):
+        piece = stream.push(event.token)
+        if stream.stopped:
+          req.cancel("stop")
+        if piece:
+          yield piece, None
+        continue
+      finished = True
+      if event.reason == "error":
+        raise RuntimeError(event.error)
+      yield stream.finish(), event
+      return
+  finally:
+    if not finished:          # the client went away: free the row at the next step
+      req.cancel()
+
+
+def create_app(server: Server) -> fastapi.FastAPI:
+  app = fastapi.FastAPI(title="flexolmo serve")
+
+  @app.exception_handler(fastapi.exceptions.RequestValidationError)
+  async def invalid(request, exc):
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    if first.get("type") == "json_invalid":
+      return error(400, f"the request body is not valid JSON: {first.get('msg', '')}")
+    return error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", where or None)
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok", "slots": server.engine.slots, "busy": sum(
+        r is not None for r in server.engine.rows), "waiting": server.engine.pending.qsize()}
+
+  @app.get("/v1/models")
+  async def models():
+    return {"object": "list", "data": [{"id": server.model_name, "object": "model",
+                                        "created": 0, "owned_by": "flexolmo"}]}
+
+  @app.get("/v1/experts")
+  async def experts():
+    return {"object": "list", "model": server.model_name, "data": server.inventory}
+
+  @app.post("/v1/completions")
+  async def completions(body: CompletionRequest):
+    try:
+      events = completion_events(server, body)
+      first = await anext(events)          # refusals surface here, before any byte is sent
+    except engine_lib.RequestError as e:
+      return error(400, str(e))
+    cid = f"cmpl-{secrets.token_hex(12)}"
+    prompt_len = len(server.prompt_tokens(body.prompt))
+    if body.stream:
+      return responses.StreamingResponse(_sse(server, cid, prompt_len, first, events),
+                                         media_type="text/event-stream")
+    text, done = first
+    async for piece, done in events:
+      text += piece
+    return server.chunk(cid, text, _finish_reason(done), usage=server.usage(prompt_len, done),
+                        attribution=done.attribution)
+
+  return app
+
+
+def _finish_reason(done: engine_lib.Done) -> str:
+  return "length" if done.reason == "length" else "stop"
+
+
+async def _sse(server: Server, cid: str, prompt_len: int, first, events):
+  piece, done = first
+  try:
+    while True:
+      if done is None:
+        if piece:
+          yield f"data: {json.dumps(server.chunk(cid, piece, None))}\n\n"
+        piece, done = await anext(events)
+        continue
+      last = server.chunk(cid, piece, _finish_reason(done), attribution=done.attribution,
+                          usage=server.usage(prompt_len, done))
+      yield f"data: {json.dumps(last)}\n\n"
+      yield "data: [DONE]\n\n"
+      return
+  finally:
+    await events.aclose()
+
+
+class Background:
+  """The app on uvicorn in a thread of this process, on a free loopback port (tests, benchmarks):
+  ``with Background(app) as url: ...``."""
+
+  def __init__(self, app: fastapi.FastAPI, host: str = "127.0.0.1", port: int = 0):
+    import socket
+    import threading
+
+    import uvicorn
+
+    self._socket = socket.socket()
+    self._socket.bind((host, port))
+    self.url = f"http://{host}:{self._socket.getsockname()[1]}"
+    self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    self._thread = threading.Thread(target=self._server.run,
+                                    kwargs={"sockets": [self._socket]}, daemon=True)
+
+  def __enter__(self) -> str:
+    self._thread.start()
+    while not self._server.started:
+      time.sleep(0.01)
+    return self.url
+
+  def __exit__(self, *exc) -> None:
+    self._server.should_exit = True
+    self._thread.join()
+    self._socket.close()

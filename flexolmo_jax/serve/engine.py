@@ -1,0 +1,280 @@
+"""Continuous batching: requests join and leave a fixed batch of slots between decode steps.
+
+The engine owns one KV cache of ``slots`` rows of ``context`` positions. Between two steps it
+admits waiting requests into free rows (one prefill each, compiled once per prompt-length
+bucket), then runs one decode step for every row at once (compiled once), whatever each row's
+experts, sampling settings and seed. A row leaves at its end-of-text token, at its ``max_tokens``
+or when cancelled (a stop string, a client gone), and its row is free for the next request at
+the next step. Nothing is recompiled per request.
+
+Each request names its experts the way ``flexolmo generate --experts/--exclude`` does, and is
+refused the same way (unknown names, a selection the top-k policy rejects); its opt-outs are a
+mask on its router logits, which is the model ``load_merged`` builds for that selection
+(model/moe.route): greedy rows give ``generate``'s tokens for that selection.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import queue
+import threading
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexolmo_jax import experts as experts_lib
+from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model.layers import dtype_of
+from flexolmo_jax.serve import programs
+
+log = logging.getLogger(__name__)
+MIN_BUCKET = 16
+
+
+class RequestError(ValueError):
+  """A request the engine refuses, with a message naming what is wrong (an HTTP 400)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+  token: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+  reason: str                      # "stop" (end of text or a stop string), "length", "cancelled", "error"
+  tokens: tuple[int, ...]          # every generated token (an end-of-text token included)
+  attribution: dict[str, float]    # each expert's share of the router weight; sums to 1
+  error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  """One completion. ``emit`` receives its :class:`Token` and :class:`Done` events on the
+  engine's thread, so it must return at once (hand them to another thread or loop)."""
+
+  prompt: Sequence[int]
+  max_tokens: int
+  keep: np.ndarray                 # bool [E] over the model's experts
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  emit: Callable[[object], None] = lambda event: None
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  weights: np.ndarray | None = None
+  stop_reason: str | None = None   # set by cancel(), from any thread
+
+  def cancel(self, reason: str = "cancelled") -> None:
+    self.stop_reason = reason
+
+
+def buckets(context: int) -> tuple[int, ...]:
+  """Prompt lengths the prefill compiles for: powers of two from 16, and ``context``."""
+  out = [b for b in (MIN_BUCKET << i for i in range(32)) if b < context]
+  return tuple(out) + (context,)
+
+
+def keep_mask(cfg: ModelConfig, experts=None, exclude=None) -> np.ndarray:
+  """The bool ``[E]`` mask of a selection, refused (RequestError) as ``load_merged`` refuses it."""
+  if not cfg.is_moe:
+    if experts or exclude:
+      raise RequestError("experts / exclude apply to merged models; this one is dense.")
+    return np.zeros((0,), bool)
+  try:
+    kept = experts_lib.select(cfg.experts, experts, exclude)
+    experts_lib.active(cfg.top_k, cfg.top_k_policy, kept)
+  except ValueError as e:
+    raise RequestError(str(e)) from None
+  return np.asarray([name in kept for name in cfg.experts])
+
+
+class Engine:
+  """The slots, their cache and the scheduler; :meth:`start` runs it on a thread of its own."""
+
+  def __init__(self, cfg: ModelConfig, params: dict, *, slots: int = 32,
+               context: int | None = None, eos_id: int | None = None, max_pending: int = 4096):
+    if slots < 1:
+      raise ValueError(f"slots={slots} must be >= 1.")
+    self.cfg, self.params, self.slots, self.eos_id = cfg, jax.device_put(params), slots, eos_id
+    self.context = min(context or cfg.max_seq_len, cfg.max_seq_len)
+    self.buckets = buckets(self.context)
+    shape = (cfg.n_layers, slots, self.context, cfg.n_kv_heads, cfg.head_dim)
+    self.k = jnp.zeros(shape, dtype_of(cfg.dtype))
+    self.v = jnp.zeros(shape, dtype_of(cfg.dtype))
+    self.rows: list[Request | None] = [None] * slots
+    e = cfg.num_experts if cfg.is_moe else 0
+    self.state = {"token": np.zeros(slots, np.int32), "index": np.zeros(slots, np.int32),
+                  "keep": np.ones((slots, e), bool), "temperature": np.zeros(slots, np.float32),
+                  "top_p": np.ones(slots, np.float32), "seed": np.zeros(slots, np.uint32),
+                  "step": np.zeros(slots, np.int32)}
+    self.pending: queue.Queue[Request] = queue.Queue(max_pending)
+    self._wake = threading.Event()
+    self._stopped = threading.Event()
+    self._thread: threading.Thread | None = None
+    self.steps = 0
+
+  # ------------------------------------------------------------------ requests
+
+  def check(self, r: Request) -> None:
+    """Refuses a request that cannot run (RequestError), before it takes a place in the queue."""
+    p = len(r.prompt)
+    if p == 0:
+      raise RequestError("the prompt is empty: there is no token to continue from.")
+    if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
+      raise RequestError(f"max_tokens={r.max_tokens!r} must be an integer >= 1.")
+    if p + r.max_tokens > self.context:
+      raise RequestError(f"the prompt's {p} tokens + max_tokens {r.max_tokens} exceed the "
+                         f"model's context of {self.context} tokens.")
+    if not (math.isfinite(r.temperature) and r.temperature >= 0):
+      raise RequestError(f"temperature={r.temperature!r} must be a number >= 0.")
+    if not (math.isfinite(r.top_p) and 0 < r.top_p <= 1):
+      raise RequestError(f"top_p={r.top_p!r} must be in (0, 1].")
+    if not 0 <= r.seed < 2 ** 32:
+      raise RequestError(f"seed={r.seed!r} must be in [0, 2**32).")
+    if self.cfg.is_moe and not np.asarray(r.keep).any():
+      raise RequestError("every expert is excluded: keep at least one.")
+    if any(not 0 <= t < self.cfg.vocab_size for t in r.prompt):
+      raise RequestError(f"a prompt token is outside the vocabulary [0, {self.cfg.vocab_size}).")
+
+  def submit(self, r: Request) -> None:
+    self.check(r)
+    try:
+      self.pending.put_nowait(r)
+    except queue.Full:
+      raise RequestError(f"the server holds {self.pending.maxsize} waiting requests already; "
+                         "try again later.") from None
+    self._wake.set()
+
+  # ------------------------------------------------------------------ scheduling
+
+  def step(self) -> bool:
+    """Admits what fits, then decodes one token for every busy row. False when idle."""
+    admitted = self._admit()
+    if any(self.rows):
+      self._decode()
+      return True
+    return admitted
+
+  def _admit(self) -> bool:
+    admitted = False
+    for slot in range(self.slots):
+      if self.rows[slot] is not None:
+        continue
+      r = self._next_pending()
+      if r is None:
+        break
+      self._prefill(slot, r)
+      admitted = True
+    return admitted
+
+  def _next_pending(self) -> Request | None:
+    while True:
+      try:
+        r = self.pending.get_nowait()
+      except queue.Empty:
+        return None
+      if r.stop_reason is None:
+        return r
+      r.emit(Done(r.stop_reason, (), {}))
+
+  def _prefill(self, slot: int, r: Request) -> None:
+    p = len(r.prompt)
+    bucket = next(b for b in self.buckets if b >= p)
+    tokens = np.zeros(bucket, np.int32)
+    tokens[:p] = r.prompt
+    keep = np.asarray(r.keep, bool)
+    nxt, self.k, self.v, weights = programs.prefill(
+        self.params, tokens, self.k, self.v, np.int32(slot), np.int32(p), keep,
+        np.float32(r.temperature), np.float32(r.top_p), np.uint32(r.seed),
+        cfg=self.cfg, context=self.context)
+    s = self.state
+    s["index"][slot], s["step"][slot] = p, 1
+    s["keep"][slot] = keep if keep.size else s["keep"][slot]
+    s["temperature"][slot], s["top_p"][slot], s["seed"][slot] = r.temperature, r.top_p, r.seed
+    self.rows[slot] = r
+    self._record(slot, int(nxt), np.asarray(weights))
+
+  def _decode(self) -> None:
+    s = self.state
+    nxt, self.k, self.v, weights = programs.decode(
+        self.params, s["token"], self.k, self.v, s["index"], s["keep"], s["temperature"],
+        s["top_p"], s["seed"], s["step"], cfg=self.cfg)
+    nxt, weights = np.asarray(nxt), np.asarray(weights)
+    self.steps += 1
+    for slot, r in enumerate(self.rows):
+      if r is not None:
+        s["index"][slot] += 1
+        s["step"][slot] += 1
+        self._record(slot, int(nxt[slot]), weights[slot])
+
+  def _record(self, slot: int, token: int, weights: np.ndarray) -> None:
+    r = self.rows[slot]
+    r.tokens.append(token)
+    r.weights = weights if r.weights is None else r.weights + weights
+    self.state["token"][slot] = token
+    r.emit(Token(token))
+    if r.stop_reason is not None:
+      reason = r.stop_reason
+    elif self.eos_id is not None and token == self.eos_id:
+      reason = "stop"
+    elif len(r.tokens) >= r.max_tokens:
+      reason = "length"
+    else:
+      return
+    self._finish(slot, reason)
+
+  def _finish(self, slot: int, reason: str, error: str | None = None) -> None:
+    r = self.rows[slot]
+    self.rows[slot] = None
+    self.state["keep"][slot] = True
+    r.emit(Done(reason, tuple(r.tokens), self.attribution(r.weights), error))
+
+  def attribution(self, weights: np.ndarray | None) -> dict[str, float]:
+    """Each expert's share of a request's summed router weight (0 for the ones it excluded)."""
+    if not self.cfg.is_moe or weights is None or not weights.sum() > 0:
+      return {}
+    share = weights / weights.sum()
+    return {name: float(w) for name, w in zip(self.cfg.experts, share)}
+
+  # ------------------------------------------------------------------ the thread
+
+  def run(self) -> None:
+    """Steps until :meth:`stop`; a failed step ends its rows with an error, not the server."""
+    while not self._stopped.is_set():
+      try:
+        busy = self.step()
+      except Exception as e:     # noqa: BLE001 - reported to every affected request
+        log.exception("serving step failed")
+        for slot, r in enumerate(self.rows):
+          if r is not None:
+            self._finish(slot, "error", f"{type(e).__name__}: {e}")
+        busy = True
+      if not busy:
+        self._wake.wait(0.05)
+        self._wake.clear()
+
+  def start(self) -> "Engine":
+    self._thread = threading.Thread(target=self.run, name="flexolmo-serve", daemon=True)
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._stopped.set()
+    self._wake.set()
+    if self._thread is not None:
+      self._thread.join()
+
+  def warm_up(self, progress: Callable[[str], None] = lambda line: None) -> None:
+    """Compiles the decode step and every prefill bucket before the first request."""
+    keep = np.ones(self.cfg.num_experts if self.cfg.is_moe else 0, bool)
+    for bucket in self.buckets:
+      progress(f"compiling prefill for prompts up to {bucket} tokens")
+      r = Request([0] * min(bucket, self.context - 1), 1, keep)
+      self._prefill(0, r)
+    self.rows[0] = Request([0], 2, keep)
+    progress("compiling the decode step")
+    self._decode()
+    self.rows[0] = None
