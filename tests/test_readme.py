@@ -19,7 +19,7 @@ SIZES = {"--steps": "3", "--max-new-tokens": "8"}
 STORY = [("data flexmix-mini", ""), ("data prepare", ""), ("pretrain", ""),
          ("train-expert", "--name code"), ("train-expert", "--name math"), ("merge", ""),
          ("eval", "--exclude"), ("generate", ""), ("tune-router", ""), ("export-hf", ""),
-         ("import-hf", ""), ("launch", "--dry-run")]
+         ("import-hf", ""), ("launch", "--dry-run"), ("plan", ""), ("serve", "")]
 
 
 def bash_blocks(text: str) -> list[tuple[str, str]]:
@@ -45,7 +45,7 @@ def commands(script: str) -> list[str]:
   joined = re.sub(r"\\\n\s*", " ", script)
   out = []
   for line in joined.splitlines():
-    line = line.split(" #", 1)[0].strip()
+    line = line.split(" #", 1)[0].strip().removesuffix("&").strip()   # `... &`: in the background
     if line.startswith("flexolmo "):
       out.append(line)
   return out

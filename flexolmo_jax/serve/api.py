@@ -36,6 +36,7 @@ class CompletionRequest(pydantic.BaseModel):
   n: int = pydantic.Field(1, ge=1, le=1)
   experts: str | list[str] | None = None
   exclude: str | list[str] | None = None
+  ignore_eos: bool = False      # as vLLM's: generate max_tokens whatever comes (benchmarks)
 
 
 def error(status: int, message: str, param: str | None = None) -> responses.JSONResponse:
@@ -49,6 +50,12 @@ class Server:
 
   def __init__(self, engine: engine_lib.Engine, vocab, model_name: str, inventory: list[dict]):
     self.engine, self.vocab, self.model_name, self.inventory = engine, vocab, model_name, inventory
+    self.loop: asyncio.AbstractEventLoop | None = None
+
+  def listen(self, loop: asyncio.AbstractEventLoop) -> None:
+    """Each engine step's events go to ``loop`` in one call (one wake-up per step)."""
+    self.loop = loop
+    self.engine.deliver = lambda batch: loop.call_soon_threadsafe(engine_lib.emit_each, batch)
 
   def prompt_tokens(self, prompt) -> list[int]:
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
@@ -59,13 +66,15 @@ class Server:
       prompt = prompt[0]
     return list(self.vocab.encode(prompt))
 
-  def request(self, body: CompletionRequest, loop, events: asyncio.Queue) -> engine_lib.Request:
+  def request(self, body: CompletionRequest, events: asyncio.Queue) -> engine_lib.Request:
+    if self.loop is not asyncio.get_running_loop():
+      self.listen(asyncio.get_running_loop())
     keep = engine_lib.keep_mask(self.engine.cfg, body.experts, body.exclude)
     seed = secrets.randbelow(2 ** 31) if body.seed is None else body.seed
     return engine_lib.Request(
         self.prompt_tokens(body.prompt), body.max_tokens, keep, temperature=body.temperature,
-        top_p=body.top_p, seed=seed,
-        emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        top_p=body.top_p, seed=seed, emit=events.put_nowait,
+        each_token=body.stream or bool(body.stop), ignore_eos=body.ignore_eos)
 
   def chunk(self, cid: str, text: str, reason: str | None, **extra) -> dict[str, Any]:
     return {"id": cid, "object": "text_completion", "created": int(time.time()),
@@ -80,8 +89,8 @@ class Server:
 
 async def completion_events(server: Server, body: CompletionRequest):
   """Submits the request; yields (text, None) pieces, then (text, Done)."""
-  loop, events = asyncio.get_running_loop(), asyncio.Queue()
-  req = server.request(body, loop, events)
+  events = asyncio.Queue()
+  req = server.request(body, events)
   stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
   stream = TextStream(server.vocab.decode, stops, server.engine.eos_id)
   server.engine.submit(req)
@@ -99,6 +108,8 @@ async def completion_events(server: Server, body: CompletionRequest):
       finished = True
       if event.reason == "error":
         raise RuntimeError(event.error)
+      if not req.each_token:
+        stream.tokens = list(event.tokens)
       yield stream.finish(), event
       return
   finally:
@@ -119,8 +130,10 @@ def create_app(server: Server) -> fastapi.FastAPI:
 
   @app.get("/health")
   async def health():
-    return {"status": "ok", "slots": server.engine.slots, "busy": sum(
-        r is not None for r in server.engine.rows), "waiting": server.engine.pending.qsize()}
+    eng = server.engine
+    return {"status": "ok", "slots": eng.slots, "busy": sum(r is not None for r in eng.rows),
+            "waiting": eng.pending.qsize(), "decode_steps": eng.steps,
+            "decode_ms_per_step": 1e3 * eng.decode_seconds / max(eng.steps, 1)}
 
   @app.get("/v1/models")
   async def models():

@@ -1,5 +1,5 @@
-"""The two compiled programs of serving: prefill (one request's prompt) and decode (one token for
-every slot of the batch), each over one row's share of the KV cache and mapped over the rows.
+"""The two compiled programs of serving: prefill (one request's prompt) and decode (a few tokens
+for every slot of the batch), each over one row's share of the KV cache and mapped over the rows.
 
 A row carries its own position in the cache, its experts (a bool mask over the model's experts,
 applied to its router logits: model/moe.route), its sampling settings and its seed. Each program
@@ -19,14 +19,24 @@ from flexolmo_jax.model import moe
 from flexolmo_jax.model.transformer import KVCache, pure_model
 
 
-def choose_row(logits_v, temperature, top_p, key):
-  """One row's next token: arg-max at temperature 0, else a sample of ``softmax(logits / T)``
-  cut to its top-p nucleus; the same choice as ``generate.choose`` for that row's settings."""
-  greedy = jnp.argmax(logits_v, axis=-1)
-  scaled = logits_v / jnp.where(temperature > 0, temperature, 1.0)
-  cut = jnp.where(top_p < 1.0, nucleus(scaled[None], top_p)[0], scaled)
-  sampled = jax.random.categorical(key, cut[None], axis=-1)[0]
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+def choose(logits_sv, temperature_s, top_p_s, keys):
+  """Each row's next token: arg-max at temperature 0, else a sample of ``softmax(logits / T)``
+  cut to its top-p nucleus with its own key: for each row, ``generate.choose`` with that row's
+  settings. A batch with no sampled row (or no nucleus) skips that work: it costs more than the
+  tiny model's whole decode step."""
+  greedy = jnp.argmax(logits_sv, axis=-1).astype(jnp.int32)
+
+  def sample(_):
+    scaled = logits_sv / jnp.where(temperature_s > 0, temperature_s, 1.0)[:, None]
+    cut = jax.lax.cond(jnp.any(top_p_s < 1.0),
+                       lambda x: jnp.where((top_p_s < 1.0)[:, None],
+                                           nucleus(x, top_p_s[:, None]), x),
+                       lambda x: x, scaled)
+    sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(
+        keys, cut)
+    return jnp.where(temperature_s > 0, sampled.astype(jnp.int32), greedy)
+
+  return jax.lax.cond(jnp.any(temperature_s > 0), sample, lambda _: greedy, None)
 
 
 def router_weights(cfg: ModelConfig, params: dict, x_ld, keep_e):
@@ -45,19 +55,18 @@ def router_weights(cfg: ModelConfig, params: dict, x_ld, keep_e):
   return jax.vmap(layer)(x_ld, ffn["router_embedding"], bias).sum(0)
 
 
-def _run_row(cfg, params, tokens_t, k, v, index, keep_e, last, temperature, top_p, key):
+def _run_row(cfg, params, tokens_t, k, v, index, keep_e, last):
   """Runs one row's ``tokens_t`` over its cache ``k, v`` ([L, C, kv_heads, head_dim]) from
-  ``index``; returns (next token, k, v, router weights) chosen at position ``last``."""
+  ``index``; returns (logits [V], k, v, router weights [E]) at position ``last``."""
   t = tokens_t.shape[0]
   cache = KVCache(k[:, None], v[:, None], index)
   keep = jnp.broadcast_to(keep_e, (1, t, keep_e.shape[0])) if cfg.is_moe else None
   logits, _, hidden, cache = pure_model(cfg)(params, tokens_t[None], cache=cache,
                                              expert_keep_bte=keep, return_hidden=True)
-  nxt = choose_row(jax.lax.dynamic_index_in_dim(logits[0], last, keepdims=False),
-                   temperature, top_p, key)
   x_ld = jax.lax.dynamic_index_in_dim(hidden.router_inputs[:, 0], last, axis=1, keepdims=False)
   weights = router_weights(cfg, params, x_ld, keep_e) if cfg.is_moe else jnp.zeros((0,))
-  return nxt, cache.k[:, 0], cache.v[:, 0], weights
+  return (jax.lax.dynamic_index_in_dim(logits[0], last, keepdims=False), cache.k[:, 0],
+          cache.v[:, 0], weights)
 
 
 def step_key(seed, step):
@@ -73,22 +82,32 @@ def prefill(params, tokens_t, k_all, v_all, slot, length, keep_e, temperature, t
   ([L, S, C, ...]) and chooses its first token. Padding writes keys past ``length`` that no
   later query sees: decoding overwrites each position before its causal mask reaches it."""
   zeros = jnp.zeros((cfg.n_layers, context, cfg.n_kv_heads, cfg.head_dim), k_all.dtype)
-  nxt, k, v, weights = _run_row(cfg, params, tokens_t, zeros, zeros, jnp.int32(0), keep_e,
-                                length - 1, temperature, top_p, step_key(seed, 0))
+  logits, k, v, weights = _run_row(cfg, params, tokens_t, zeros, zeros, jnp.int32(0), keep_e,
+                                   length - 1)
+  nxt = choose(logits[None], temperature[None], top_p[None], step_key(seed, 0)[None])[0]
   k_all = jax.lax.dynamic_update_index_in_dim(k_all, k, slot, axis=1)
   v_all = jax.lax.dynamic_update_index_in_dim(v_all, v, slot, axis=1)
   return nxt, k_all, v_all, weights
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnames=("cfg", "steps"), donate_argnums=(2, 3))
 def decode(params, tokens_s, k_all, v_all, index_s, keep_se, temperature_s, top_p_s, seed_s,
-           step_s, *, cfg: ModelConfig):
-  """One token for every row: row s feeds ``tokens_s[s]`` at position ``index_s[s]`` of its
-  cache with its own experts, settings and key. Returns (next tokens [S], k_all, v_all,
-  router weights [S, E])."""
-  def row(tok, k, v, index, keep_e, temperature, top_p, seed, step):
-    return _run_row(cfg, params, tok[None], k, v, index, keep_e, 0, temperature, top_p,
-                    step_key(seed, step))
+           step_s, *, cfg: ModelConfig, steps: int = 1):
+  """``steps`` tokens for every row, one program: row s feeds ``tokens_s[s]`` at position
+  ``index_s[s]`` of its cache with its own experts, settings and key, then each token it
+  chooses. Returns (tokens [steps, S], k_all, v_all, router weights [steps, S, E])."""
+  def row(tok, k, v, index, keep_e):
+    return _run_row(cfg, params, tok[None], k, v, index, keep_e, 0)
 
-  return jax.vmap(row, in_axes=(0, 1, 1, 0, 0, 0, 0, 0, 0), out_axes=(0, 1, 1, 0))(
-      tokens_s, k_all, v_all, index_s, keep_se, temperature_s, top_p_s, seed_s, step_s)
+  def one(carry, j):
+    tokens, k_all, v_all = carry
+    logits, k_all, v_all, weights = jax.vmap(row, in_axes=(0, 1, 1, 0, 0),
+                                             out_axes=(0, 1, 1, 0))(
+        tokens, k_all, v_all, index_s + j, keep_se)
+    keys = jax.vmap(step_key)(seed_s, step_s + j)
+    nxt = choose(logits, temperature_s, top_p_s, keys)
+    return (nxt, k_all, v_all), (nxt, weights)
+
+  (_, k_all, v_all), (tokens, weights) = jax.lax.scan(one, (tokens_s, k_all, v_all),
+                                                      jnp.arange(steps, dtype=jnp.int32))
+  return tokens, k_all, v_all, weights

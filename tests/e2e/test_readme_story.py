@@ -1,6 +1,8 @@
 """The README's story runs exactly as written there (only ``--steps`` and ``--max-new-tokens``
 made smaller), from a fresh directory with relative paths (tests/test_readme.py checks that
 every command in it parses)."""
+import ast
+import json
 import os
 import re
 import subprocess
@@ -42,3 +44,8 @@ def test_the_readme_story_runs_as_written(tmp_path):
   # A quiet console: the libraries' start-up noise is gone, our own lines are there.
   assert console.NATIVE_NOISE.search(run.stderr) is None, run.stderr[-3000:]
   assert "[train 3/3]" in run.stderr + out
+  # The server answered curl with the math owner opted out, and the openai client's stream.
+  answer = json.JSONDecoder().raw_decode(out[out.index('{"id":"cmpl-'):])[0]
+  assert answer["attribution"]["math"] == 0 and abs(sum(answer["attribution"].values()) - 1) < 1e-6
+  shares = ast.literal_eval(out.split("attribution: ", 1)[1].splitlines()[0])
+  assert shares["math"] == shares.get("legal", 0) == 0 and shares["code"] > 0
