@@ -278,3 +278,31 @@ def test_experts_inventory_names_sources_never_paths(server, merged, tiny):
   assert inventory.source_name("/home/owner/secret/legal.jsonl") == "legal.jsonl"
   assert inventory.source_name("flexmix_code/1.0.0") == "flexmix_code/1.0.0"
   assert inventory.source_name("../../etc/passwd") == "passwd"
+
+
+def sse_text(url, body):
+  """The text of a streamed completion and its last chunk, read as server-sent events."""
+  req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                               headers={"content-type": "application/json"})
+  chunks = []
+  with urllib.request.urlopen(req, timeout=60) as r:
+    for line in r:
+      line = line.decode().strip()
+      if line.startswith("data: ") and line != "data: [DONE]":
+        chunks.append(json.loads(line[6:]))
+  return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]
+
+
+def test_a_stop_string_ends_the_completion_before_it(server, merged, vocab):
+  url, _ = server
+  prompt = [72, 101, 108, 108, 111]
+  want = oracle(merged, prompt, 60, CHOICES[0], vocab.eos_id)
+  text = vocab.decode([t for t in want if t != vocab.eos_id])
+  # Random weights write few whole characters: the stop is one of them, after the first.
+  stop = next(c for c in text[1:] if c != "\ufffd")
+  body = {"prompt": prompt, "max_tokens": 60, "temperature": 0, "stop": [stop, "never-seen"]}
+  status, answer = post(url, body)
+  assert status == 200 and answer["choices"][0]["text"] == text[:text.index(stop)]
+  assert answer["choices"][0]["finish_reason"] == "stop"
+  streamed, last = sse_text(url, {**body, "stream": True})
+  assert streamed == text[:text.index(stop)] and last["choices"][0]["finish_reason"] == "stop"

@@ -128,6 +128,13 @@ def test_quick_demo_end_to_end(demo_run):
   assert dp["extraction"][f"public + {owner} (DP)"] == private
   assert set(dp["extraction"]) == set(dp["loss"])
   assert "Differential privacy:" in open(os.path.join(workdir, "report.md")).read()
+  # `flexolmo serve`'s /v1/experts lists that guarantee, and the sources by name only.
+  from flexolmo_jax.serve import inventory
+
+  listed = {e["name"]: e for e in inventory.experts(os.path.join(workdir, "merged_dp"))}
+  assert listed[owner]["dp"]["epsilon"] == dp["guarantee"]["epsilon"]
+  assert listed[owner]["data_card"]["sources"] == [f"flexmix_{owner}/1.0.0"]
+  assert listed["public"]["dp"] is None
   assert report["hf_export"]["ok"], report["hf_export"]
   # A second run of the same command, typed the same way, reuses every stage.
   again = run_cli(["demo", "--quick"], timeout=600, cwd=demo_run["cwd"])
