@@ -147,6 +147,17 @@ def test_keep_mask_refuses_as_load_merged_does(merged):
   assert engine.keep_mask(cfg, "code,math").tolist() == [False, True, False, True, False]
 
 
+def test_a_full_queue_refuses_for_now_and_a_good_request_never_waits_on_a_bad_one(merged):
+  cfg, params, _ = saved.open_saved(merged)
+  eng = engine.Engine(cfg, params, slots=SLOTS, max_pending=1)
+  keep = engine.keep_mask(cfg)
+  with pytest.raises(engine.RequestError, match="top_p"):
+    eng.submit(engine.Request([5, 6], 4, keep, top_p=0.0))     # refused before the queue
+  eng.submit(engine.Request([5, 6], 4, keep))
+  with pytest.raises(engine.Busy, match="1 waiting requests"):
+    eng.submit(engine.Request([5, 6], 4, keep))
+
+
 def test_text_stream_sends_whole_characters_and_cuts_at_stop_strings():
   decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")
   s = TextStream(decode, stop=["END"], eos_id=None)

@@ -150,7 +150,7 @@ def create_app(server: Server) -> fastapi.FastAPI:
       events = completion_events(server, body)
       first = await anext(events)          # refusals surface here, before any byte is sent
     except engine_lib.RequestError as e:
-      return error(400, str(e))
+      return error(503 if isinstance(e, engine_lib.Busy) else 400, str(e))
     cid = f"cmpl-{secrets.token_hex(12)}"
     prompt_len = len(server.prompt_tokens(body.prompt))
     if body.stream:

@@ -43,6 +43,10 @@ class RequestError(ValueError):
   """A request the engine refuses, with a message naming what is wrong (an HTTP 400)."""
 
 
+class Busy(RequestError):
+  """The queue of waiting requests is full: a good request, refused for now (an HTTP 503)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Token:
   token: int
@@ -169,8 +173,8 @@ class Engine:
     try:
       self.pending.put_nowait(r)
     except queue.Full:
-      raise RequestError(f"the server holds {self.pending.maxsize} waiting requests already; "
-                         "try again later.") from None
+      raise Busy(f"the server holds {self.pending.maxsize} waiting requests already; "
+                 "try again later.") from None
     self._wake.set()
 
   # ------------------------------------------------------------------ scheduling
