@@ -317,3 +317,25 @@ def test_a_stop_string_ends_the_completion_before_it(server, merged, vocab):
   assert answer["choices"][0]["finish_reason"] == "stop"
   streamed, last = sse_text(url, {**body, "stream": True})
   assert streamed == text[:text.index(stop)] and last["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_failed_step_ends_its_requests_with_the_error_and_the_engine_goes_on(merged,
+                                                                               monkeypatch):
+  cfg, params, _ = saved.open_saved(merged)
+  eng = engine.Engine(cfg, params, slots=SLOTS).start()
+  try:
+    done = threading.Event()
+    events = []
+    emit = lambda ev: (events.append(ev), isinstance(ev, engine.Done) and done.set())
+    real = programs.decode
+    with monkeypatch.context() as m:
+      m.setattr(programs, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+      eng.submit(engine.Request([5, 6, 7], 8, engine.keep_mask(cfg), emit=emit))
+      assert done.wait(60)
+    assert events[-1].reason == "error" and "boom" in events[-1].error
+    assert programs.decode is real and all(r is None for r in eng.rows)
+    done.clear()
+    eng.submit(engine.Request([5, 6, 7], 8, engine.keep_mask(cfg), emit=emit))
+    assert done.wait(60) and events[-1].reason == "length" and len(events[-1].tokens) == 8
+  finally:
+    eng.stop()

@@ -151,6 +151,10 @@ def create_app(server: Server) -> fastapi.FastAPI:
       first = await anext(events)          # refusals surface here, before any byte is sent
     except engine_lib.RequestError as e:
       return error(503 if isinstance(e, engine_lib.Busy) else 400, str(e))
+    except RuntimeError as e:             # the engine's step failed (logged by the engine)
+      return responses.JSONResponse({"error": {"message": f"generation failed: {e}",
+                                               "type": "server_error", "param": None,
+                                               "code": None}}, status_code=500)
     cid = f"cmpl-{secrets.token_hex(12)}"
     prompt_len = len(server.prompt_tokens(body.prompt))
     if body.stream:
