@@ -339,3 +339,25 @@ def test_a_failed_step_ends_its_requests_with_the_error_and_the_engine_goes_on(m
     assert done.wait(60) and events[-1].reason == "length" and len(events[-1].tokens) == 8
   finally:
     eng.stop()
+
+
+def test_a_dense_model_is_served_too_without_experts(tiny, vocab):
+  cfg, params, _ = saved.open_saved(tiny["public"])
+  eng = engine.Engine(cfg, params, slots=SLOTS, eos_id=vocab.eos_id)
+  reqs = [(p, n, (None, None)) for p, n, _ in requests(4, seed=2)]
+  done = run_all(eng, reqs)
+  for i, (prompt, n, _) in enumerate(reqs):
+    row = generate.generate(cfg, params, [prompt], n, eos_id=vocab.eos_id,
+                            cache_len=cfg.max_seq_len)[0]
+    assert list(done[i].tokens) == generate.trim(row, len(prompt), vocab.eos_id)[len(prompt):]
+    assert done[i].attribution == {}
+  with pytest.raises(engine.RequestError, match="dense"):
+    engine.keep_mask(cfg, None, ["code"])
+  assert inventory.experts(tiny["public"]) == []
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(capsys, tiny, tmp_path):
+  from tests.artifacts import refused
+
+  refused(capsys, "serve", "--model", tiny["experts"]["code"], naming="merge it")
+  refused(capsys, "serve", "--model", tmp_path / "nothing", naming="nothing")
