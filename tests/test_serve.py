@@ -37,13 +37,41 @@ def vocab(merged):
   return saved.vocabulary(merged)
 
 
+class Background:
+  """The app on uvicorn in a thread of this process, on a free loopback port:
+  ``with Background(app) as url: ...``."""
+
+  def __init__(self, app):
+    import socket
+
+    import uvicorn
+
+    self._socket = socket.socket()
+    self._socket.bind(("127.0.0.1", 0))
+    self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+    self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    self._thread = threading.Thread(target=self._server.run,
+                                    kwargs={"sockets": [self._socket]}, daemon=True)
+
+  def __enter__(self) -> str:
+    self._thread.start()
+    while not self._server.started:
+      time.sleep(0.01)
+    return self.url
+
+  def __exit__(self, *exc) -> None:
+    self._server.should_exit = True
+    self._thread.join()
+    self._socket.close()
+
+
 @pytest.fixture(scope="module")
 def server(merged, vocab):
   """The tiny merged model served on a loopback port: (url, engine)."""
   cfg, params, _ = saved.open_saved(merged)
   eng = engine.Engine(cfg, params, slots=SLOTS, eos_id=vocab.eos_id).start()
   app = api.create_app(api.Server(eng, vocab, "tiny", inventory.experts(merged)))
-  with api.Background(app) as url:
+  with Background(app) as url:
     yield url, eng
   eng.stop()
 
@@ -111,13 +139,13 @@ def test_sampling_is_reproducible_per_request_whatever_shares_its_batch(merged, 
   cfg, params, _ = saved.open_saved(merged)
   eng = engine.Engine(cfg, params, slots=SLOTS, eos_id=vocab.eos_id)
   prompt, n, choice = [72, 101, 108, 108, 111], 24, (None, ["legal"])
-  settings = dict(temperature=0.9, top_p=0.8, seed=1234)
-  alone = run_all(eng, [(prompt, n, choice)], **settings)[0].tokens
-  crowd = run_all(eng, requests(5, seed=3) + [(prompt, n, choice)], **settings)[5].tokens
-  assert alone == crowd
   sampling = generate.Sampling(temperature=0.9, top_p=0.8, seed=1234)
+  alone = run_all(eng, [(prompt, n, choice)], sampling=sampling)[0].tokens
+  crowd = run_all(eng, requests(5, seed=3) + [(prompt, n, choice)], sampling=sampling)[5].tokens
+  assert alone == crowd
   assert list(alone) == oracle(merged, prompt, n, choice, vocab.eos_id, sampling)
-  other = run_all(eng, [(prompt, n, choice)], **{**settings, "seed": 1235})[0].tokens
+  reseeded = generate.Sampling(temperature=0.9, top_p=0.8, seed=1235)
+  other = run_all(eng, [(prompt, n, choice)], sampling=reseeded)[0].tokens
   assert other != alone
 
 
@@ -151,8 +179,10 @@ def test_a_full_queue_refuses_for_now_and_a_good_request_never_waits_on_a_bad_on
   cfg, params, _ = saved.open_saved(merged)
   eng = engine.Engine(cfg, params, slots=SLOTS, max_pending=1)
   keep = engine.keep_mask(cfg)
-  with pytest.raises(engine.RequestError, match="top_p"):
-    eng.submit(engine.Request([5, 6], 4, keep, top_p=0.0))     # refused before the queue
+  with pytest.raises(ValueError, match="top_p"):                # refused before the queue
+    eng.submit(engine.Request([5, 6], 4, keep, generate.Sampling(top_p=0.0)))
+  with pytest.raises(engine.RequestError, match="seed"):
+    eng.submit(engine.Request([5, 6], 4, keep, generate.Sampling(seed=2 ** 32)))
   eng.submit(engine.Request([5, 6], 4, keep))
   with pytest.raises(engine.Busy, match="1 waiting requests"):
     eng.submit(engine.Request([5, 6], 4, keep))

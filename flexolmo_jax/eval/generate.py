@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -27,8 +28,8 @@ class Sampling:
   seed: int = 0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0.")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"temperature={self.temperature} must be a number >= 0.")
     if self.top_k is not None and self.top_k < 1:
       raise ValueError(f"top_k={self.top_k} must be >= 1.")
     if self.top_p is not None and not 0 < self.top_p <= 1:

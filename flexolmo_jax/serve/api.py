@@ -18,6 +18,7 @@ import fastapi
 import pydantic
 from fastapi import responses
 
+from flexolmo_jax.eval.generate import Sampling
 from flexolmo_jax.serve import engine as engine_lib
 from flexolmo_jax.serve.text import TextStream
 
@@ -66,15 +67,19 @@ class Server:
       prompt = prompt[0]
     return list(self.vocab.encode(prompt))
 
-  def request(self, body: CompletionRequest, events: asyncio.Queue) -> engine_lib.Request:
+  def request(self, body: CompletionRequest, prompt: list[int],
+              events: asyncio.Queue) -> engine_lib.Request:
     if self.loop is not asyncio.get_running_loop():
       self.listen(asyncio.get_running_loop())
     keep = engine_lib.keep_mask(self.engine.cfg, body.experts, body.exclude)
     seed = secrets.randbelow(2 ** 31) if body.seed is None else body.seed
-    return engine_lib.Request(
-        self.prompt_tokens(body.prompt), body.max_tokens, keep, temperature=body.temperature,
-        top_p=body.top_p, seed=seed, emit=events.put_nowait,
-        each_token=body.stream or bool(body.stop), ignore_eos=body.ignore_eos)
+    try:
+      sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=seed)
+    except ValueError as e:
+      raise engine_lib.RequestError(str(e)) from None
+    return engine_lib.Request(prompt, body.max_tokens, keep, sampling, emit=events.put_nowait,
+                              each_token=body.stream or bool(body.stop),
+                              ignore_eos=body.ignore_eos)
 
   def chunk(self, cid: str, text: str, reason: str | None, **extra) -> dict[str, Any]:
     return {"id": cid, "object": "text_completion", "created": int(time.time()),
@@ -87,10 +92,10 @@ class Server:
             "total_tokens": prompt + len(done.tokens)}
 
 
-async def completion_events(server: Server, body: CompletionRequest):
+async def completion_events(server: Server, body: CompletionRequest, prompt: list[int]):
   """Submits the request; yields (text, None) pieces, then (text, Done)."""
   events = asyncio.Queue()
-  req = server.request(body, events)
+  req = server.request(body, prompt, events)
   stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
   stream = TextStream(server.vocab.decode, stops, server.engine.eos_id)
   server.engine.submit(req)
@@ -109,7 +114,7 @@ async def completion_events(server: Server, body: CompletionRequest):
       if event.reason == "error":
         raise RuntimeError(event.error)
       if not req.each_token:
-        stream.tokens = list(event.tokens)
+        stream.extend(event.tokens)
       yield stream.finish(), event
       return
   finally:
@@ -147,7 +152,8 @@ def create_app(server: Server) -> fastapi.FastAPI:
   @app.post("/v1/completions")
   async def completions(body: CompletionRequest):
     try:
-      events = completion_events(server, body)
+      prompt = server.prompt_tokens(body.prompt)
+      events = completion_events(server, body, prompt)
       first = await anext(events)          # refusals surface here, before any byte is sent
     except engine_lib.RequestError as e:
       return error(503 if isinstance(e, engine_lib.Busy) else 400, str(e))
@@ -155,8 +161,7 @@ def create_app(server: Server) -> fastapi.FastAPI:
       return responses.JSONResponse({"error": {"message": f"generation failed: {e}",
                                                "type": "server_error", "param": None,
                                                "code": None}}, status_code=500)
-    cid = f"cmpl-{secrets.token_hex(12)}"
-    prompt_len = len(server.prompt_tokens(body.prompt))
+    cid, prompt_len = f"cmpl-{secrets.token_hex(12)}", len(prompt)
     if body.stream:
       return responses.StreamingResponse(_sse(server, cid, prompt_len, first, events),
                                          media_type="text/event-stream")
@@ -190,31 +195,3 @@ async def _sse(server: Server, cid: str, prompt_len: int, first, events):
   finally:
     await events.aclose()
 
-
-class Background:
-  """The app on uvicorn in a thread of this process, on a free loopback port (tests, benchmarks):
-  ``with Background(app) as url: ...``."""
-
-  def __init__(self, app: fastapi.FastAPI, host: str = "127.0.0.1", port: int = 0):
-    import socket
-    import threading
-
-    import uvicorn
-
-    self._socket = socket.socket()
-    self._socket.bind((host, port))
-    self.url = f"http://{host}:{self._socket.getsockname()[1]}"
-    self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    self._thread = threading.Thread(target=self._server.run,
-                                    kwargs={"sockets": [self._socket]}, daemon=True)
-
-  def __enter__(self) -> str:
-    self._thread.start()
-    while not self._server.started:
-      time.sleep(0.01)
-    return self.url
-
-  def __exit__(self, *exc) -> None:
-    self._server.should_exit = True
-    self._thread.join()
-    self._socket.close()

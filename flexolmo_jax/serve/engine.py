@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 from flexolmo_jax import experts as experts_lib
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.eval.generate import Sampling
 from flexolmo_jax.model.layers import dtype_of
 from flexolmo_jax.serve import programs
 
@@ -68,9 +68,7 @@ class Request:
   prompt: Sequence[int]
   max_tokens: int
   keep: np.ndarray                 # bool [E] over the model's experts
-  temperature: float = 0.0
-  top_p: float = 1.0
-  seed: int = 0
+  sampling: Sampling = Sampling()  # greedy by default; checked when made (generate.Sampling)
   emit: Callable[[object], None] = lambda event: None
   each_token: bool = True          # False: only the Done event (no stream, no stop string)
   ignore_eos: bool = False         # run to max_tokens through end-of-text tokens (benchmarks)
@@ -157,12 +155,10 @@ class Engine:
     if p + r.max_tokens > self.context:
       raise RequestError(f"the prompt's {p} tokens + max_tokens {r.max_tokens} exceed the "
                          f"model's context of {self.context} tokens.")
-    if not (math.isfinite(r.temperature) and r.temperature >= 0):
-      raise RequestError(f"temperature={r.temperature!r} must be a number >= 0.")
-    if not (math.isfinite(r.top_p) and 0 < r.top_p <= 1):
-      raise RequestError(f"top_p={r.top_p!r} must be in (0, 1].")
-    if not 0 <= r.seed < 2 ** 32:
-      raise RequestError(f"seed={r.seed!r} must be in [0, 2**32).")
+    if r.sampling.top_k is not None:
+      raise RequestError("serving samples with temperature and top_p; top_k is not offered.")
+    if not 0 <= r.sampling.seed < 2 ** 32:
+      raise RequestError(f"seed={r.sampling.seed!r} must be in [0, 2**32).")
     if self.cfg.is_moe and not np.asarray(r.keep).any():
       raise RequestError("every expert is excluded: keep at least one.")
     if any(not 0 <= t < self.cfg.vocab_size for t in r.prompt):
@@ -225,15 +221,15 @@ class Engine:
     bucket = next(b for b in self.buckets if b >= p)
     tokens = np.zeros(bucket, np.int32)
     tokens[:p] = r.prompt
-    keep = np.asarray(r.keep, bool)
-    nxt, self.k, self.v, weights = programs.prefill(
-        self.params, tokens, self.k, self.v, np.int32(slot), np.int32(p), keep,
-        np.float32(r.temperature), np.float32(r.top_p), np.uint32(r.seed),
-        cfg=self.cfg, context=self.context)
     s = self.state
-    s["index"][slot], s["step"][slot] = p, 1
-    s["keep"][slot] = keep if keep.size else s["keep"][slot]
-    s["temperature"][slot], s["top_p"][slot], s["seed"][slot] = r.temperature, r.top_p, r.seed
+    s["index"][slot], s["step"][slot], s["keep"][slot] = p, 1, r.keep
+    s["temperature"][slot] = r.sampling.temperature
+    s["top_p"][slot] = 1.0 if r.sampling.top_p is None else r.sampling.top_p
+    s["seed"][slot] = r.sampling.seed
+    nxt, self.k, self.v, weights = programs.prefill(
+        self.params, tokens, self.k, self.v, np.int32(slot), np.int32(p), s["keep"][slot],
+        s["temperature"][slot], s["top_p"][slot], s["seed"][slot],
+        cfg=self.cfg, context=self.context)
     self.rows[slot] = r
     self._record(slot, int(nxt), np.asarray(weights))
 
@@ -254,8 +250,8 @@ class Engine:
     self.steps += steps
     self.decode_seconds += time.perf_counter() - start
     for slot, r in enumerate(self.rows):
-      for j in range(steps):
-        if self.rows[slot] is not r or r is None:
+      for j in range(steps if r is not None else 0):
+        if self.rows[slot] is not r:
           break       # finished within the burst: the rest of its tokens are dropped
         s["index"][slot] += 1
         s["step"][slot] += 1

@@ -25,6 +25,10 @@ class TextStream:
   def text(self) -> str:
     return self.decode([t for t in self.tokens if t != self.eos_id])
 
+  def extend(self, tokens) -> None:
+    """Takes tokens without sending anything (a completion read whole at its end)."""
+    self.tokens.extend(tokens)
+
   def push(self, token: int) -> str:
     """The new text that ``token`` makes safe to send."""
     if self.stopped:
