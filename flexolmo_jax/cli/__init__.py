@@ -10,7 +10,8 @@ import os
 import sys
 
 from flexolmo_jax import console, paths
-from flexolmo_jax.cli import benchmarks, combine, data, evaluate, hf, project, serve, train
+from flexolmo_jax.cli import (benchmarks, combine, data, evaluate, hf, process, project, serve,
+                              train)
 from flexolmo_jax.cli.args import Parser
 from flexolmo_jax.cli.evaluate import print_privacy
 from flexolmo_jax.cli.run_config import split_gin_flags
@@ -103,8 +104,16 @@ def absolute_paths(args) -> None:
 
 
 def main(argv=None) -> int:
-  from_command_line = argv is None
-  argv = sys.argv[1:] if argv is None else list(argv)
+  """``flexolmo ARGV``: its exit status. From the command line (``argv`` None) the process is
+  the command's own: its allocator and garbage collector are set for it (cli/process.py)."""
+  if argv is not None:
+    return _main(argv, from_command_line=False)
+  with process.own():
+    return _main(sys.argv[1:], from_command_line=True)
+
+
+def _main(argv: list[str], from_command_line: bool) -> int:
+  argv = list(argv)
   run_args: list[str] = []
   if argv[:1] == ["launch"] and "--" in argv:   # the launched run's flags, kept verbatim
     cut = argv.index("--")
