@@ -22,6 +22,23 @@ from tests.helpers import run_cli
 
 # The quick demo took 16 min alone on 2 cores and 20 min beside the other end-to-end tests.
 DEMO_TIMEOUT_S = 2700
+# `make test` compiles the suite's programs fast (TEST_XLA_FLAGS in the Makefile): its runs are a
+# few steps long. The demo's runs are long (1000 and 200 steps at quick size), so they are
+# compiled as a user's are.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level", "--xla_llvm_disable_expensive_passes")
+
+
+# XLA's own defaults (xla/debug_options_flags.cc), for the long runs of the tests' own processes.
+USER_COMPILE = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
+
+
+def demo_env() -> dict:
+  """The environment changes for a ``flexolmo demo`` process: XLA's flags without the suite's
+  fast-compile ones."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  return {"XLA_FLAGS": " ".join(f for f in flags if not f.startswith(FAST_COMPILE_FLAGS))}
+
+
 # The marks of every module whose tests read the quick demo's artifacts: one pytest-xdist worker
 # runs them all, so the demo runs once (tests/e2e/conftest.py); the first waits for the demo.
 DEMO_READERS = [pytest.mark.xdist_group("demo"), pytest.mark.timeout(DEMO_TIMEOUT_S)]
@@ -80,7 +97,7 @@ def demo_run(tmp_path_factory):
   workdir = os.path.join(cwd, "workdir")
   log_path, err_path = os.path.join(cwd, "demo.log"), os.path.join(cwd, "demo.stderr")
   if not os.path.exists(os.path.join(workdir, "report.json")):
-    run = run_cli(["demo", "--quick"], timeout=DEMO_TIMEOUT_S - 60, cwd=cwd)
+    run = run_cli(["demo", "--quick"], timeout=DEMO_TIMEOUT_S - 60, cwd=cwd, env=demo_env())
     with open(log_path, "w") as fh:
       fh.write(run.stdout + run.stderr)
     with open(err_path, "w") as fh:
@@ -116,7 +133,9 @@ def code_expert(flexmix, public, tmp_path_factory):
   suite. Training on a mesh is tested in test_sharding, test_loop and test_multihost."""
   run = run_dir(tmp_path_factory, "expert_code")
   one_device = functools.partial(sharding.make_mesh, devices=jax.devices()[:1])
-  with mock.patch.object(sharding, "make_mesh", one_device):
+  optimized = functools.partial(sharding.jit_sharded, compiler_options=USER_COMPILE)  # 300 steps
+  with mock.patch.object(sharding, "make_mesh", one_device), \
+      mock.patch.object(sharding, "jit_sharded", optimized):
     result, artifact = expert.train_expert(    # as the demo trains its owners (demo/sizes.py)
         public=public["run"], name="code", data=[flexmix["code"]], output_dir=str(run),
         train=train_config(CODE_EXPERT_STEPS, mesh=MeshConfig(data=1), router_lr_scale=0.0),
