@@ -15,12 +15,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # The allocator and collector settings of a command's own process (flexolmo_jax/cli/process.py)
 # for the tests' processes too, which run the same steps in-process: the unit tests take 2:30
 # CPU minutes instead of 2:53 with the collector's default thresholds.
-import gc  # noqa: E402
-
 from flexolmo_jax.cli import process  # noqa: E402
 
-process.tune_allocator()
-gc.set_threshold(*process.GC_THRESHOLDS)
+process.tune()
 # A 2-core CI runner that stalls one of the 8 fake devices' threads must not abort the suite.
 from flexolmo_jax.distributed import patient_cpu_collectives  # noqa: E402
 

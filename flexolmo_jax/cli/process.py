@@ -34,13 +34,18 @@ def tune_allocator() -> bool:
   return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TOP_PAD, TOP_PAD_BYTES))
 
 
-@contextlib.contextmanager
-def own():
-  """The whole of a command-line process: allocator and collector tuned; at the end what is
-  still alive is frozen, so the interpreter's collections at exit (1.4 s) skip it and the
-  operating system frees it (reference counting still closes and flushes files)."""
+def tune() -> None:
+  """The allocator and the collector of a process that runs training and evaluation steps."""
   tune_allocator()
   gc.set_threshold(*GC_THRESHOLDS)
+
+
+@contextlib.contextmanager
+def own():
+  """The whole of a command-line process: tuned; at the end what is still alive is frozen, so
+  the interpreter's collections at exit (1.4 s) skip it and the operating system frees it
+  (reference counting still closes and flushes files)."""
+  tune()
   try:
     yield
   finally:

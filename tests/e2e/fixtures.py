@@ -22,21 +22,18 @@ from tests.helpers import run_cli
 
 # The quick demo took 16 min alone on 2 cores and 20 min beside the other end-to-end tests.
 DEMO_TIMEOUT_S = 2700
-# `make test` compiles the suite's programs fast (TEST_XLA_FLAGS in the Makefile): its runs are a
-# few steps long. The demo's runs are long (1000 and 200 steps at quick size), so they are
-# compiled as a user's are.
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level", "--xla_llvm_disable_expensive_passes")
-
-
-# XLA's own defaults (xla/debug_options_flags.cc), for the long runs of the tests' own processes.
+# `make test` compiles the suite's programs fast (TEST_XLA_FLAGS in the Makefile sets these two
+# XLA options): its runs are a few steps long. Long runs (the demo's 1000 and 200 steps at quick
+# size) are compiled as a user's are, with XLA's own defaults (xla/debug_options_flags.cc).
 USER_COMPILE = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 
 def demo_env() -> dict:
-  """The environment changes for a ``flexolmo demo`` process: XLA's flags without the suite's
-  fast-compile ones."""
+  """The environment changes for a long-running process (``flexolmo demo``): XLA's flags
+  without the suite's fast-compile ones."""
+  fast = tuple(f"--{option}" for option in USER_COMPILE)
   flags = os.environ.get("XLA_FLAGS", "").split()
-  return {"XLA_FLAGS": " ".join(f for f in flags if not f.startswith(FAST_COMPILE_FLAGS))}
+  return {"XLA_FLAGS": " ".join(f for f in flags if not f.startswith(fast))}
 
 
 # The marks of every module whose tests read the quick demo's artifacts: one pytest-xdist worker
