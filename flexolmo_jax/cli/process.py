@@ -10,6 +10,8 @@ import contextlib
 import ctypes
 import gc
 
+from flexolmo_jax.data import tf_start
+
 # glibc gives the free top of its main heap back to the system and asks for it again at the next
 # step (tens of thousands of mmap/munmap calls and page faults in that run); 64 MiB of padding at
 # the top keeps it. Setting any of these turns glibc's sliding mmap threshold off, so it is fixed
@@ -35,9 +37,11 @@ def tune_allocator() -> bool:
 
 
 def tune() -> None:
-  """The allocator and the collector of a process that runs training and evaluation steps."""
+  """The allocator and the collector of a process that runs training and evaluation steps, and
+  the start of its TensorFlow (flexolmo_jax/data/tf_start.py)."""
   tune_allocator()
   gc.set_threshold(*GC_THRESHOLDS)
+  tf_start.keep_sklearn_out_of_keras()
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flexolmo_jax.data import sources, vocabularies
+from flexolmo_jax.data import sources, tf_start, vocabularies
 
 
 # TensorFlow only runs the input pipeline; it must not take accelerator memory from JAX.
@@ -137,6 +137,7 @@ def lm_dataset(task_or_mixture: str, *, seq_len: int, batch_size: int, split: st
     import jax
 
     shard_index, num_shards = jax.process_index(), jax.process_count()
+  tf_start.trace_plainly()
   ds = seqio.get_dataset(
       task_or_mixture, task_feature_lengths={"targets": seq_len}, dataset_split=split,
       shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=False,
