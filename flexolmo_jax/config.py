@@ -50,6 +50,10 @@ class ModelConfig:
   negative_bias: bool = False
   router_z_loss_weight: float = 1e-3
   load_balance_loss_weight: float = 0.0
+  # Rows of the stacked expert weights: 0 is one per expert. More adds zero experts that no token
+  # routes to, so that an expert mesh axis divides the stack (7 experts over 8 devices); set by
+  # moe.rows_for_mesh, never stored in a saved model.
+  expert_rows: int = 0
   dispatch: str = "auto"         # model/dispatch.py BACKENDS, or auto: per platform
   capacity_factor: float = 1.25
   dispatch_block_size: int = 0  # 0: chosen from the shapes (dispatch.block_size_for)
@@ -113,6 +117,9 @@ class ModelConfig:
       experts_lib.validate(self.experts)
       if self.top_k < 1:
         raise ValueError(f"ModelConfig: top_k={self.top_k} must be >= 1.")
+      if self.expert_rows and self.expert_rows < len(self.experts):
+        raise ValueError(f"ModelConfig: expert_rows={self.expert_rows} is fewer than the "
+                         f"{len(self.experts)} experts.")
       if self.top_k > len(self.experts):
         raise ValueError(
             f"ModelConfig: top_k={self.top_k} is larger than the {len(self.experts)} experts "
@@ -125,6 +132,11 @@ class ModelConfig:
   @property
   def num_experts(self) -> int:
     return len(self.experts)
+
+  @property
+  def num_expert_rows(self) -> int:
+    """Rows of the stacked expert weights: the experts and any zero experts padding them."""
+    return max(self.expert_rows, self.num_experts)
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

@@ -120,6 +120,8 @@ def test_refusals_name_the_expert(tiny, tmp_path):
   refuse([code, edited_copy(code, tmp_path / "dup", lambda m: None)], "Two experts are named 'code'")
   refuse([edited_copy(code, tmp_path / "cfg", lambda m: m["config"].update(d_ff=256))],
          r"expert 'code' .* different config .* d_ff=256 \(public 128\)")
+  refuse([edited_copy(code, tmp_path / "rows", lambda m: m["config"].update(expert_rows=9))],
+         r"rows/manifest.json: expert_rows=9; a saved model holds its own experts only")
   refuse([edited_copy(code, tmp_path / "voc", lambda m: m["vocabulary"].update(size=300))],
          r"expert 'code' .* was trained with the vocabulary byte \(300 ids\), the public model .* "
          r"has byte \(259 ids\)")

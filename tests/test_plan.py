@@ -18,6 +18,28 @@ def test_collectives_are_read_from_the_module_text():
                                      "all-to-all": {"count": 1, "bytes": 16}}
 
 
+def test_gathers_of_ffn_weights_are_told_from_other_all_gathers():
+  """An all-gather whose result is shaped like stacked FFN weights, [..., d_model, d_ff] or
+  [..., d_ff, d_model] with one dimension possibly cut by the mesh, counts; activations,
+  attention weights and other collectives do not."""
+  from tests.helpers import tiny
+
+  cfg = tiny(d_model=64, d_ff=96)
+  hlo = """
+  %w = bf16[2,32,96]{2,1,0} all-gather(bf16[2,16,96]{2,1,0} %p), dimensions={1}
+  %d-start = (f32[4,96,64]{2,1,0}, f32[64]{0}) all-gather-start(%a, %b), dimensions={0}
+  %d-done = (f32[4,96,64]{2,1,0}, f32[64]{0}) all-gather-done(%d-start)
+  %h = f32[64,96]{1,0} all-gather(f32[32,96]{1,0} %h0), dimensions={0}
+  %o = f32[4,16,64]{2,1,0} all-gather(f32[2,16,64]{2,1,0} %o0), dimensions={0}
+  %c = f32[4,12,48]{2,1,0} all-gather(f32[2,12,48]{2,1,0} %c0), dimensions={0}
+  %r = f32[2,64,96]{2,1,0} all-reduce(f32[2,64,96]{2,1,0} %g), to_apply=%add
+  """
+  assert report.ffn_weight_gathers(hlo, cfg, 8) == {"count": 2,
+                                                    "bytes": 2 * 32 * 96 * 2 + 4 * 96 * 64 * 4}
+  assert report.ffn_weight_gathers(hlo, cfg, 3)["count"] == 1     # 64 / 32 = 2 does not divide 3
+  assert report.ffn_weight_gathers(hlo, cfg.replace(d_ff=64), 8) == {"count": 0, "bytes": 0}
+
+
 def test_bad_targets_are_named():
   with pytest.raises(ValueError, match="v5e:4x4"):
     targets.resolve("v9z:2x2")

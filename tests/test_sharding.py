@@ -143,3 +143,33 @@ def test_alltoall_expert_parallel_equals_the_gspmd_path():
   np.testing.assert_allclose(logits_a, logits_g, atol=1e-5, rtol=0)
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_g)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_padded_to_the_expert_axis_equal_the_model_as_stored():
+  """3 experts over an expert axis of 4 (a merged 7-expert model over 8 devices, small): one
+  zero expert pads the stacks, the all-to-all dispatch keeps each expert's weights whole on its
+  shard, and loss, logits and gradients equal the unpadded model on one device; the zero
+  expert gets no gradient."""
+  from flexolmo_jax.model import moe
+
+  rules = sharding.ShardingRules()
+  cfg = tiny(experts=("public", "code", "math"), top_k=2, dispatch="dropless")
+  model, toks = spread_router(Transformer(cfg, nnx.Rngs(0))), tokens(cfg, batch=8, length=16)
+  one = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+  _, loss1, logits1, grads1 = run(model, toks, one, rules)
+  mesh = sharding.make_mesh(MeshConfig(fsdp=2, expert=4))
+  padded_cfg = moe.rows_for_mesh(cfg.replace(dispatch="alltoall"), mesh, rules)
+  assert padded_cfg.num_expert_rows == 4 and padded_cfg.experts == cfg.experts
+  padded = Transformer(padded_cfg, nnx.Rngs(1))
+  state = nnx.state(padded, nnx.Param)
+  state.replace_by_pure_dict(moe.pad_rows(nnx.state(model, nnx.Param).to_pure_dict(), 4))
+  nnx.update(padded, state)
+  state, loss, logits, grads = run(padded, toks, mesh, rules)
+  assert state["blocks"]["ffn"]["w_gate"].sharding.spec == P(None, "expert", None, "tensor")
+  np.testing.assert_allclose(loss, loss1, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(logits, logits1, atol=1e-5, rtol=0)
+  expected = moe.pad_rows(jax.tree.map(np.asarray, grads1.to_pure_dict()), 4)
+  got = jax.tree.map(np.asarray, grads.to_pure_dict())
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -147,6 +147,9 @@ def config_from_json(data: Mapping[str, Any], where: str) -> ModelConfig:
   unknown = sorted(set(data) - known)
   if unknown:
     raise ValueError(f"{where}: unknown model config keys {unknown}.")
+  if data.get("expert_rows"):
+    raise ValueError(f"{where}: expert_rows={data['expert_rows']!r}; a saved model holds its "
+                     "own experts only (padding is a layout chosen when it is loaded).")
   try:
     cfg = ModelConfig(**data)
     check_backend(cfg.dispatch)

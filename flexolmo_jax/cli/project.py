@@ -29,6 +29,7 @@ def _plan(args) -> int:
   from flexolmo_jax import sharding
   from flexolmo_jax.config import MeshConfig, load_model_config
   from flexolmo_jax.flexolmo.expert import ExpertConfig
+  from flexolmo_jax.model import moe
   from flexolmo_jax.plan import programs, report, targets
   from flexolmo_jax.train.loop import TrainConfig
 
@@ -43,6 +44,10 @@ def _plan(args) -> int:
   rules = sharding.ShardingRules()
   ecfg = ExpertConfig(anchor_dtype=args.anchor_dtype)
   n = len(target.devices)
+  rows = moe.rows_for_mesh(cfg, mesh, rules).num_expert_rows
+  if rows != cfg.num_expert_rows and args.task not in ("pretrain", "train-expert"):
+    print(f"{cfg.num_experts} experts are padded to {rows} with zero experts no token routes "
+          "to, so that the mesh's expert axis divides them", file=sys.stderr, flush=True)
   print(f"compiling {args.task} of {args.model} for {target.name} ({n} device"
         f"{'s' if n > 1 else ''}): the step, then 1 and 2 unrolled layers for its FLOPs "
         "(minutes for a 7B model)",

@@ -40,6 +40,7 @@ from flexolmo_jax.data import sources, tasks, vocabularies
 from flexolmo_jax.experts import PUBLIC
 from flexolmo_jax.flexolmo import merge as merge_lib
 from flexolmo_jax.flexolmo import router_init
+from flexolmo_jax.model import moe as moe_lib
 from flexolmo_jax.model.embedding import segment_embeddings
 from flexolmo_jax.model.transformer import pure_model, run_on_batch
 from flexolmo_jax.train import loop, metrics, streams
@@ -225,8 +226,10 @@ def tune_router(merged: str = gin.REQUIRED, data: Sequence[str] = gin.REQUIRED,
   task = tasks.register_corpus("public", data, data_dir=os.path.join(output_dir, "data"),
                                vocabulary=vocab)
   batches, counts = tuning_batches(task, merged, cfg, embeddings, train, tune)
-  moe, mesh = pure_model(cfg), sharding.make_mesh(train.mesh)
-  trainable, frozen = params_lib.split(params, is_router)
+  mesh = sharding.make_mesh(train.mesh)
+  cfg = moe_lib.rows_for_mesh(cfg, mesh, rules)      # zero experts pad E to the expert axis
+  moe = pure_model(cfg)
+  trainable, frozen = params_lib.split(moe_lib.pad_rows(params, cfg.num_expert_rows), is_router)
   apply, router_shardings, frozen_shardings = training_parts(moe, mesh, rules)
   trainer = loop.Trainer(
       train, workdir=output_dir, mesh=mesh, rules=rules, apply=apply, params=trainable,

@@ -7,6 +7,7 @@ top-k on the probabilities, **no** renormalization. The experts are SwiGLU FFNs 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -60,24 +61,65 @@ def router_z_loss(logits_te):
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_te, axis=-1)))
 
 
+# The MoE's parameters with an expert dimension, and their rank without the layer stack.
+EXPERT_STACKS = {"router_embedding": 2, "negative_bias": 1, "w_gate": 3, "w_up": 3, "w_down": 3}
+
+
+def rows_for_mesh(cfg: ModelConfig, mesh, rules: sharding.ShardingRules) -> ModelConfig:
+  """``cfg`` with its expert stacks padded to a multiple of the mesh axes the experts split
+  over (7 experts over an expert axis of 8 get one zero expert)."""
+  if not cfg.is_moe:
+    return cfg
+  parts = math.prod(mesh.shape[a] for a in rules.mesh_axes("expert"))
+  rows = -(-cfg.num_experts // parts) * parts
+  return cfg if rows == cfg.num_expert_rows else cfg.replace(expert_rows=rows)
+
+
+def pad_rows(params: dict, rows: int) -> dict:
+  """A model's parameters (a nested dict) with every MoE's expert stacks padded with zeros to
+  ``rows`` experts; a dense model's are returned as they are."""
+  if not isinstance(params, dict):
+    return params
+  if "router_embedding" not in params:
+    return {k: pad_rows(v, rows) for k, v in params.items()}
+
+  def pad(name, leaf):
+    if name not in EXPERT_STACKS:
+      return leaf
+    axis = leaf.ndim - EXPERT_STACKS[name]
+    if leaf.shape[axis] == rows:
+      return leaf
+    widths = [(0, 0)] * leaf.ndim
+    widths[axis] = (0, rows - leaf.shape[axis])
+    return jnp.pad(leaf, widths)
+  return {k: pad(k, v) for k, v in params.items()}
+
+
+def weight_axes(cfg: ModelConfig) -> tuple[tuple, tuple]:
+  """Logical axes of the (gate and up, down) expert weights. Under the all-to-all dispatch an
+  expert's weights stay whole within its expert shard (their ``embed`` dimension is not split
+  over FSDP): tokens travel to the weights, which never move."""
+  embed = None if cfg.dispatch == "alltoall" else "embed"
+  return ("expert", embed, "mlp"), ("expert", "mlp", embed)
+
+
 class MoE(nnx.Module):
-  """Router plus ``E`` SwiGLU experts; ``experts`` names them in the model's order."""
+  """Router plus ``E`` SwiGLU experts; ``experts`` names them in the model's order. The stacks
+  have ``cfg.num_expert_rows`` rows: past the experts, zero experts no token routes to."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, stack: int = 0):
-    e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+    e, d, f = cfg.num_expert_rows, cfg.d_model, cfg.d_ff
     pd, std = dtype_of(cfg.param_dtype), cfg.init_std
+    in_axes, out_axes = weight_axes(cfg)
     self.cfg = cfg
     self.router_embedding = make_param(rngs, (e, d), ("expert", "embed"), std=std, dtype=pd,
                                        stack=stack)
     if cfg.negative_bias:
       self.negative_bias = nnx.Param(jnp.zeros((stack, e) if stack else (e,), jnp.float32),
                                      axes=("layers", "expert") if stack else ("expert",))
-    self.w_gate = make_param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=std, dtype=pd,
-                             stack=stack)
-    self.w_up = make_param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=std, dtype=pd,
-                           stack=stack)
-    self.w_down = make_param(rngs, (e, f, d), ("expert", "mlp", "embed"), std=std, dtype=pd,
-                             stack=stack)
+    self.w_gate = make_param(rngs, (e, d, f), in_axes, std=std, dtype=pd, stack=stack)
+    self.w_up = make_param(rngs, (e, d, f), in_axes, std=std, dtype=pd, stack=stack)
+    self.w_down = make_param(rngs, (e, f, d), out_axes, std=std, dtype=pd, stack=stack)
 
   def __call__(self, x_btd, expert_index: Sequence[int] | None = None, top_k: int | None = None,
                keep_bte=None):
@@ -91,6 +133,11 @@ class MoE(nnx.Module):
               "w_up": self.w_up[...], "w_down": self.w_down[...]}
     if cfg.negative_bias:
       params["bias"] = self.negative_bias[...]
+    # Padding rows are never routed to: the router sees the experts alone.
+    e = len(names)
+    params["router"], bias = params["router"][:e], params.get("bias")
+    if bias is not None:
+      params["bias"] = bias[:e]
     if expert_index is not None and tuple(expert_index) != tuple(range(len(names))):
       # Gathers the kept experts' weights on every call: right for trying an opt-out at
       # inference; a permanent opt-out writes a smaller model instead (merge --exclude, #5).
@@ -109,7 +156,7 @@ class MoE(nnx.Module):
         capacity_factor=cfg.capacity_factor, block_size=cfg.dispatch_block_size)
     stats = MoEStats(
         z_loss=router_z_loss(routing.logits_te),
-        assignment_share=dstats.tokens_per_expert.astype(jnp.float32) / (b * t),
+        assignment_share=dstats.tokens_per_expert[:len(names)].astype(jnp.float32) / (b * t),
         mean_prob=jnp.mean(routing.probs_te, axis=0),
         dropped_fraction=dstats.dropped_fraction)
     y = sharding.constrain(y_td.reshape(b, t, d), ("batch", "length", "embed"))

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.flexolmo import expert, router_tune
+from flexolmo_jax.model import moe
 from flexolmo_jax.model.transformer import KVCache, pure_model, run_on_batch
 from flexolmo_jax.plan import TASKS
 from flexolmo_jax.train import metrics, params as params_lib
@@ -38,7 +39,8 @@ def abstract(tree, shardings):
 
 def dense_of(cfg: ModelConfig) -> ModelConfig:
   """The public model of a preset: a MoE preset without its experts."""
-  return cfg.replace(experts=(), top_k=1, negative_bias=False) if cfg.is_moe else cfg
+  return (cfg.replace(experts=(), expert_rows=0, top_k=1, negative_bias=False) if cfg.is_moe
+          else cfg)
 
 
 def batch(train, batch_sharding) -> dict:
@@ -54,6 +56,7 @@ def build(task: str, cfg: ModelConfig, train, mesh, rules: sharding.ShardingRule
   ecfg = ecfg or expert.ExpertConfig()
   if task not in TASKS:
     raise ValueError(f"--task {task!r}: choose from {', '.join(TASKS)}.")
+  cfg = moe.rows_for_mesh(cfg, mesh, rules)     # zero experts pad E to the expert axis
   if task in ("prefill", "decode"):
     return _generation(task, cfg, train, mesh, rules)
   if task in ("pretrain", "train-dense"):

@@ -44,20 +44,50 @@ def global_bytes(tree) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def collectives(hlo: str) -> dict[str, dict[str, int]]:
-  """{kind: {"count", "bytes"}} of the collectives in a compiled module's text (bytes of their
-  results, per device)."""
-  out = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+def _collective_results(hlo: str):
+  """(kind, [(shape, bytes) of each result array]) of each collective in a compiled module's text."""
   for line in hlo.splitlines():
     match = _INSTRUCTION.search(line)
     if not match or "-done(" in line:
       continue
-    kind = out[match.group(2)]
-    kind["count"] += 1
+    arrays = []
     for dtype, dims in _ARRAY.findall(match.group(1)):
+      shape = tuple(int(d) for d in dims.split(",") if d)
       bits = _ELEMENT_BITS.get(dtype) or int(re.match(r"\D*(\d+)", dtype).group(1))
-      kind["bytes"] += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+      arrays.append((shape, math.prod(shape) * bits // 8))
+    yield match.group(2), arrays
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes"}} of the collectives in a compiled module's text (bytes of their
+  results, per device)."""
+  out = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  for kind, arrays in _collective_results(hlo):
+    out[kind]["count"] += 1
+    out[kind]["bytes"] += sum(n for _, n in arrays)
   return dict(out)
+
+
+def ffn_weight_gathers(hlo: str, cfg: ModelConfig, devices: int) -> dict[str, int]:
+  """{"count", "bytes"} of the all-gathers whose result is shaped like stacked FFN (expert)
+  weights: rank 3 or more, ending in (d_model, d_ff) or (d_ff, d_model) with one of the two
+  whole and the other whole or cut by a divisor of the device count. Zero when every expert's
+  weights are used where they are stored (the all-to-all dispatch)."""
+  out = {"count": 0, "bytes": 0}
+  d, f = cfg.d_model, cfg.d_ff
+  for kind, arrays in _collective_results(hlo):
+    found = [n for shape, n in arrays if kind == "all-gather" and len(shape) >= 3 and d != f
+             and (_cut(shape[-2:], (d, f), devices) or _cut(shape[-2:], (f, d), devices))]
+    if found:
+      out["count"] += 1
+      out["bytes"] += sum(found)
+  return out
+
+
+def _cut(dims, whole, devices: int) -> bool:
+  """``dims`` are ``whole`` with at most one dimension divided, by a divisor of ``devices``."""
+  cuts = [w // a if a and w % a == 0 else 0 for a, w in zip(dims, whole)]
+  return 0 not in cuts and 1 in cuts and all(devices % c == 0 for c in cuts)
 
 
 def specs(tree) -> dict[str, str]:
@@ -73,10 +103,12 @@ def costs(program: Program, devices: int) -> dict:
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
   seconds = cost.get("optimal_seconds")
+  hlo = compiled.as_text()
   return {"flops": float(cost.get("flops", 0.0)) * devices,
           "bytes": float(cost.get("bytes accessed", 0.0)),
           "seconds": float(seconds) if seconds is not None and seconds > 0 else None,
-          "collectives": collectives(compiled.as_text())}
+          "collectives": collectives(hlo),
+          "ffn_weight_gathers": ffn_weight_gathers(hlo, program.model, devices)}
 
 
 def per_layer(one: dict, two: dict, layers: int) -> dict:
@@ -89,7 +121,10 @@ def per_layer(one: dict, two: dict, layers: int) -> dict:
                       if one["seconds"] and two["seconds"] else None),
           "collectives": {k: {f: int(line(one["collectives"].get(k, zero)[f],
                                           two["collectives"].get(k, zero)[f]))
-                              for f in ("count", "bytes")} for k in sorted(kinds)}}
+                              for f in ("count", "bytes")} for k in sorted(kinds)},
+          "ffn_weight_gathers": {f: int(line(one["ffn_weight_gathers"][f],
+                                             two["ffn_weight_gathers"][f]))
+                                 for f in ("count", "bytes")}}
 
 
 def model_costs(build, cfg: ModelConfig, program: Program | None, devices: int) -> dict:
@@ -171,7 +206,8 @@ def plan(build: Callable[[ModelConfig], Program], cfg: ModelConfig, target: Targ
       "remat_flops": remat,
       "reference_flops": program.reference_flops,
       "estimated_step_seconds": seconds, "step_seconds_from": source, "estimated_mfu": mfu,
-      "collectives": cost["collectives"],
+      "collectives": cost["collectives"], "ffn_weight_gathers": cost["ffn_weight_gathers"],
+      "expert_rows": program.model.num_expert_rows,
       "shardings": {g: specs(program.groups[g]) for g in ("params", "frozen")},
   }
 
@@ -203,6 +239,9 @@ def render(report: dict) -> str:
                  f"{report['step_seconds_from']}), MFU {report['estimated_mfu']:.1%}")
   for kind, c in sorted(report["collectives"].items()):
     lines.append(f"  {kind}: {c['count']} ops, {gib(c['bytes'])} per device")
+  gathers = report["ffn_weight_gathers"]
+  lines.append(f"  of the all-gathers, {gathers['count']} gather FFN weights "
+               f"({gib(gathers['bytes'])} per device)")
   if not report["fits"]:
     lines.append(TO_FIT)
   return "\n".join(lines)

@@ -97,12 +97,18 @@ def test_generation_steps_hold_the_kv_cache_and_no_optimizer():
     assert got["fits"] and got["kernel_flops"] == 0
 
 
-def test_expert_parallel_dispatch_compiles_to_all_to_alls():
-  """alltoall dispatch over an expert axis of 4: the program moves tokens with all-to-alls."""
-  cfg = tiny(experts=("public", "a", "b", "c"), top_k=2, dispatch="alltoall")
+def test_expert_parallel_moves_tokens_and_no_expert_weight():
+  """Router tuning of 3 experts over an expert axis of 4 (as 7 over 8): the stacks are padded to
+  4; the all-to-all dispatch moves tokens with all-to-alls and gathers no FFN weight, where the
+  GSPMD dropless path of the same model gathers them (so the count can see them)."""
+  cfg = tiny(experts=("public", "a", "b"), top_k=2, d_ff=96)
   train = TrainConfig(batch_size=8, seq_len=32, mesh=MeshConfig(fsdp=2, expert=4))
-  got = plan_of("eval", cfg, train)
-  assert got["collectives"]["all-to-all"]["count"] >= 2 * cfg.n_layers, got["collectives"]
+  a2a = plan_of("tune-router", cfg.replace(dispatch="alltoall"), train)
+  assert a2a["expert_rows"] == 4
+  assert a2a["collectives"]["all-to-all"]["count"] >= 2 * cfg.n_layers, a2a["collectives"]
+  assert a2a["ffn_weight_gathers"] == {"count": 0, "bytes": 0}, a2a["collectives"]
+  gspmd = plan_of("tune-router", cfg.replace(dispatch="dropless"), train)
+  assert gspmd["ffn_weight_gathers"]["count"] >= cfg.n_layers
 
 
 def test_remat_recomputation_is_its_own_line():
