@@ -140,7 +140,7 @@ class MoE(nnx.Module):
       params["bias"] = bias[:e]
     if expert_index is not None and tuple(expert_index) != tuple(range(len(names))):
       # Gathers the kept experts' weights on every call: right for trying an opt-out at
-      # inference; a permanent opt-out writes a smaller model instead (merge --exclude, #5).
+      # inference; a permanent opt-out writes a smaller model instead (merge --exclude).
       index = jnp.asarray(expert_index, jnp.int32)
       params = {k: jnp.take(v, index, axis=0) for k, v in params.items()}
       names = tuple(names[i] for i in expert_index)
