@@ -45,3 +45,38 @@ def test_bad_targets_are_named():
     targets.resolve("v9z:2x2")
   with pytest.raises(ValueError, match="--num-slices"):
     targets.resolve("cpu", num_slices=2)
+
+
+def test_a_runs_gin_files_set_what_the_plan_compiles_and_flags_win(tmp_path):
+  """``plan --gin-file`` reads the run's files as its command does (model preset, the run's
+  gin file, then the user's); flags given on top win; without files the plan's defaults hold,
+  and the caller's gin state is left as it was."""
+  import gin
+
+  from flexolmo_jax.config import MeshConfig
+  from flexolmo_jax.plan import settings
+
+  run = tmp_path / "run.gin"
+  run.write_text("BATCH_SIZE = 32\nSEQ_LEN = 64\nANCHOR_DTYPE = 'bfloat16'\nDTYPE = 'bfloat16'\n"
+                 "flexolmo.TrainConfig.mesh = @flexolmo.MeshConfig()\n"
+                 "flexolmo.MeshConfig.fsdp = 4\nflexolmo.MeshConfig.data = -1\n"
+                 "flexolmo.ModelConfig.remat = 'full'\n")
+  gin.bind_parameter("flexolmo.MeshConfig.tensor", 2)
+  got = settings.resolve("train-expert", "tiny", [str(run)])
+  assert (got.train.batch_size, got.train.seq_len) == (32, 64)
+  assert (got.train.mesh.data, got.train.mesh.fsdp, got.train.mesh.tensor) == (-1, 4, 1)
+  assert got.model.remat == "full" and got.model.dtype == "bfloat16"
+  assert got.model.d_model == 64 and got.expert.anchor_dtype == "bfloat16"
+  assert gin.query_parameter("flexolmo.MeshConfig.tensor") == 2
+  gin.clear_config()
+  flags = settings.resolve("train-expert", "tiny", [str(run)], batch_size=8, mesh={"fsdp": -1},
+                           anchor_dtype="float32")
+  assert (flags.train.batch_size, flags.train.seq_len) == (8, 64)
+  assert flags.train.mesh == MeshConfig(fsdp=-1) and flags.expert.anchor_dtype == "float32"
+  plain = settings.resolve("pretrain", "tiny")
+  assert (plain.train.batch_size, plain.train.seq_len, plain.train.mesh) == (
+      16, 256, MeshConfig(fsdp=-1))
+  bad = tmp_path / "bad.gin"
+  bad.write_text("flexolmo.TrainConfig.no_such = 1\n")
+  with pytest.raises(ValueError, match=r"bad.gin.*no_such"):
+    settings.resolve("pretrain", "tiny", [str(bad)])

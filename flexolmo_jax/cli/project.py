@@ -27,22 +27,17 @@ def _plan(args) -> int:
   import json
 
   from flexolmo_jax import sharding
-  from flexolmo_jax.config import MeshConfig, load_model_config
-  from flexolmo_jax.flexolmo.expert import ExpertConfig
   from flexolmo_jax.model import moe
-  from flexolmo_jax.plan import programs, report, targets
-  from flexolmo_jax.train.loop import TrainConfig
+  from flexolmo_jax.plan import programs, report, settings, targets
 
   with console.native_stdout_silenced():
     target = targets.resolve(args.topology, args.num_slices)
-  cfg = load_model_config(args.model, args.gin)
-  if args.bf16:
-    cfg = cfg.replace(dtype="bfloat16")
-  mesh_cfg = MeshConfig(**args.mesh)
-  train = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, mesh=mesh_cfg)
-  mesh = sharding.make_mesh(mesh_cfg, devices=target.devices)
+  run = settings.resolve(args.task, args.model, args.gin_file, args.gin,
+                         batch_size=args.batch_size, seq_len=args.seq_len, mesh=args.mesh,
+                         bf16=args.bf16, anchor_dtype=args.anchor_dtype)
+  cfg, train, ecfg = run.model, run.train, run.expert
+  mesh = sharding.make_mesh(train.mesh, devices=target.devices)
   rules = sharding.ShardingRules()
-  ecfg = ExpertConfig(anchor_dtype=args.anchor_dtype)
   n = len(target.devices)
   rows = moe.rows_for_mesh(cfg, mesh, rules).num_expert_rows
   if rows != cfg.num_expert_rows and args.task not in ("pretrain", "train-expert"):
@@ -106,6 +101,9 @@ def add_plan(sub) -> None:
   p = sub.add_parser("plan", help="compile a run for this host or a TPU topology (no TPU "
                      "needed): bytes per device, fits, FLOPs, estimated step time, collectives")
   p.add_argument("--model", default="tiny", help="model preset (gin_configs/models) or gin file")
+  p.add_argument("--gin-file", action="append", default=[],
+                 help="a gin file of the run, as its command takes it (repeat): its model, "
+                      "batch, length, mesh and expert settings; the flags below win")
   p.add_argument("--gin", action="append", default=[],
                  help="model binding, e.g. \"flexolmo.ModelConfig.remat='full'\" (repeat)")
   p.add_argument("--task", choices=TASKS, default="pretrain")
@@ -113,11 +111,13 @@ def add_plan(sub) -> None:
                  help="cpu (this host's devices) or a TPU topology: v4:2x2x2, v5e:4x4, "
                       "v5p:4x4x8, v6e:16x16 (needs the tpu extra)")
   p.add_argument("--num-slices", type=count, default=1, help="TPU slices over DCN")
-  p.add_argument("--batch-size", type=count, default=16, help="global sequences per step")
-  p.add_argument("--seq-len", type=count, default=256)
+  p.add_argument("--batch-size", type=count,
+                  help="global sequences per step (default: the run's, else 16)")
+  p.add_argument("--seq-len", type=count, help="default: the run's, else 256")
   # FSDP over every device is how a pod trains a 7B model; --mesh data=-1 plans a laptop run.
-  p.add_argument("--mesh", type=mesh_spec, default="fsdp=-1",
-                 help="mesh axes, e.g. data=2,fsdp=-1 or data=-1 (default fsdp=-1)")
+  p.add_argument("--mesh", type=mesh_spec,
+                 help="mesh axes, e.g. data=2,fsdp=-1 or data=-1 (default: the run's, else "
+                      "fsdp=-1)")
   p.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters as stored)")
   p.add_argument("--anchor-dtype", choices=("float32", "bfloat16"),
                  help="train-expert: hold the frozen public model in this dtype")
