@@ -5,6 +5,7 @@ Presets live in ``gin_configs/models/*.gin`` (the single source of the numbers);
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -215,21 +216,26 @@ def model_gin_path(name_or_path: str) -> str:
   return path
 
 
-def load_model_config(name_or_path: str, overrides: Sequence[str] = (), **changes) -> ModelConfig:
-  """Parses a model gin file (plus ``--gin.`` style bindings) into a ModelConfig.
-
-  Uses a private gin scope so it does not disturb a caller's global gin state.
-  """
-  path = model_gin_path(name_or_path)
+@contextlib.contextmanager
+def private_gin():
+  """An empty gin configuration for the block, and the caller's back afterwards, untouched."""
   with gin.unlock_config():
     saved = gin.config._CONFIG.copy()  # pylint: disable=protected-access
     try:
       gin.clear_config()
-      gin.parse_config_files_and_bindings([path], list(overrides), skip_unknown=False)
-      cfg = ModelConfig()
+      yield
     finally:
       gin.clear_config()
       gin.config._CONFIG.update(saved)  # pylint: disable=protected-access
+
+
+def load_model_config(name_or_path: str, overrides: Sequence[str] = (), **changes) -> ModelConfig:
+  """Parses a model gin file (plus ``--gin.`` style bindings) into a ModelConfig, in a private
+  gin configuration (the caller's global gin state is not disturbed)."""
+  path = model_gin_path(name_or_path)
+  with private_gin():
+    gin.parse_config_files_and_bindings([path], list(overrides), skip_unknown=False)
+    cfg = ModelConfig()
   return cfg.replace(**changes) if changes else cfg
 
 

@@ -20,7 +20,7 @@ def test_collectives_are_read_from_the_module_text():
 
 def test_gathers_of_ffn_weights_are_told_from_other_all_gathers():
   """An all-gather whose result is shaped like stacked FFN weights, [..., d_model, d_ff] or
-  [..., d_ff, d_model] with one dimension possibly cut by the mesh, counts; activations,
+  [..., d_ff, d_model], whole or cut as the mesh cuts those dimensions, counts; activations,
   attention weights and other collectives do not."""
   from tests.helpers import tiny
 
@@ -34,9 +34,13 @@ def test_gathers_of_ffn_weights_are_told_from_other_all_gathers():
   %c = f32[4,12,48]{2,1,0} all-gather(f32[2,12,48]{2,1,0} %c0), dimensions={0}
   %r = f32[2,64,96]{2,1,0} all-reduce(f32[2,64,96]{2,1,0} %g), to_apply=%add
   """
-  assert report.ffn_weight_gathers(hlo, cfg, 8) == {"count": 2,
-                                                    "bytes": 2 * 32 * 96 * 2 + 4 * 96 * 64 * 4}
-  assert report.ffn_weight_gathers(hlo, cfg, 3)["count"] == 1     # 64 / 32 = 2 does not divide 3
+  assert report.ffn_weight_gathers(hlo, cfg, embed_parts=2) == {
+      "count": 2, "bytes": 2 * 32 * 96 * 2 + 4 * 96 * 64 * 4}
+  # d_model cut in two is no FFN weight where the mesh does not cut it so.
+  assert report.ffn_weight_gathers(hlo, cfg, embed_parts=1)["count"] == 1
+  # [4, 16, 64] (attention's output weights) would be d_ff = 128 cut by 8: not where mlp is whole.
+  assert report.ffn_weight_gathers(hlo, cfg.replace(d_ff=128), embed_parts=2)["count"] == 0
+  assert report.ffn_weight_gathers(hlo, cfg.replace(d_ff=128), mlp_parts=8)["count"] == 1
   assert report.ffn_weight_gathers(hlo, cfg.replace(d_ff=64), 8) == {"count": 0, "bytes": 0}
 
 

@@ -27,7 +27,6 @@ def _plan(args) -> int:
   import json
 
   from flexolmo_jax import sharding
-  from flexolmo_jax.model import moe
   from flexolmo_jax.plan import programs, report, settings, targets
 
   with console.native_stdout_silenced():
@@ -39,10 +38,6 @@ def _plan(args) -> int:
   mesh = sharding.make_mesh(train.mesh, devices=target.devices)
   rules = sharding.ShardingRules()
   n = len(target.devices)
-  rows = moe.rows_for_mesh(cfg, mesh, rules).num_expert_rows
-  if rows != cfg.num_expert_rows and args.task not in ("pretrain", "train-expert"):
-    print(f"{cfg.num_experts} experts are padded to {rows} with zero experts no token routes "
-          "to, so that the mesh's expert axis divides them", file=sys.stderr, flush=True)
   print(f"compiling {args.task} of {args.model} for {target.name} ({n} device"
         f"{'s' if n > 1 else ''}): the step, then 1 and 2 unrolled layers for its FLOPs "
         "(minutes for a 7B model)",

@@ -10,6 +10,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from flexolmo_jax import sharding
 from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import attention, dispatch
 from flexolmo_jax.plan.programs import Program
@@ -68,26 +69,29 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
   return dict(out)
 
 
-def ffn_weight_gathers(hlo: str, cfg: ModelConfig, devices: int) -> dict[str, int]:
+def ffn_weight_gathers(hlo: str, cfg: ModelConfig, embed_parts: int = 1,
+                       mlp_parts: int = 1) -> dict[str, int]:
   """{"count", "bytes"} of the all-gathers whose result is shaped like stacked FFN (expert)
-  weights: rank 3 or more, ending in (d_model, d_ff) or (d_ff, d_model) with one of the two
-  whole and the other whole or cut by a divisor of the device count. Zero when every expert's
-  weights are used where they are stored (the all-to-all dispatch)."""
+  weights: rank 3 or more, ending in (d_model, d_ff) or (d_ff, d_model), whole or still cut as
+  the mesh cuts them (``d_model`` by a divisor of ``embed_parts``, ``d_ff`` of ``mlp_parts``).
+  Zero when every expert's weights are used where they are stored (the all-to-all dispatch)."""
   out = {"count": 0, "bytes": 0}
   d, f = cfg.d_model, cfg.d_ff
+  if d == f:        # FFN weights cannot be told from attention's by shape
+    return out
   for kind, arrays in _collective_results(hlo):
-    found = [n for shape, n in arrays if kind == "all-gather" and len(shape) >= 3 and d != f
-             and (_cut(shape[-2:], (d, f), devices) or _cut(shape[-2:], (f, d), devices))]
+    found = [n for shape, n in arrays if kind == "all-gather" and len(shape) >= 3
+             and (_cut(shape[-2:], (d, f), (embed_parts, mlp_parts))
+                  or _cut(shape[-2:], (f, d), (mlp_parts, embed_parts)))]
     if found:
       out["count"] += 1
       out["bytes"] += sum(found)
   return out
 
 
-def _cut(dims, whole, devices: int) -> bool:
-  """``dims`` are ``whole`` with at most one dimension divided, by a divisor of ``devices``."""
-  cuts = [w // a if a and w % a == 0 else 0 for a, w in zip(dims, whole)]
-  return 0 not in cuts and 1 in cuts and all(devices % c == 0 for c in cuts)
+def _cut(dims, whole, parts) -> bool:
+  """``dims`` are ``whole``, each dimension divided by a divisor of its ``parts``."""
+  return all(a and w % a == 0 and p % (w // a) == 0 for a, w, p in zip(dims, whole, parts))
 
 
 def specs(tree) -> dict[str, str]:
@@ -108,7 +112,15 @@ def costs(program: Program, devices: int) -> dict:
           "bytes": float(cost.get("bytes accessed", 0.0)),
           "seconds": float(seconds) if seconds is not None and seconds > 0 else None,
           "collectives": collectives(hlo),
-          "ffn_weight_gathers": ffn_weight_gathers(hlo, program.model, devices)}
+          "ffn_weight_gathers": ffn_weight_gathers(hlo, program.model, *_ffn_parts(program))}
+
+
+def _ffn_parts(program: Program) -> tuple[int, int]:
+  """How many parts the mesh cuts an FFN weight's (embed, mlp) dimensions into."""
+  mesh = jax.tree.leaves(program.args)[0].sharding.mesh
+  rules = sharding.ShardingRules()
+  return tuple(math.prod(mesh.shape[a] for a in rules.mesh_axes(axis))
+               for axis in ("embed", "mlp"))
 
 
 def per_layer(one: dict, two: dict, layers: int) -> dict:
@@ -207,7 +219,7 @@ def plan(build: Callable[[ModelConfig], Program], cfg: ModelConfig, target: Targ
       "reference_flops": program.reference_flops,
       "estimated_step_seconds": seconds, "step_seconds_from": source, "estimated_mfu": mfu,
       "collectives": cost["collectives"], "ffn_weight_gathers": cost["ffn_weight_gathers"],
-      "expert_rows": program.model.num_expert_rows,
+      "experts": program.model.num_experts, "expert_rows": program.model.num_expert_rows,
       "shardings": {g: specs(program.groups[g]) for g in ("params", "frozen")},
   }
 
@@ -224,6 +236,9 @@ def render(report: dict) -> str:
   pd = report["per_device_bytes"]
   lines = [f"{report['task']} on {report['topology']}: {report['devices']} devices, mesh "
            + " x ".join(f"{k}={v}" for k, v in report["mesh"].items() if v > 1 or k == "data"),
+           *([f"{report['experts']} experts padded to {report['expert_rows']} with zero experts "
+              "no token routes to, so that the mesh's expert axis divides them"]
+             if report["expert_rows"] > report["experts"] else []),
            "per device: " + ", ".join(f"{k} {gib(pd[k])}" for k in (*GROUPS, "temporaries")),
            f"total {gib(pd['total'])} of {gib(report['hbm_bytes'])}: "
            + ("fits" if report["fits"] else "DOES NOT FIT"),

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import gin
 
-from flexolmo_jax.config import GIN_DIR, MeshConfig, ModelConfig, model_gin_path
+from flexolmo_jax.config import GIN_DIR, MeshConfig, ModelConfig, model_gin_path, private_gin
 from flexolmo_jax.flexolmo import public, router_tune  # noqa: F401 (their gin configurables)
 from flexolmo_jax.flexolmo.expert import ExpertConfig
 from flexolmo_jax.train.loop import TrainConfig
@@ -45,21 +45,14 @@ def resolve(task: str, model: str, gin_files: Sequence[str] = (), bindings: Sequ
     if not os.path.isfile(path):
       raise FileNotFoundError(f"gin file {path} does not exist.")
     files.append(path)
-  with gin.unlock_config():
-    saved = gin.config._CONFIG.copy()  # pylint: disable=protected-access
+  with private_gin():
     try:
-      gin.clear_config()
-      try:
-        gin.parse_config_files_and_bindings(files, unused + list(bindings),
-                                            skip_unknown=False)
-      except Exception as e:  # gin raises several kinds: name the files in one line
-        raise ValueError(f"gin configuration ({', '.join(files)}): {type(e).__name__}: "
-                         f"{e}") from None
-      cfg, train, ecfg = ModelConfig(), TrainConfig(), ExpertConfig()
-      dtype = _macro("DTYPE") if task == "train-expert" else None
-    finally:
-      gin.clear_config()
-      gin.config._CONFIG.update(saved)  # pylint: disable=protected-access
+      gin.parse_config_files_and_bindings(files, unused + list(bindings), skip_unknown=False)
+    except Exception as e:  # gin raises several kinds: name the files in one line
+      raise ValueError(f"gin configuration ({', '.join(files)}): {type(e).__name__}: "
+                       f"{e}") from None
+    cfg, train, ecfg = ModelConfig(), TrainConfig(), ExpertConfig()
+    dtype = _macro("DTYPE") if task == "train-expert" else None
   if not gin_files:
     train = TrainConfig(batch_size=16, seq_len=256, mesh=MeshConfig(fsdp=-1))
   changes = {k: v for k, v in (("batch_size", batch_size), ("seq_len", seq_len)) if v}
