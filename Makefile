@@ -19,24 +19,24 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(VENV)/bin/flexolmo demo
 
-# The whole suite: the unit tests, then tests/e2e (the demo, the README, multi-host runs,
-# training quality), both on TEST_WORKERS processes. The end-to-end tests' runs are short too,
-# and compile like the unit tests; the demo's runs, long ones, are compiled as a user's are
-# (tests/e2e/fixtures.py).
-test: test-fast
-	XLA_FLAGS="$(TEST_XLA_FLAGS)" \
-	  $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20 tests/e2e
-
-# The unit tests on TEST_WORKERS processes. They compile hundreds of tiny programs and run each a
-# few times, so XLA:CPU skips its costly optimizations for them (the tiny model's training step
-# compiles in 1.1 s instead of 2.8 s and runs in 15 ms instead of 5). JAX's compilation cache is
-# kept in .cache/jax between runs: a second run compiles only what changed.
+# The whole suite in one session: the unit tests and tests/e2e (the demo, the README, multi-host
+# runs, training quality) on TEST_WORKERS processes, so that neither waits for the other's last
+# tests. The unit tests and the end-to-end tests' short runs compile fast (TEST_XLA_FLAGS: XLA:CPU
+# skips its costly optimizations; the tiny model's training step compiles in 1.1 s instead of
+# 2.8 s and runs in 15 ms instead of 5); the demo's runs, long ones, compile as a user's are
+# (tests/e2e/fixtures.py). JAX's compilation cache is kept in .cache/jax between runs: a second
+# run compiles only what changed.
 TEST_WORKERS ?= 2
 TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
+TEST_ENV = XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax \
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20 tests
+
+# The unit tests alone (no demo, nothing marked slow), in a few minutes.
 test-fast: $(STAMP)
-	XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax \
-	  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
-	  $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" --ignore=tests/e2e --durations=10 tests
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" --ignore=tests/e2e \
+	  --durations=10 tests
 
 bench: $(STAMP)
 	$(PY) bench/moe_dispatch.py

@@ -158,6 +158,6 @@ def add_demo(sub) -> None:
                  help="training processes at once for the independent experts and dense "
                       "models (each process still holds one owner's data only)")
   p.add_argument("--ablations", action="store_true",
-                 help="also the paper's ablations: no negative bias, random router init, the "
-                      "paper's router, uncoordinated experts (each trained, merged and tuned)")
+                 help="also the paper's ablations: no negative bias, random router init, "
+                      "uncoordinated experts (each trained, merged and tuned)")
   p.set_defaults(fn=_demo)

@@ -6,8 +6,6 @@ tuning and evaluation; the table holds each one's average validation loss untune
 - ``no negative bias``: the owners train with no negative bias (``--no-negative-bias``), and the
   merge adds none.
 - ``random router init``: the reference's fallback init, the router trained with the expert.
-- ``paper's router``: the paper's own recipe (domain-embedding rows, trained with the expert,
-  merged with no expert bias), beside the demo's measured choice (demo/sizes.py).
 - ``uncoordinated``: each owner trains alone, without the frozen public expert beside it (the
   dense models of the baselines), and the FFNs merge as BTX does; tuned on public data only
   (no domain embeddings to pick proxies with).
@@ -24,7 +22,6 @@ from flexolmo_jax.demo.sizes import EXPERT_FLAGS, MERGE_EXPERT_BIAS
 ABLATIONS = {
     "no negative bias": ((*EXPERT_FLAGS, "--no-negative-bias"), 0.0),
     "random router init": (("--router-init", "random"), MERGE_EXPERT_BIAS),
-    "paper's router": (("--router-init", "shared"), 0.0),
 }
 UNCOORDINATED = "uncoordinated"
 FULL = "flexolmo"

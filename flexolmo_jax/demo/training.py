@@ -92,9 +92,10 @@ class Training:
   def experts(self) -> None:
     print(f"[3/10] experts: each owner alone, {self.size.expert_steps} steps on its own data "
           f"only ({self.jobs} processes at once)")
-    self.train_all([(out, [*argv, *EXPERT_FLAGS], what) for out, argv, what
-                    in self.per_domain("train-expert", "experts", "expert", "expert")]
-                   + self.private_expert())
+    # The DP run, the longest, starts first: the others share the second process slot.
+    self.train_all(self.private_expert()
+                   + [(out, [*argv, *EXPERT_FLAGS], what) for out, argv, what
+                      in self.per_domain("train-expert", "experts", "expert", "expert")])
     self.merge_private_expert()
 
   def private_expert(self) -> list[tuple[str, list[str], str]]:
@@ -106,10 +107,11 @@ class Training:
       return []
     run = self.dp_run()
     print(f"  and {self.dp_owner} again with DP-SGD (epsilon {s.dp_epsilon}, delta 1e-5)")
+    steps = s.dp_steps or s.expert_steps
     return [(os.path.join(run, "expert"), [
         "train-expert", "--public", self.path("public"), "--name", self.dp_owner,
-        "--data", self.raw[self.dp_owner], "--out", run, "--steps", str(s.expert_steps),
-        "--warmup", str(s.expert_steps // 10), "--lr", str(s.dp_lr), "--dp",
+        "--data", self.raw[self.dp_owner], "--out", run, "--steps", str(steps),
+        "--warmup", str(steps // 10), "--lr", str(s.dp_lr), "--dp",
         "--target-epsilon", str(s.dp_epsilon), "--delta", "1e-5",
         "--dp-chunks", str(s.dp_chunks), *self.common], f"{self.dp_owner} DP")]
 

@@ -190,7 +190,7 @@ def test_ablations_order_as_the_papers_table(demo_run, tmp_path):
   assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
   ablations = json.load(open(copy / "report.json"))["ablations"]
   assert list(ablations) == ["flexolmo", "no negative bias", "random router init",
-                             "paper's router", "uncoordinated"]
+                             "uncoordinated"]
   full = ablations["flexolmo"]
   for name, row in ablations.items():
     if name != "flexolmo":
