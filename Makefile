@@ -26,7 +26,7 @@ demo: $(STAMP)
 # 2.8 s and runs in 15 ms instead of 5); the demo's runs, long ones, compile as a user's are
 # (tests/e2e/fixtures.py). JAX's compilation cache is kept in .cache/jax between runs: a second
 # run compiles only what changed.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
 TEST_ENV = XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax \
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
