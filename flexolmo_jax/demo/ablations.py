@@ -16,12 +16,13 @@ import os
 
 from flexolmo_jax.demo.processes import done
 from flexolmo_jax.demo.report import mean
-from flexolmo_jax.demo.sizes import EXPERT_FLAGS, MERGE_EXPERT_BIAS
+from flexolmo_jax.demo.sizes import EXPERT_FLAGS
 
-# name -> (train-expert flags in place of the demo's EXPERT_FLAGS, expert bias of the merge)
+# name -> (train-expert flags in place of the demo's EXPERT_FLAGS, expert bias of the merge;
+# None: the size's, as FlexOlmo's own merge)
 ABLATIONS = {
     "no negative bias": ((*EXPERT_FLAGS, "--no-negative-bias"), 0.0),
-    "random router init": (("--router-init", "random"), MERGE_EXPERT_BIAS),
+    "random router init": (("--router-init", "random"), None),
 }
 UNCOORDINATED = "uncoordinated"
 FULL = "flexolmo"
@@ -60,7 +61,7 @@ class Ablations:
       r = self.ablation_results[name]
       print(f"  {name:>20}: average {r['untuned']:.4f} untuned, {r['tuned']:.4f} tuned")
 
-  def ablation_models(self, name: str, expert_bias: float) -> tuple[str, str]:
+  def ablation_models(self, name: str, expert_bias: float | None) -> tuple[str, str]:
     """(merged, tuned) directories of one ablation's experts."""
     from flexolmo_jax.flexolmo import merge
 
@@ -69,6 +70,7 @@ class Ablations:
     if not done(merged):
       self.worked = True
       merge.merge(self.path("public"), [os.path.join(root, "experts", d) for d in self.closed],
-                  merged, top_k=1 + len(self.closed), expert_bias=expert_bias)
+                  merged, top_k=1 + len(self.closed),
+                  expert_bias=self.size.expert_bias if expert_bias is None else expert_bias)
     return merged, self.tune(merged, os.path.join(root, "tuned"),
                              expert_dropout=self.size.tune_dropout)

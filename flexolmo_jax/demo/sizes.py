@@ -31,16 +31,20 @@ class Size:
   # Its steps (0: expert_steps). Each DP step clips every document's gradient on its own, so at
   # quick size a step costs about 5x an expert's; the guarantee is calibrated to the steps run.
   dp_steps: int = 0
+  # The expert bias of the merge (``merge --expert-bias``, docs/method.md §6), chosen per size on
+  # the untuned merge (average validation loss, own expert leading among the owners' on every
+  # closed domain in each): quick size, bench/router_sweep.py (below); default size, the same
+  # experts merged at 0 / -0.5 / -1 / -2 / -3: 1.632 / 1.626 / 1.625 / 1.640 / 1.667.
+  expert_bias: float = -2.0
 
 
-# How the owners train and how the builder merges (docs/method.md §5-6), chosen by
-# bench/router_sweep.py at quick size (average validation loss of the untuned merged model, all 5
-# experts active; public model 1.582): the paper's init 1.672; each owner's row and bias from its
-# classifier against the public data ("classifier"), trained 1.679, held 1.631; merged with an
-# expert bias of -2 the paper's init gives 1.523 and the held classifier 1.511, the only one of
-# the four whose own expert leads on code, prose and math (bench/RESULTS.md).
+# How the owners train (docs/method.md §5), chosen by bench/router_sweep.py at quick size
+# (average validation loss of the untuned merged model, all 5 experts active; public model 1.582):
+# the paper's init 1.672; each owner's row and bias from its classifier against the public data
+# ("classifier"), trained 1.679, held 1.631; merged with an expert bias of -2 the paper's init
+# gives 1.523 and the held classifier 1.511, the only one of the four whose own expert leads on
+# code, prose and math (bench/RESULTS.md).
 EXPERT_FLAGS = ("--router-init", "classifier", "--router-lr-scale", "0")
-MERGE_EXPERT_BIAS = -2.0
 
 # Quick router tuning runs 400 steps: opting math out overshot the public model by 0.201 and 0.211
 # after 200 steps, 0.159 and 0.169 after 400 (seeds 1 and 2), and the full model's math loss fell
@@ -52,5 +56,5 @@ MERGE_EXPERT_BIAS = -2.0
 # 0, 0, 0, 1 of 4. Against 1000 steps, on the same data: 4, 4, 4, 3 of 4. The FFN expert cannot
 # move the frozen lm-head and norms, so a weak public model caps the probability it can give a
 # memorized token (0.92 at most after 300 steps, while top-p 0.95 needs above 0.95).
-SIZES = {"default": Size(500, 150, 150, 16, 256),
+SIZES = {"default": Size(500, 150, 150, 16, 256, expert_bias=-1.0),
          "quick": Size(1000, 200, 400, 8, 128, dp_steps=100)}

@@ -7,7 +7,7 @@ import os
 import time
 
 from flexolmo_jax.demo.processes import done, run_stages
-from flexolmo_jax.demo.sizes import EXPERT_FLAGS, MERGE_EXPERT_BIAS, SIZES
+from flexolmo_jax.demo.sizes import EXPERT_FLAGS, SIZES
 from flexolmo_jax.experts import PUBLIC
 
 
@@ -158,7 +158,7 @@ class Training:
     else:
       self.worked = True
       merge.merge(self.path("public"), [self.path("experts", d) for d in self.closed],
-                  self.merged, top_k=1 + len(self.closed), expert_bias=MERGE_EXPERT_BIAS)
+                  self.merged, top_k=1 + len(self.closed), expert_bias=self.size.expert_bias)
     self.tuned = self.tune(self.merged, self.path("tuned"), expert_dropout=self.size.tune_dropout)
 
   def baselines(self) -> None:

@@ -6,6 +6,7 @@ that domain's own expert; a near-uniform row here means the experts are mixed in
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Mapping
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model.logprobs import program_config
 from flexolmo_jax.model.moe import bias_mask, route
 from flexolmo_jax.model.transformer import pure_model
 
@@ -33,6 +35,22 @@ def layer_routing(cfg: ModelConfig, params, batches: Iterable[Mapping[str, np.nd
   ``hidden_norm`` [L] the mean norm of the residual the router reads."""
   if not cfg.is_moe:
     raise ValueError("layer_routing needs a mixture-of-experts model; this one is dense.")
+  sums = _routing_sums(program_config(cfg))
+  total = None
+  for batch in batches:
+    part = jax.device_get(sums(params, dict(batch)))
+    total = part if total is None else jax.tree.map(np.add, total, part)
+  if total is None or not total["count"]:
+    raise ValueError("layer_routing: the batches hold no tokens.")
+  count = total.pop("count")
+  return {k: np.asarray(v, np.float64) / count for k, v in total.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _routing_sums(cfg: ModelConfig):
+  """The jitted per-batch sums of ``layer_routing``, built once per model shape (the experts'
+  names do not enter the program: ``program_config``), so that every domain and every model of
+  that shape reuses one compiled program."""
   model = pure_model(cfg)
   mask = bias_mask(cfg.experts)
 
@@ -56,14 +74,7 @@ def layer_routing(cfg: ModelConfig, params, batches: Iterable[Mapping[str, np.nd
             "hidden_norm": weigh(jnp.linalg.norm(h.astype(jnp.float32), axis=-1)),
             "count": jnp.sum(w)}
 
-  total = None
-  for batch in batches:
-    part = jax.device_get(sums(params, dict(batch)))
-    total = part if total is None else jax.tree.map(np.add, total, part)
-  if total is None or not total["count"]:
-    raise ValueError("layer_routing: the batches hold no tokens.")
-  count = total.pop("count")
-  return {k: np.asarray(v, np.float64) / count for k, v in total.items()}
+  return sums
 
 
 def row_geometry(cfg: ModelConfig, params) -> dict[str, np.ndarray]:

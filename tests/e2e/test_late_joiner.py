@@ -8,7 +8,7 @@ import pytest
 
 from flexolmo_jax.checkpoint import merged_model, store
 from flexolmo_jax.data import tasks, vocabularies
-from flexolmo_jax.demo.sizes import EXPERT_FLAGS, MERGE_EXPERT_BIAS, SIZES
+from flexolmo_jax.demo.sizes import EXPERT_FLAGS, SIZES
 from flexolmo_jax.eval import perplexity
 from flexolmo_jax.flexolmo import expert, merge
 from tests.artifacts import genome_reads
@@ -84,7 +84,7 @@ def test_an_owner_of_a_domain_flexmix_lacks_joins_the_tuned_demo_model(demo_run,
                 env=demo_env())
   assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
   run = run_cli(["merge", "--public", tuned, "--expert", str(tmp_path / "genome"),
-                 "--out", str(tmp_path / "joined"), f"--expert-bias={2 * MERGE_EXPERT_BIAS}"])
+                 "--out", str(tmp_path / "joined"), f"--expert-bias={2 * size.expert_bias}"])
   assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
   batches = validation(flexmix)
   vocab = vocabularies.load("byte")
