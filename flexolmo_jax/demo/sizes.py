@@ -12,10 +12,11 @@ class Size:
   batch: int
   seq: int
   # Router tuning's peak learning rate, measured on each size's merged model (average validation
-  # loss after tuning; oracle routing 1.482 at quick size): default size 1.618 at 1e-2, 1.626 at
-  # 1e-3, 1.632 at 3e-4; quick size 1.507 at 1e-2, 1.503 at 1e-3, 1.500 at 3e-4. At 3e-4 the
-  # router barely moves from the merge's, and opting math out then left math 0.054 above the
-  # public model (0.035 at 1e-2): the expert dropout below needs the larger steps.
+  # loss after tuning; oracle routing 1.482 at quick size): default size (merged at expert bias
+  # -2) 1.618 at 1e-2, 1.626 at 1e-3, 1.632 at 3e-4; quick size 1.507 at 1e-2, 1.503 at 1e-3,
+  # 1.500 at 3e-4. At 3e-4 the router barely moves from the merge's, and opting math out then
+  # left math 0.054 above the public model (0.035 at 1e-2): the expert dropout below needs the
+  # larger steps.
   tune_lr: float = 1e-2
   # Expert dropout in router tuning (router_tune.py; not in the paper). Measured at quick size:
   # opting math out gave math 1.816 (public 1.361) after 60 steps without it, 1.476 after 200
