@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from flexolmo_jax import console
+from tests.e2e.test_plan_tpu import check_v5e_plan
 from tests.test_readme import README, SIZES, story
 
 
@@ -41,6 +42,8 @@ def test_the_readme_story_runs_as_written(tmp_path):
   assert re.search(r"^\s+code\s+\d+\.\d+", out, re.M) and "--- prompt 'def main('" in out
   assert "srun" in out and "flexolmo train-expert --public runs/public" in out
   assert re.search(r"^train-expert on v5e:2x2: 4 devices.*\n.*\ntotal .* fits$", out, re.M), out
+  check_v5e_plan(json.loads((tmp_path / "plan.json").read_text()), run.stderr, "tiny",
+                 "train-expert")
   # A quiet console: the libraries' start-up noise is gone, our own lines are there.
   assert console.NATIVE_NOISE.search(run.stderr) is None, run.stderr[-3000:]
   assert "[train 3/3]" in run.stderr + out
