@@ -49,7 +49,7 @@ class Ablations:
     self.train_all(runs)
     models = {FULL: (self.merged, self.tuned)}
     for name, (_, bias) in ABLATIONS.items():
-      models[name] = self.ablation_models(name, bias)
+      models[name] = self.ablation_models(name, self.size.expert_bias if bias is None else bias)
     models[UNCOORDINATED] = (self.path("baselines", "btx"), self.baseline_paths["btx"])
     # The full method's and BTX's tuned model were evaluated in stage 7 under these names.
     known = {(FULL, "untuned"): "flexolmo (no router tuning)", (FULL, "tuned"): "flexolmo",
@@ -61,7 +61,7 @@ class Ablations:
       r = self.ablation_results[name]
       print(f"  {name:>20}: average {r['untuned']:.4f} untuned, {r['tuned']:.4f} tuned")
 
-  def ablation_models(self, name: str, expert_bias: float | None) -> tuple[str, str]:
+  def ablation_models(self, name: str, expert_bias: float) -> tuple[str, str]:
     """(merged, tuned) directories of one ablation's experts."""
     from flexolmo_jax.flexolmo import merge
 
@@ -70,7 +70,6 @@ class Ablations:
     if not done(merged):
       self.worked = True
       merge.merge(self.path("public"), [os.path.join(root, "experts", d) for d in self.closed],
-                  merged, top_k=1 + len(self.closed),
-                  expert_bias=self.size.expert_bias if expert_bias is None else expert_bias)
+                  merged, top_k=1 + len(self.closed), expert_bias=expert_bias)
     return merged, self.tune(merged, os.path.join(root, "tuned"),
                              expert_dropout=self.size.tune_dropout)
