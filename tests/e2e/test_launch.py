@@ -42,7 +42,7 @@ def test_the_slurm_script_runs_two_processes_with_the_local_launcher(tmp_path, c
   assert not [p for p in os.listdir(tmp_path / "run") if ".partial-" in p]
 
 
-# Five rounds, each waiting out a 2 s kill grace: a multi-process test, so it lives here.
+# Five rounds, each waiting out a 1 s kill grace: a multi-process test, so it lives here.
 def test_the_local_launcher_stops_copies_that_fail_at_once_or_ignore_sigterm(tmp_path):
   # Copy 1 fails before the others have started (it once left them sleeping: they had not yet
   # made their process groups); copy 2 ignores SIGTERM and is killed after the grace period.
@@ -53,7 +53,7 @@ if [ $FLEXOLMO_PROCESS_ID = 1 ]; then exit 5; fi
 if [ $FLEXOLMO_PROCESS_ID = 2 ]; then trap '' TERM; fi
 sleep 30 & wait $!; sleep 30; touch {marker}
 """)
-  env = {**os.environ, "FLEXOLMO_KILL_GRACE": "2"}
+  env = {**os.environ, "FLEXOLMO_KILL_GRACE": "1"}
   for _ in range(5):
     start = time.monotonic()
     proc = subprocess.run([LOCAL, "--ntasks=3", "bash", str(script)], env=env,

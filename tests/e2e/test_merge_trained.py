@@ -14,9 +14,11 @@ pytestmark = DEMO_READERS
 
 
 @pytest.fixture(scope="module")
-def merged_all(public, experts, tmp_path_factory):
+def merged_all(public, experts, code_expert, tmp_path_factory):
+  """Every owner's expert, the code owner's being the one trained in the test process."""
   out = tmp_path_factory.mktemp("merged") / "all"
-  return merge.merge(public["run"], list(experts.values()), str(out))
+  return merge.merge(public["run"], [code_expert["artifact"] if name == "code" else path
+                                     for name, path in experts.items()], str(out))
 
 
 @pytest.fixture(scope="module")
