@@ -233,3 +233,23 @@ def test_remat_policies_give_the_same_gradients():
     tiny(remat="some")
   with pytest.raises(ValueError, match="host memory"):
     grads("offload")
+
+
+@pytest.mark.parametrize("contract, spec", [(1, "btd,dhk->bthk"), (2, "bthk,hkd->btd")])
+def test_project_is_the_einsum_in_outputs_and_gradients(contract, spec):
+  """``layers.project`` (a 2-D matrix product over the tokens) against the einsum it replaces,
+  with fp32 accumulation of bf16 operands as the lm head asks for."""
+  from flexolmo_jax.model.layers import project
+
+  kx, kw = jax.random.split(jax.random.key(3))
+  x = jax.random.normal(kx, (2, 5, 6, 4) if contract == 2 else (2, 5, 12))
+  w = jax.random.normal(kw, (6, 4, 12) if contract == 2 else (12, 3, 4))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  ours = lambda x, w: project(x, w, contract=contract)
+  theirs = lambda x, w: jnp.einsum(spec, x, w)
+  np.testing.assert_allclose(ours(x, w), theirs(x, w), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(theirs), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  half = project(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), contract=contract,
+                 preferred_element_type=jnp.float32)
+  assert half.dtype == jnp.float32 and half.shape == theirs(x, w).shape

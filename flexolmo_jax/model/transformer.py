@@ -24,7 +24,7 @@ from flexolmo_jax.config import ModelConfig
 from flexolmo_jax.model import attention
 from flexolmo_jax.model.dispatch import check_backend
 from flexolmo_jax.model.layers import (Attention, FeedForward, RMSNorm, dtype_of, make_param,
-                                       rope_cos_sin)
+                                       project, rope_cos_sin)
 from flexolmo_jax.model.moe import MoE, MoEStats
 
 
@@ -131,8 +131,7 @@ class Transformer(nnx.Module):
       stats, router_inputs, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
     h = self.final_norm(x)
-    logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dt),
-                        preferred_element_type=jnp.float32)
+    logits = project(h, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
     logits = sharding.constrain(logits, ("batch", "length", "vocab"))
     out = (logits, pool_stats(cfg, stats))
     if return_hidden:
