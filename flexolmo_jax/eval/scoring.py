@@ -16,6 +16,7 @@ log-probability per byte of the choice (``acc_norm``, as OLMES reports it).
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Sequence
 
@@ -24,25 +25,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexolmo_jax.config import ModelConfig
+from flexolmo_jax.model.logprobs import program_config
 from flexolmo_jax.model.transformer import pure_model
 
 BUCKET = 64
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _score_rows(params, tokens, targets, mask, *, cfg: ModelConfig):
+  """Per row: the summed log-probability of the masked targets, and whether each is the
+  arg-max. Compiled once per model shape and batch shape, for every Scorer of that shape."""
+  logits, _ = pure_model(cfg)(params, tokens)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  logp = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - logz
+  greedy = jnp.argmax(logits, axis=-1) == targets
+  return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1), jnp.all(greedy | ~mask, axis=-1)
+
+
 class Scorer:
   def __init__(self, cfg: ModelConfig, params, batch_size: int = 16):
     self.cfg, self.params, self.batch_size = cfg, params, batch_size
-    model = pure_model(cfg)
-
-    @jax.jit
-    def run(params, tokens, targets, mask):
-      logits, _ = model(params, tokens)
-      logz = jax.nn.logsumexp(logits, axis=-1)
-      logp = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - logz
-      greedy = jnp.argmax(logits, axis=-1) == targets
-      return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1), jnp.all(greedy | ~mask, axis=-1)
-
-    self._run = run
+    self._run = functools.partial(_score_rows, cfg=program_config(cfg))
 
   def _row(self, context: Sequence[int], continuation: Sequence[int]):
     if not continuation:
