@@ -41,6 +41,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/moe_dispatch.py
 	$(PY) bench/train_step.py
+	$(PY) bench/projection.py
 	$(PY) bench/merge.py
 	$(PY) bench/export_hf.py
 
