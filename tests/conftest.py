@@ -42,6 +42,21 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# A pytest-xdist worker's TensorFlow starts as quietly as a command's: the C++ logging settings
+# of console.QUIET_ENV, read once when it loads, are set only while it loads. The processes the
+# tests start inherit none of them, so each test still sees what a user's command prints. (The
+# controller process runs no test and loads no TensorFlow.)
+if "PYTEST_XDIST_WORKER" in os.environ:
+  from flexolmo_jax import console  # noqa: E402
+
+  _loading = {k: console.QUIET_ENV[k] for k in ("TF_CPP_MIN_LOG_LEVEL", "GLOG_minloglevel",
+                                                "GRPC_VERBOSITY") if k not in os.environ}
+  os.environ.update(_loading)
+  import tensorflow  # noqa: E402,F401
+
+  for _key in _loading:
+    del os.environ[_key]
+
 import pytest  # noqa: E402
 
 

@@ -1,5 +1,8 @@
 """Session fixtures: the quick demo, run once, and what the other tests take from it.
 
+The library's heavier modules (TensorFlow's, torch's among them) are imported where a fixture first needs
+them: pytest-xdist's controller loads this module (tests/e2e/conftest.py) and runs no test.
+
 ``flexolmo demo --quick`` runs in its own process (one CPU device, as a user runs it). Its
 FlexMix-mini, public model and per-domain experts then serve the training, merge, router-tuning
 and baseline tests, so nothing is trained twice. One more code expert is trained here, in the
@@ -15,10 +18,7 @@ import pytest
 
 from flexolmo_jax import sharding
 from flexolmo_jax.config import MeshConfig
-from flexolmo_jax.data import flexmix_mini, tasks, vocabularies
-from flexolmo_jax.flexolmo import expert
-from flexolmo_jax.train import loop
-from tests.helpers import run_cli
+from flexolmo_jax.data import flexmix_mini
 
 # The quick demo took 16 min alone on 2 cores and 20 min beside the other end-to-end tests.
 DEMO_TIMEOUT_S = 2700
@@ -69,6 +69,8 @@ def run_dir(tmp_path_factory, name):
 
 
 def train_config(steps, **changes):
+  from flexolmo_jax.train import loop
+
   return loop.TrainConfig(**{**TRAIN, **dict(steps=steps, warmup_steps=steps // 10,
                                              checkpoint_every=steps, learning_rate=3e-3),
                              **changes})
@@ -96,6 +98,8 @@ def demo_run(tmp_path_factory):
   workdir = os.path.join(cwd, "workdir")
   log_path, err_path = os.path.join(cwd, "demo.log"), os.path.join(cwd, "demo.stderr")
   if not os.path.exists(os.path.join(workdir, "report.json")):
+    from tests.helpers import run_cli
+
     run = run_cli(["demo", "--quick"], timeout=DEMO_TIMEOUT_S - 60, cwd=cwd, env=demo_env())
     with open(log_path, "w") as fh:
       fh.write(run.stdout + run.stderr)
@@ -131,6 +135,8 @@ def code_expert(flexmix, public, tmp_path_factory):
   On one device, as `flexolmo train-expert` runs in the demo: on a loaded 2-core runner the first
   step of this run on the 8-fake-device mesh could stall in a collective until XLA aborted the
   suite. Training on a mesh is tested in test_sharding, test_loop and test_multihost."""
+  from flexolmo_jax.flexolmo import expert
+
   run = run_dir(tmp_path_factory, "expert_code")
   one_device = functools.partial(sharding.make_mesh, devices=jax.devices()[:1])
   with mock.patch.object(sharding, "make_mesh", one_device):
@@ -151,6 +157,8 @@ def experts(demo_run):
 
 def validation(flexmix, domains=None, seq_len=128, batch_size=8):
   """{domain: its validation batches} of FlexMix-mini (byte vocabulary)."""
+  from flexolmo_jax.data import tasks, vocabularies
+
   vocab = vocabularies.load("byte")
   return {d: list(tasks.eval_batches({d: [flexmix[d]]}, vocab, "unused", seq_len, batch_size)[d])
           for d in domains or flexmix}
