@@ -11,25 +11,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
+from moe_dispatch import timeit
 
 from flexolmo_jax.model.layers import project
 
 # (batch, length, d_model, d_ff)
 SHAPES = ((8, 128, 64, 128), (8, 128, 768, 3072), (4, 512, 768, 3072))
-
-
-def best_ms(fn, args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * min(times)
 
 
 def gradient(product):
@@ -50,7 +40,7 @@ def main():
     key_x, key_w = jax.random.split(jax.random.key(0))
     x = jax.random.normal(key_x, (b, t, d))
     w = jax.random.normal(key_w, (d, f))
-    slow, fast = best_ms(einsum, (w, x), args.reps), best_ms(ours, (w, x), args.reps)
+    slow, fast = (1e3 * timeit(fn, w, x, reps=args.reps) for fn in (einsum, ours))
     print(f"{f'{b} x {t}':>9} {d:>5} {f:>5} {slow:>10.2f} {fast:>11.2f} {slow / fast:>8.2f}x")
 
 

@@ -1,7 +1,8 @@
 """Session fixtures: the quick demo, run once, and what the other tests take from it.
 
-The library's heavier modules (TensorFlow's, torch's among them) are imported where a fixture first needs
-them: pytest-xdist's controller loads this module (tests/e2e/conftest.py) and runs no test.
+The library's heavier modules (TensorFlow and torch among them) are imported where a fixture
+first needs them: pytest-xdist's controller loads this module (tests/e2e/conftest.py) and runs
+no test.
 
 ``flexolmo demo --quick`` runs in its own process (one CPU device, as a user runs it). Its
 FlexMix-mini, public model and per-domain experts then serve the training, merge, router-tuning
