@@ -33,6 +33,11 @@ from flexolmo_jax.train import loop, metrics
 MOE4 = ModelConfig(vocab_size=50304, d_model=512, n_layers=8, n_heads=8, d_ff=1408,
                    experts=("public", "a", "b", "c"), top_k=2, max_seq_len=512)
 CONFIGS = {"small": load_model_config("small"), "moe4": MOE4}
+
+
+def model_config(name: str) -> ModelConfig:
+  """One of CONFIGS, or any model gin file by name (``olmo2_1b``) or path."""
+  return CONFIGS[name] if name in CONFIGS else load_model_config(name)
 RULES = sharding.ShardingRules()
 
 
@@ -147,15 +152,18 @@ def hf_step_time(cfg: ModelConfig, b, t, reps, bf16=False):
   return best_of(step, reps)
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=512)
-  p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(CONFIGS))
+  p.add_argument("--only", default="", help="comma-separated configs: " + ",".join(CONFIGS) +
+                 " or model gin names (olmo2_1b)")
   p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
   p.add_argument("--skip-expert", action="store_true")
-  args = p.parse_args()
+  p.add_argument("--no-hf", action="store_true",
+                 help="ours only: does the step fit, and at what MFU (no transformers run)")
+  args = p.parse_args(argv)
   b, t = args.batch, args.seq
   bf16 = args.dtype == "bf16"
   peak = metrics.measure_matmul_peak("bfloat16" if bf16 else "float32")
@@ -165,9 +173,10 @@ def main():
         f"measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
   print(f"{'config':>7} {'params':>8} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'MFU':>6}")
   for name in (args.only.split(",") if args.only else CONFIGS):
-    cfg = CONFIGS[name].replace(dtype="bfloat16") if bf16 else CONFIGS[name]
+    cfg = model_config(name).replace(max_seq_len=max(t, model_config(name).max_seq_len))
+    cfg = cfg.replace(dtype="bfloat16") if bf16 else cfg.replace(dtype="float32")
     ours = time_trainer(full_trainer(cfg, b, t), cfg, b, t, args.reps)
-    ref = hf_step_time(cfg, b, t, args.reps, bf16)
+    ref = float("nan") if args.no_hf else hf_step_time(cfg, b, t, args.reps, bf16)
     mfu = b * t / ours * metrics.flops_per_token(cfg, t) / peak
     print(f"{name:>7} {cfg.num_params() / 1e6:7.1f}M {b * t / ours:11.0f} {b * t / ref:10.0f} "
           f"{ref / ours:6.2f} {mfu:6.1%}", flush=True)
