@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -135,6 +136,18 @@ def test_changed_data_under_the_same_name_is_refused(tmp_path):
     sources.prepare("owner", spec, str(tmp_path / "tfds"))
   _, stats = sources.prepare("owner", spec, str(tmp_path / "tfds"), overwrite=True)
   assert sum(stats.documents.values()) == 3
+
+
+def test_preparing_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
+  """TFDS makes a temporary directory whenever it sets up a builder for a dataset not prepared
+  yet, and keeps it: a preparation must not leave it behind (one per training run, in /tmp)."""
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+  copy_stdlib(tmp_path / "src", ["decoder.py", "encoder.py"])
+  sources.prepare("owner", SourceSpec(paths=(str(tmp_path / "src"),)), str(tmp_path / "tfds"))
+  assert tempfile.gettempdir() == str(tmp) and os.listdir(tmp) == []
+  assert not [p for p in os.listdir(tmp_path / "tfds") if p.startswith(".")]   # nor scratch
 
 
 def test_cli_prepare_and_inspect(tmp_path, capsys):

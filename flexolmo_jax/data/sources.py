@@ -8,6 +8,7 @@ existing document to the other split.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from typing import Iterator
 
 from flexolmo_jax import console
@@ -319,7 +321,7 @@ def prepare(name: str, spec: SourceSpec, data_dir: str, *, version: str = "1.0.0
     shutil.rmtree(final_dir)
   splits = {s: _split_examples(spec, s) for s in ("train", "validation") if stats.documents[s]}
   try:
-    with console.library_chatter():
+    with console.library_chatter(), _scratch_tempdir(data_dir):
       tfds.dataset_builders.store_as_tfds_dataset(
           name=tfds_name, version=version,
           features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
@@ -341,6 +343,22 @@ def prepare(name: str, spec: SourceSpec, data_dir: str, *, version: str = "1.0.0
 
 
 SOURCE_RECORD = "flexolmo_source.json"
+
+
+@contextlib.contextmanager
+def _scratch_tempdir(data_dir: str):
+  """Python's temporary directory pointed into a scratch directory under ``data_dir``, removed
+  afterwards. Setting up a builder for a dataset not prepared yet, TFDS creates an empty
+  temporary directory (to fetch published metadata, which it then does not) and never removes
+  it: without this, every preparation (every training run's own data) left one in /tmp."""
+  os.makedirs(data_dir, exist_ok=True)
+  scratch, before = tempfile.mkdtemp(prefix=".prepare-", dir=data_dir), tempfile.tempdir
+  tempfile.tempdir = scratch
+  try:
+    yield
+  finally:
+    tempfile.tempdir = before
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def is_prepared(dataset_dir: str) -> bool:
