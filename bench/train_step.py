@@ -33,12 +33,15 @@ from flexolmo_jax.train import loop, metrics
 MOE4 = ModelConfig(vocab_size=50304, d_model=512, n_layers=8, n_heads=8, d_ff=1408,
                    experts=("public", "a", "b", "c"), top_k=2, max_seq_len=512)
 CONFIGS = {"small": load_model_config("small"), "moe4": MOE4}
-
-
-def model_config(name: str) -> ModelConfig:
-  """One of CONFIGS, or any model gin file by name (``olmo2_1b``) or path."""
-  return CONFIGS[name] if name in CONFIGS else load_model_config(name)
 RULES = sharding.ShardingRules()
+
+
+def model_config(name: str, seq_len: int, bf16: bool) -> ModelConfig:
+  """One of CONFIGS, or any model gin file by name (``olmo2_1b``) or path, computing in bf16 or
+  fp32 and long enough for ``seq_len``."""
+  cfg = CONFIGS[name] if name in CONFIGS else load_model_config(name)
+  return cfg.replace(max_seq_len=max(seq_len, cfg.max_seq_len),
+                     dtype="bfloat16" if bf16 else "float32")
 
 
 def batch_of(cfg, b, t, seed=0):
@@ -173,8 +176,7 @@ def main(argv=None):
         f"measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
   print(f"{'config':>7} {'params':>8} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'MFU':>6}")
   for name in (args.only.split(",") if args.only else CONFIGS):
-    cfg = model_config(name).replace(max_seq_len=max(t, model_config(name).max_seq_len))
-    cfg = cfg.replace(dtype="bfloat16") if bf16 else cfg.replace(dtype="float32")
+    cfg = model_config(name, t, bf16)
     ours = time_trainer(full_trainer(cfg, b, t), cfg, b, t, args.reps)
     ref = float("nan") if args.no_hf else hf_step_time(cfg, b, t, args.reps, bf16)
     mfu = b * t / ours * metrics.flops_per_token(cfg, t) / peak
