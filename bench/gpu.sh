@@ -5,8 +5,11 @@
 #   bash bench/gpu.sh            (results in bench/gpu-out/, or in $OUT where that is set)
 #
 # It uses the machine's own python3 (jax with CUDA, flax, optax, torch, transformers). Packages
-# that machine lacks (gin-config) travel as wheels in .whl/ and are unpacked to /tmp/site:
-#   pip download --no-deps --only-binary=:all: -d .whl gin-config==0.5.0
+# that machine lacks (gin-config; tokamax, whose GPU grouped matmul the dispatch step times, and
+# its dependencies) travel as wheels in .whl/ (carried: it is git-ignored) and go to /tmp/site:
+#   pip download --no-deps --only-binary=:all: -d .whl gin-config==0.5.0 tokamax==0.0.12 \
+#     qwix==0.1.8 einshape==1.0 typeguard==2.13.3 jaxtyping==0.3.11 wadler-lindig==0.1.8 \
+#     tensorboardX==2.6.5 immutabledict
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/gpu-out}
@@ -33,6 +36,7 @@ step fit_small 60 python3 bench/train_step.py --dtype bf16 --batch 32 --seq 1024
   --skip-expert --no-hf --reps 2
 step fit_1b 90 python3 bench/train_step.py --dtype bf16 --batch 8 --seq 4096 --only olmo2_1b \
   --skip-expert --no-hf --reps 2
-# Dropless dispatch on a 7B layer against the dense FFN of the active size.
+# Dropless dispatch on a 7B layer against the dense FFN of the active size; `tokamax` is the
+# ragged backend through tokamax's grouped matmul (skipped when not installed).
 step moe_dispatch 60 python3 bench/moe_dispatch.py --dtype bf16 --tokens 8192 --d 4096 \
-  --ffn 11008 --experts 2,4,8 --top-k 1 --backends dropless,ragged,dense
+  --ffn 11008 --experts 2,4,8 --top-k 1 --backends dropless,ragged,tokamax,dense

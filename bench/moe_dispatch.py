@@ -5,13 +5,20 @@ time of every backend (forward, and forward+backward) and its ratio to a dense S
 tokens*k rows, all measured in this run. Usage:
 
     python bench/moe_dispatch.py [--backends dropless,capacity] [--experts 2,4,8,16] [--dtype bf16]
+
+Besides the library's backends, ``tokamax`` times the ``ragged`` backend through
+``tokamax.ragged_dot`` (its Triton / Mosaic GPU grouped matmul where a GPU runs it), when that
+package is installed.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import math
 import platform
+import sys
 import time
 
 import jax
@@ -43,11 +50,35 @@ def make_inputs(t, d, f, e, dtype, seed=0):
   return x, ws, router
 
 
+# Grouped matmuls outside the library, timed as the ``ragged`` backend with their kernel:
+# name -> the module providing a ``jax.lax.ragged_dot``-compatible ``ragged_dot``.
+EXTERNAL = {"tokamax": "tokamax"}
+
+
+def dispatcher(backend):
+  """``dispatch(x, weights, experts, *ws, **kw)`` for a library backend or an EXTERNAL one;
+  None when that one's package is not installed."""
+  if backend not in EXTERNAL:
+    return functools.partial(D.dispatch, backend)
+  try:
+    kernel = importlib.import_module(EXTERNAL[backend]).ragged_dot
+  except ImportError:
+    return None
+  # tokamax reads its settings as absl flags, parsing sys.argv (this script's flags) unless
+  # they are parsed already: parse none.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS([sys.argv[0]])
+  return functools.partial(D.ragged_dispatch, ragged_dot=kernel)
+
+
 def moe_fns(backend, k, capacity_factor, block_size=0):
+  dispatch = dispatcher(backend)
+
   def fwd(x, ws, router):
     r = route(x, router, k)
-    return D.dispatch(backend, x, r.weights_tk, r.experts_tk, *ws,
-                      capacity_factor=capacity_factor, block_size=block_size)[0]
+    return dispatch(x, r.weights_tk, r.experts_tk, *ws,
+                    capacity_factor=capacity_factor, block_size=block_size)[0]
 
   def loss(x, ws, router):
     return jnp.sum(fwd(x, ws, router).astype(jnp.float32) ** 2)
@@ -83,6 +114,9 @@ def main():
   dtype = jnp.float32 if args.dtype == "fp32" else jnp.bfloat16
   t, d, f, k = args.tokens, args.d, args.ffn, args.top_k
   backends = args.backends.split(",")
+  for name in [b for b in backends if dispatcher(b) is None]:
+    print(f"# {name}: not installed here, skipped (bench/gpu.sh: wheels in .whl/)")
+    backends.remove(name)
   print(f"# MoE dispatch: tokens={t} d={d} ffn={f} top_k={k} dtype={args.dtype} "
         f"device={jax.devices()[0].device_kind} ({jax.default_backend()}, "
         f"{len(jax.devices())} device(s)) host={platform.machine()} jax={jax.__version__}")
@@ -106,8 +140,8 @@ def main():
       tf = timeit(fwd, x, ws, router, reps=args.reps)
       tb = None if args.no_backward else timeit(bwd, x, ws, router, reps=args.reps)
       r = route(x, router, k)
-      dropped = float(D.dispatch(backend, x, r.weights_tk, r.experts_tk, *ws,
-                                 capacity_factor=args.capacity_factor)[1].dropped_fraction)
+      dropped = float(dispatcher(backend)(x, r.weights_tk, r.experts_tk, *ws,
+                                          capacity_factor=args.capacity_factor)[1].dropped_fraction)
       row = dict(backend=backend, experts=e, fwd_ms=tf * 1e3, fwd_ratio=tf / ref_fwd,
                  fwdbwd_ms=None if tb is None else tb * 1e3,
                  fwdbwd_ratio=None if tb is None else tb / ref_bwd, dropped=dropped)

@@ -270,12 +270,15 @@ def dropless_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *, blo
 
 # ----------------------------------------------------------------------------- ragged / megablox
 
-def ragged_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, **_):
+def ragged_dispatch(x_td, weights_tk, experts_tk, w_gate, w_up, w_down, *,
+                    ragged_dot=jax.lax.ragged_dot, **_):
+  """The sorted tokens through a grouped matmul with ``jax.lax.ragged_dot``'s signature: XLA's
+  by default; ``bench/moe_dispatch.py`` passes others (``tokamax.ragged_dot``'s GPU kernels)."""
   layout = sorted_layout(experts_tk, w_gate.shape[0], block=1)
   x_ad = _gather_sorted(x_td, layout)
   gs = layout.group_sizes
-  h = jax.nn.silu(jax.lax.ragged_dot(x_ad, w_gate, gs)) * jax.lax.ragged_dot(x_ad, w_up, gs)
-  y_ad = jax.lax.ragged_dot(h, w_down, gs)
+  h = jax.nn.silu(ragged_dot(x_ad, w_gate, gs)) * ragged_dot(x_ad, w_up, gs)
+  y_ad = ragged_dot(h, w_down, gs)
   y = _scatter_back(y_ad, layout, weights_tk, x_td.dtype)
   return y, DispatchStats(jnp.float32(0.0), gs)
 
