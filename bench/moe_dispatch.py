@@ -50,9 +50,9 @@ def make_inputs(t, d, f, e, dtype, seed=0):
   return x, ws, router
 
 
-# Grouped matmuls outside the library, timed as the ``ragged`` backend with their kernel:
-# name -> the module providing a ``jax.lax.ragged_dot``-compatible ``ragged_dot``.
-EXTERNAL = {"tokamax": "tokamax"}
+# Packages with a ``jax.lax.ragged_dot``-compatible ``ragged_dot``, timed as the ``ragged``
+# backend with their grouped matmul.
+EXTERNAL = ("tokamax",)
 
 
 def dispatcher(backend):
@@ -61,7 +61,7 @@ def dispatcher(backend):
   if backend not in EXTERNAL:
     return functools.partial(D.dispatch, backend)
   try:
-    kernel = importlib.import_module(EXTERNAL[backend]).ragged_dot
+    kernel = importlib.import_module(backend).ragged_dot
   except ImportError:
     return None
   # tokamax reads its settings as absl flags, parsing sys.argv (this script's flags) unless
@@ -72,9 +72,7 @@ def dispatcher(backend):
   return functools.partial(D.ragged_dispatch, ragged_dot=kernel)
 
 
-def moe_fns(backend, k, capacity_factor, block_size=0):
-  dispatch = dispatcher(backend)
-
+def moe_fns(dispatch, k, capacity_factor, block_size=0):
   def fwd(x, ws, router):
     r = route(x, router, k)
     return dispatch(x, r.weights_tk, r.experts_tk, *ws,
@@ -113,10 +111,11 @@ def main():
   args = p.parse_args()
   dtype = jnp.float32 if args.dtype == "fp32" else jnp.bfloat16
   t, d, f, k = args.tokens, args.d, args.ffn, args.top_k
-  backends = args.backends.split(",")
-  for name in [b for b in backends if dispatcher(b) is None]:
+  dispatchers = {name: dispatcher(name) for name in args.backends.split(",")}
+  for name in [n for n, fn in dispatchers.items() if fn is None]:
     print(f"# {name}: not installed here, skipped (bench/gpu.sh: wheels in .whl/)")
-    backends.remove(name)
+    del dispatchers[name]
+  backends = list(dispatchers)
   print(f"# MoE dispatch: tokens={t} d={d} ffn={f} top_k={k} dtype={args.dtype} "
         f"device={jax.devices()[0].device_kind} ({jax.default_backend()}, "
         f"{len(jax.devices())} device(s)) host={platform.machine()} jax={jax.__version__}")
@@ -136,12 +135,12 @@ def main():
   for e in [int(s) for s in args.experts.split(",")]:
     x, ws, router = make_inputs(t, d, f, e, dtype, seed=e)
     for backend in backends:
-      fwd, bwd = moe_fns(backend, k, args.capacity_factor, args.block_size)
+      fwd, bwd = moe_fns(dispatchers[backend], k, args.capacity_factor, args.block_size)
       tf = timeit(fwd, x, ws, router, reps=args.reps)
       tb = None if args.no_backward else timeit(bwd, x, ws, router, reps=args.reps)
       r = route(x, router, k)
-      dropped = float(dispatcher(backend)(x, r.weights_tk, r.experts_tk, *ws,
-                                          capacity_factor=args.capacity_factor)[1].dropped_fraction)
+      dropped = float(dispatchers[backend](x, r.weights_tk, r.experts_tk, *ws,
+                                           capacity_factor=args.capacity_factor)[1].dropped_fraction)
       row = dict(backend=backend, experts=e, fwd_ms=tf * 1e3, fwd_ratio=tf / ref_fwd,
                  fwdbwd_ms=None if tb is None else tb * 1e3,
                  fwdbwd_ratio=None if tb is None else tb / ref_bwd, dropped=dropped)
