@@ -41,7 +41,7 @@ def tune() -> None:
   the start of its TensorFlow (flexolmo_jax/data/tf_start.py)."""
   tune_allocator()
   gc.set_threshold(*GC_THRESHOLDS)
-  tf_start.keep_sklearn_out_of_keras()
+  tf_start.leave_keras_out()
 
 
 @contextlib.contextmanager

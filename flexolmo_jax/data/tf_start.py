@@ -2,9 +2,14 @@
 that no pipeline of ours needs, left out; each command process pays them once, and a training
 command is a few seconds of start-up before its first step.
 
-- Keras 3, which TensorFlow imports eagerly, imports scikit-learn for its optional estimator
-  wrappers (0.6 s). Keras asks for it inside ``try: import sklearn except ImportError``; those
-  requests are answered "not installed". Anyone else importing scikit-learn gets it.
+- Keras 3, which TensorFlow imports eagerly (1.9 s of a process's 5.5 s of imports, with
+  scikit-learn for Keras's estimator wrappers). Before TensorFlow is imported, a process of ours
+  routes ``tf.keras`` to the legacy package (``TF_USE_LEGACY_KERAS``), which is not installed:
+  TensorFlow then skips the eager import. The one module seqio imports that asks for
+  ``tf.keras`` at import, tensorflow_text (its optional Keras layers), is deferred: seqio uses it
+  only for SentencePiece, and on that first use the variable is removed and tensorflow_text
+  imports Keras 3 as usual. A user who set the variable or installed ``tf_keras`` keeps
+  TensorFlow's own behaviour; child processes inherit the choice with a marker variable.
 - AutoGraph rewrites every Python function a ``Dataset.map`` traces, parsing and analysing its
   source (1.2 s of a process's first pipeline). Of seqio's functions only the packing loop in
   ``seqio.utils`` iterates over a tensor; the tokenizer, preprocessors and feature converter,
@@ -13,37 +18,40 @@ command is a few seconds of start-up before its first step.
 """
 from __future__ import annotations
 
-import importlib.abc
+import importlib
+import importlib.util
+import os
 import sys
+import types
 
 # Modules whose functions tf.data traces without AutoGraph.
 PLAIN_MODULES = ("seqio.vocabularies", "seqio.preprocessors", "seqio.feature_converters",
                  "flexolmo_jax")
-# The package of Keras whose modules ask for scikit-learn, each in a try/except ImportError.
-_KERAS_WRAPPERS = "keras.src.wrappers"
+LEGACY_KERAS_ENV = "TF_USE_LEGACY_KERAS"
+OURS_ENV = "FLEXOLMO_KERAS_DEFERRED"      # set beside it: the variable is ours, not the user's
 
 
-class _NoSklearnForKeras(importlib.abc.MetaPathFinder):
-  """Answers Keras's optional import of scikit-learn with ImportError; passes anything else on."""
+class _DeferredModule(types.ModuleType):
+  """Stands in for ``tensorflow_text`` until an attribute is asked for: then Keras is let back
+  in and the real module is imported in its place."""
 
-  def find_spec(self, fullname, path=None, target=None):
-    if fullname == "sklearn" and _initializing(_KERAS_WRAPPERS + "."):
-      raise ModuleNotFoundError("scikit-learn is not loaded for Keras's wrappers in a "
-                                "flexolmo process (flexolmo_jax/data/tf_start.py)", name=fullname)
-    return None
-
-
-def _initializing(prefix: str) -> bool:
-  """Whether a module named ``prefix...`` is being imported now."""
-  return any(name.startswith(prefix) and getattr(getattr(module, "__spec__", None),
-                                                 "_initializing", False)
-             for name, module in list(sys.modules.items()))
+  def __getattr__(self, name):
+    if os.environ.get(OURS_ENV):
+      os.environ.pop(LEGACY_KERAS_ENV, None)
+      os.environ.pop(OURS_ENV, None)
+    if sys.modules.get(self.__name__) is self:
+      del sys.modules[self.__name__]
+    return getattr(importlib.import_module(self.__name__), name)
 
 
-def keep_sklearn_out_of_keras() -> None:
-  """Installs the finder (once); call before TensorFlow is imported."""
-  if not any(isinstance(f, _NoSklearnForKeras) for f in sys.meta_path):
-    sys.meta_path.insert(0, _NoSklearnForKeras())
+def leave_keras_out() -> None:
+  """Call before TensorFlow is imported: it will start without Keras (module docstring)."""
+  if "tensorflow" in sys.modules or importlib.util.find_spec("tf_keras") is not None:
+    return
+  if LEGACY_KERAS_ENV in os.environ and not os.environ.get(OURS_ENV):
+    return
+  os.environ[LEGACY_KERAS_ENV] = os.environ[OURS_ENV] = "1"
+  sys.modules.setdefault("tensorflow_text", _DeferredModule("tensorflow_text"))
 
 
 def trace_plainly() -> None:
