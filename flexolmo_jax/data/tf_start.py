@@ -50,8 +50,13 @@ def leave_keras_out() -> None:
     return
   if LEGACY_KERAS_ENV in os.environ and not os.environ.get(OURS_ENV):
     return
+  spec = importlib.util.find_spec("tensorflow_text")
+  if spec is None or "tensorflow_text" in sys.modules:
+    return
   os.environ[LEGACY_KERAS_ENV] = os.environ[OURS_ENV] = "1"
-  sys.modules.setdefault("tensorflow_text", _DeferredModule("tensorflow_text"))
+  stand_in = _DeferredModule(spec.name)
+  stand_in.__file__ = spec.origin      # what scans of sys.modules ask for (AutoGraph's do)
+  sys.modules[spec.name] = stand_in
 
 
 def trace_plainly() -> None:
