@@ -26,6 +26,7 @@ def test_tensorflow_starts_without_keras_and_sentencepiece_still_encodes(tmp_pat
       from flexolmo_jax.cli import process
       process.tune()
       import seqio, tensorflow as tf
+      [getattr(m, "__file__", None) for m in list(sys.modules.values())]   # as AutoGraph scans
       print("keras" in sys.modules, "sklearn" in sys.modules)
       vocab = seqio.SentencePieceVocabulary({str(tmp_path / "sp.model")!r})
       text = "word3 and the line 12"
