@@ -26,7 +26,7 @@ EXPERT_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME", "top_k": "TOP
 DENSE_FLAGS = {**TRAIN_FLAGS, "public": "PUBLIC", "name": "NAME"}
 TUNE_FLAGS = {**{k: v for k, v in TRAIN_FLAGS.items() if k != "vocabulary"}, "merged": "MERGED",
               "proxy_fraction": "PROXY_FRACTION", "proxy_weight": "PROXY_WEIGHT",
-              "expert_dropout": "EXPERT_DROPOUT"}
+              "expert_dropout": "EXPERT_DROPOUT", "interpolation": "INTERPOLATION"}
 def gin_value(text: str) -> str:
   """A --gin.NAME=VALUE value as gin syntax: literals and @/% references as given, else a string."""
   if text.startswith(("@", "%")):

@@ -101,6 +101,9 @@ def add_tune_router(sub) -> None:
   p.add_argument("--expert-dropout", type=number,
                  help="chance each training sequence leaves each non-public expert out, so "
                       "the router learns to do without any owner (default 0, as the paper)")
+  p.add_argument("--interpolation", type=number,
+                 help="keep this share of the way from the merge's router rows to the tuned ones "
+                      "(default 1, as the paper; docs/method.md §6)")
   add_train_flags(p)
   p.set_defaults(fn=lambda args: _train("tune_router", args, TUNE_FLAGS))
 

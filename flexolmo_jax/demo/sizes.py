@@ -22,6 +22,14 @@ class Size:
   # opting math out gave math 1.816 (public 1.361) after 60 steps without it, 1.476 after 200
   # steps with 0.5; the full model's average went 2.136 -> 2.121.
   tune_dropout: float = 0.5
+  # The share of the way from the merge's router rows to the tuned ones kept (router_tune.py; not
+  # in the paper). Measured at quick size on one demo's rows (average of the 5 validation sets;
+  # oracle routing 1.482): 0 (untuned) 1.488, opting math out +0.070 over the public model;
+  # 0.5 1.496, every opt-out within 0.048; 0.75 1.502; 1 1.508. The "no negative bias"
+  # ablation tuned the same way: 1.487 / 1.501 / 1.520 at 0.5 / 0.75 / 1, so below about 0.8
+  # the ablation beats the full method, and above 0.6 the full method is 0.02 over oracle
+  # routing: no share meets both at quick size (docs/results.md). 1 is the paper's tuning.
+  tune_interpolation: float = 1.0
   # The canary owner's expert once more with DP-SGD (flexolmo_jax/privacy): this epsilon at
   # delta 1e-5, documents cut to this many rows of ``seq`` tokens.
   dp_epsilon: float = 8.0

@@ -144,6 +144,7 @@ class Training:
         "tune-router", "--merged", merged, "--data", self.raw[PUBLIC], "--out", run,
         "--steps", str(s.tune_steps), "--warmup", str(max(1, s.tune_steps // 10)),
         "--lr", str(s.tune_lr), "--expert-dropout", str(expert_dropout),
+        "--interpolation", str(s.tune_interpolation),
         *(["--proxy-weight", str(proxy_weight)] if proxy_weight is not None else []),
         *self.common], f"router tuning of {merged}")
     return os.path.join(run, "merged")

@@ -11,7 +11,12 @@ embeddings) next to the public one (``public_embedding.npz``).
 2. **Tuning.** Only the router rows of every expert (``public`` included) are trained, with all
    experts active (top-k = E), on the public data in which proxy segments weigh
    ``1 + proxy_weight`` in the loss. Everything else, negative biases included, is frozen.
-3. The result is a new merged checkpoint (``<out>/merged``) with the tuned ``router.npz`` and
+3. **Interpolation** (``interpolation`` < 1; not in the paper, 1 by default): the saved rows
+   are ``init + interpolation * (tuned - init)``, part of the way from the merge's rows to the
+   tuned ones, as WiSE-FT interpolates a fine-tuned model with its start. The tuning data is
+   public, not the closed domains the rows must route: the way back keeps more of what the
+   owners' own initialization knew. Measured in the demo (docs/results.md).
+4. The result is a new merged checkpoint (``<out>/merged``) with the tuned ``router.npz`` and
    ``top_k`` = E, the setting it was tuned for; the experts' files are copied unchanged.
 
 **Expert dropout** (``expert_dropout`` > 0; not in the paper, off by default): each training
@@ -54,10 +59,13 @@ class RouterTuneConfig:
   proxy_weight: float = 4.0       # extra loss weight of a proxy segment
   max_batches: int = 1000         # public batches scored and kept in memory for tuning
   expert_dropout: float = 0.0     # per sequence, the chance each non-public expert is left out
+  interpolation: float = 1.0      # share of the way from the merge's rows to the tuned ones kept
 
   def __post_init__(self):
     if not 0 <= self.expert_dropout < 1:
       raise ValueError(f"RouterTuneConfig: expert_dropout={self.expert_dropout} not in [0, 1).")
+    if not 0 < self.interpolation <= 1:
+      raise ValueError(f"RouterTuneConfig: interpolation={self.interpolation} not in (0, 1].")
     if not 0 < self.proxy_fraction <= 1:
       raise ValueError(f"RouterTuneConfig: proxy_fraction={self.proxy_fraction} not in (0, 1].")
     if self.proxy_weight < 0:
@@ -188,10 +196,15 @@ def tuning_stream(batches: list[dict], names, train: loop.TrainConfig, tune: Rou
 
 def save_tuned(merged: str, names, tuned_rows, counts: dict, data, result, train, tune,
                cfg, output_dir: str) -> str:
-  """The merged model again with the tuned router rows (``<output_dir>/merged``)."""
+  """The merged model again with the tuned router rows (``<output_dir>/merged``), each moved
+  ``tune.interpolation`` of the way from the merge's row."""
   tuned = store.host_value(tuned_rows)                 # [L, E, d]
-  rows = {k: v for k, v in merged_model.read_router(merged).items() if k.endswith("/negative_bias")}
-  rows.update({f"{n}/router": tuned[:, e] for e, n in enumerate(names)})
+  start = merged_model.read_router(merged)
+  rows = {k: v for k, v in start.items() if k.endswith("/negative_bias")}
+  for e, n in enumerate(names):
+    init = np.asarray(start[f"{n}/router"], np.float32)
+    rows[f"{n}/router"] = (init + np.float32(tune.interpolation) * (tuned[:, e] - init)
+                           if tune.interpolation != 1 else tuned[:, e])
   record = {"source": "tune-router", "proxy_segments": counts,
             "public_sources": [sources.source_label(p) for p in data],
             "steps": result.step, "tune_config": dataclasses.asdict(tune),
