@@ -27,7 +27,7 @@ class Size:
   # oracle routing 1.482): 0 (untuned) 1.488, opting math out +0.070 over the public model;
   # 0.5 1.496, every opt-out within 0.048; 0.75 1.502; 1 1.508. The "no negative bias"
   # ablation tuned the same way: 1.487 / 1.501 / 1.520 at 0.5 / 0.75 / 1, so below about 0.8
-  # the ablation beats the full method, and above 0.6 the full method is 0.02 over oracle
+  # the ablation beats the full method, and from about 0.75 the full method is 0.02 over oracle
   # routing: no share meets both at quick size (docs/results.md). 1 is the paper's tuning.
   tune_interpolation: float = 1.0
   # The canary owner's expert once more with DP-SGD (flexolmo_jax/privacy): this epsilon at
