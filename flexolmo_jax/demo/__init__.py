@@ -1,9 +1,11 @@
 """``flexolmo demo``: FlexOlmo's comparison at laptop scale on FlexMix-mini (docs/method.md §7-8).
 
 Stages, each checkpointed in the work directory and reused on the next run (``--fresh`` starts
-over); every training stage runs in its own process, and an owner's process is given only its own
-data. The experts (and then the dense models) are independent, so ``jobs`` of them (``--jobs``,
-default 2) run at once, each line of their output labelled with its run:
+over). The directory records the size and seed it was built with (``demo_settings.json``), and a
+run that asks for others is refused rather than reusing models built otherwise. Every training
+stage runs in its own process, and an owner's process is given only its own data. The experts
+(and then the dense models) are independent, so ``jobs`` of them (``--jobs``, default 2) run at
+once, each line of their output labelled with its run:
 
 1. FlexMix-mini (``flexmix_mini/``).
 2. The public model (``public/``).
@@ -31,6 +33,7 @@ from flexolmo_jax.demo.ablations import Ablations
 from flexolmo_jax.demo.evaluation import Evaluation
 from flexolmo_jax.demo.processes import run_stages
 from flexolmo_jax.demo.report import Report, render_markdown
+from flexolmo_jax.demo.sizes import claim_workdir
 from flexolmo_jax.demo.training import Training
 
 __all__ = ["Demo", "run", "run_stages"]
@@ -47,6 +50,7 @@ def run(workdir: str, quick: bool = False, fresh: bool = False, seed: int = 0,
     raise ValueError(f"--jobs {jobs}: at least one training process is needed.")
   if fresh:
     shutil.rmtree(workdir, ignore_errors=True)
+  claim_workdir(workdir, "quick" if quick else "default", seed)
   demo = Demo(workdir, "quick" if quick else "default", seed, jobs, ablations)
   for name, stage in (("data", demo.data), ("public", demo.public), ("experts", demo.experts),
                       ("dense", demo.dense), ("merge", demo.merge), ("baselines", demo.baselines),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,3 +69,32 @@ EXPERT_FLAGS = ("--router-init", "classifier", "--router-lr-scale", "0")
 # memorized token (0.92 at most after 300 steps, while top-p 0.95 needs above 0.95).
 SIZES = {"default": Size(500, 150, 150, 16, 256, expert_bias=-1.0),
          "quick": Size(1000, 200, 400, 8, 128, dp_steps=100)}
+
+
+SETTINGS_FILE = "demo_settings.json"
+
+
+def claim_workdir(workdir: str, size_name: str, seed: int) -> dict:
+  """Records the size and seed a work directory's stages are built with; refuses a run that
+  asks for others (stages are reused by their output's existence alone, so a quick run in a
+  default-size directory would otherwise report the default models as quick ones). A directory
+  without the record (a new one, or one an earlier version built) takes this run's."""
+  settings = {"size": size_name, "seed": seed, "config": dataclasses.asdict(SIZES[size_name])}
+  path = os.path.join(workdir, SETTINGS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      built = json.load(f)
+    if built != settings:
+      differ = [k for k in ("size", "seed") if built.get(k) != settings[k]] + \
+               [f"config.{k}" for k, v in settings["config"].items()
+                if (built.get("config") or {}).get(k) != v]
+      raise ValueError(
+          f"{path}: the work directory holds a {built.get('size')}-size demo with seed "
+          f"{built.get('seed')}; this run asks for {size_name} size with seed {seed} (differing: "
+          f"{', '.join(differ)}). Rebuild it with --fresh, or use another --workdir.")
+    return settings
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(settings, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return settings
