@@ -50,8 +50,9 @@ def run(workdir: str, quick: bool = False, fresh: bool = False, seed: int = 0,
     raise ValueError(f"--jobs {jobs}: at least one training process is needed.")
   if fresh:
     shutil.rmtree(workdir, ignore_errors=True)
-  claim_workdir(workdir, "quick" if quick else "default", seed)
-  demo = Demo(workdir, "quick" if quick else "default", seed, jobs, ablations)
+  size = "quick" if quick else "default"
+  claim_workdir(workdir, size, seed)
+  demo = Demo(workdir, size, seed, jobs, ablations)
   for name, stage in (("data", demo.data), ("public", demo.public), ("experts", demo.experts),
                       ("dense", demo.dense), ("merge", demo.merge), ("baselines", demo.baselines),
                       ("evaluate", demo.evaluate), ("ablations", demo.ablations),

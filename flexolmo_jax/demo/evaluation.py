@@ -8,6 +8,7 @@ import os
 
 from flexolmo_jax.checkpoint import merged_model, saved
 from flexolmo_jax.data import tasks
+from flexolmo_jax.demo.processes import write_json
 from flexolmo_jax.demo.report import mean
 from flexolmo_jax.experts import PUBLIC
 
@@ -49,9 +50,7 @@ class Evaluation:
     self.worked = True
     stats = perplexity.evaluate_stats(path, self.eval_data, vocab=self.vocab, **select)
     losses = {d: s["loss"] for d, s in stats.items()}
-    with open(cache + ".tmp", "w") as fh:
-      json.dump(losses, fh)
-    os.replace(cache + ".tmp", cache)
+    write_json(cache, losses)
     print(f"  {name:>28}: average {mean(losses):.4f}")
     return losses
 
@@ -69,9 +68,7 @@ class Evaluation:
       cfg, params = merged_model.load_merged(path)
       out[name] = {d: routing.router_probabilities(cfg, params, batches)
                    for d, batches in data.items()}
-    with open(cache + ".tmp", "w") as fh:
-      json.dump(out, fh)
-    os.replace(cache + ".tmp", cache)
+    write_json(cache, out)
     return out
 
   def extraction(self) -> None:
@@ -122,9 +119,7 @@ class Evaluation:
       results["models"][name] = r
       print(f"  {name:>28}: {r['extracted']}/{r['documents']} extracted, mean best similarity "
             f"{r['mean_best_similarity']:.3f}, canary loss {r['canary_loss']:.3f}")
-    with open(cache + ".tmp", "w") as fh:
-      json.dump(results, fh)
-    os.replace(cache + ".tmp", cache)
+    write_json(cache, results)
     self.extraction_results = results
 
   def export(self) -> None:

@@ -3,6 +3,7 @@ another, and independent stages run ``jobs`` at once."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,10 @@ def run_stages(stages: list[tuple[str, list[str]]], jobs: int = 1,
 
 def done(path: str) -> bool:
   return os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def write_json(path: str, value, **dump_kw) -> None:
+  """``value`` as JSON at ``path``, whole or not at all (a stage's record or cached result)."""
+  with open(path + ".tmp", "w") as fh:
+    json.dump(value, fh, **dump_kw)
+  os.replace(path + ".tmp", path)

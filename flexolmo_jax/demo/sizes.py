@@ -5,6 +5,8 @@ import dataclasses
 import json
 import os
 
+from flexolmo_jax.demo.processes import write_json
+
 
 @dataclasses.dataclass(frozen=True)
 class Size:
@@ -85,16 +87,20 @@ def claim_workdir(workdir: str, size_name: str, seed: int) -> dict:
     with open(path) as f:
       built = json.load(f)
     if built != settings:
-      differ = [k for k in ("size", "seed") if built.get(k) != settings[k]] + \
-               [f"config.{k}" for k, v in settings["config"].items()
-                if (built.get("config") or {}).get(k) != v]
+      was, now = _flat(built), _flat(settings)
+      differ = [k for k in now if was.get(k) != now[k]]
       raise ValueError(
           f"{path}: the work directory holds a {built.get('size')}-size demo with seed "
           f"{built.get('seed')}; this run asks for {size_name} size with seed {seed} (differing: "
           f"{', '.join(differ)}). Rebuild it with --fresh, or use another --workdir.")
     return settings
   os.makedirs(workdir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(settings, f, indent=1)
-  os.replace(path + ".tmp", path)
+  write_json(path, settings, indent=1)
   return settings
+
+
+def _flat(settings: dict) -> dict:
+  """{"size", "seed", "config.<field>", ...} of a settings record."""
+  config = settings.get("config")
+  return {**{k: v for k, v in settings.items() if k != "config"},
+          **{f"config.{k}": v for k, v in (config if isinstance(config, dict) else {}).items()}}

@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from flexolmo_jax.demo.processes import done, run_stages
+from flexolmo_jax.demo.processes import done, run_stages, write_json
 from flexolmo_jax.demo.sizes import EXPERT_FLAGS, SIZES
 from flexolmo_jax.experts import PUBLIC
 
@@ -194,9 +194,7 @@ class Training:
     if self.worked:
       timing["seconds"] += seconds
       timing["stages"][name] = timing["stages"].get(name, 0.0) + seconds
-      with open(path + ".tmp", "w") as fh:
-        json.dump(timing, fh)
-      os.replace(path + ".tmp", path)
+      write_json(path, timing)
       print(f"  ({name}: {seconds:.0f} s)")
     self.worked = worked or self.worked
     self.timing = timing
