@@ -186,11 +186,16 @@ def test_packed_flexmix_batch_through_the_model_respects_segments(built):
 
 
 def test_small_domains_still_get_validation_documents():
-  docs = [f"licence text number {i}" for i in range(12)]
+  need = flexmix_mini.MIN_VALIDATION_DOCUMENTS
+  docs = [f"licence text number {i}" for i in range(3 * need + 4)]
   units = sorted(sources.hash_unit(d) for d in docs)
   frac = flexmix_mini.validation_fraction(docs, 0.01)
-  assert sum(sources.split_of(d, frac) == "validation" for d in docs) == 2
-  assert units[1] < frac < units[2]
+  assert sum(sources.split_of(d, frac) == "validation" for d in docs) == need
+  assert units[need - 1] < frac < units[need]
+  # A domain of few documents gives a third of them at most.
+  few = docs[:7]
+  frac = flexmix_mini.validation_fraction(few, 0.01)
+  assert sum(sources.split_of(d, frac) == "validation" for d in few) == 7 // 3
   # Enough documents already below the fraction: unchanged.
   assert flexmix_mini.validation_fraction(docs, 0.999) == 0.999
   # Many small documents and one large: enough of the bytes go to validation too.

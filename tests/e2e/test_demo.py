@@ -9,11 +9,11 @@ from tests.e2e.fixtures import DEMO_READERS, demo_env
 
 pytestmark = DEMO_READERS
 # Opting X out brings X's loss back to the public model's within OPT_OUT_BACK and moves every
-# other closed domain by at most OPT_OUT_OTHERS (measured at quick size: 0.035 and 0.017 at most).
+# other closed domain by at most OPT_OUT_OTHERS (measured at quick size: 0.034 and 0.017 at most).
 OPT_OUT_BACK = 0.05
 OPT_OUT_OTHERS = 0.03
 # The untuned merge's average against oracle routing (each closed domain by `public + its own
-# expert`, the public domain by the public model); measured 1.488 against 1.482.
+# expert`, the public domain by the public model); measured 1.555 against 1.551.
 ORACLE_MARGIN = 0.02
 
 
@@ -72,20 +72,16 @@ def test_quick_demo_end_to_end(demo_run):
     for other in closed:
       if other != d:
         assert abs(without[other] - losses["flexolmo"][other]) <= OPT_OUT_OTHERS, (d, other)
-  # Routing is reported per domain and sums to one. Untuned, each closed domain gives its own
-  # expert more than the other owners' experts get on average, and the largest share on all but
-  # one domain: legal's tokens go to prose's expert about as much as to legal's (no linear
-  # router on this model separates the two, docs/method.md §5).
+  # Routing is reported per domain and sums to one. Untuned, on each closed domain its own
+  # expert gets the largest mean router probability among the owners' experts (measured at quick
+  # size: code 0.151 / 0.085, prose 0.143 / 0.103, legal 0.127 / 0.114, math 0.306 / 0.050).
   for table in report["routing"].values():
     for d, probs in table.items():
       assert abs(sum(probs.values()) - 1) < 1e-4, d
-  leads = 0
   for d in closed:
     probs = report["routing"]["flexolmo (no router tuning)"][d]
     others = [p for e, p in probs.items() if e not in (d, "public")]
-    assert probs[d] > sum(others) / len(others), (d, probs)
-    leads += probs[d] > max(others)
-  assert leads >= len(closed) - 1, report["routing"]["flexolmo (no router tuning)"]
+    assert probs[d] > max(others), (d, probs)
   # The extraction evaluation ran on every planted canary, with their owner's expert in and out.
   # It detects memorization: the owner's dense model (every weight trained) reproduces canaries
   # the public model cannot.
@@ -179,8 +175,8 @@ def test_committed_default_report_has_the_structure_of_a_fresh_run(demo_run):
 def test_ablations_order_as_the_papers_table(demo_run, tmp_path):
   """``flexolmo demo --quick --ablations`` on a copy of the quick demo's work directory: every
   stage is reused, the ablations run, and FlexOlmo beats each of them, untuned and tuned, as in
-  the paper's ablation table (uncoordinated experts last). Measured at quick size: untuned 1.488
-  against 1.533-1.765, tuned 1.507 against 1.517-1.634."""
+  the paper's ablation table (uncoordinated experts last). Measured at quick size: untuned 1.555
+  against 1.591-1.846, tuned 1.580 against 1.590-1.709."""
   import shutil
 
   copy = tmp_path / "workdir"
