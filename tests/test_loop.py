@@ -68,7 +68,10 @@ def test_grad_accumulation_equals_the_whole_batch(tmp_path):
   moved = 0.0
   for a, b, init in zip(jax.tree.leaves(p1), jax.tree.leaves(p2),
                         jax.tree.leaves(pure_model(tiny()).init(0))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    # Adam's first step moves each weight by about the learning rate (9e-4) whatever its
+    # gradient's size, so where a gradient is near zero the rounding of the two summation orders
+    # shows: up to 2.4e-6 on one weight of 16,384 on some CPUs.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6)
     moved = max(moved, float(jnp.max(jnp.abs(a - init))))
   assert moved > 1e-4   # the step did update the parameters
 
