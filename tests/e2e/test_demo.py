@@ -104,7 +104,7 @@ def test_quick_demo_end_to_end(demo_run):
   # expert"): with the owner opted out only the public expert is left, which computes the public
   # model (tests/test_merge.py). The expert learned the canaries (the loss above), but its
   # classifier router gives it little weight on them (they are not licence text), so at quick
-  # size it extracted none (canary loss 2.79); the paper recipe's expert, which takes half the
+  # size it extracted none (canary loss 2.48); the paper recipe's expert, which takes half the
   # weight on every token, extracted 4/4 (loss 0.19).
   assert models[f"public + {owner}"]["rate"] >= models["public"]["rate"]
   # In the full model the tuned router sends most canary tokens to other experts (not the
