@@ -32,6 +32,12 @@ def test_a_work_directory_is_claimed_by_its_first_run_and_refuses_other_settings
   with pytest.raises(ValueError, match=r"\(differing: config\.tune_interpolation\)"):
     sizes.claim_workdir(str(workdir), "quick", 0)
   assert json.loads((workdir / sizes.SETTINGS_FILE).read_text()) == record   # never rewritten
+  # A field the record holds and the size no longer has is named too.
+  (workdir / sizes.SETTINGS_FILE).write_text(json.dumps(
+      {**record, "config": {**record["config"], "retired_field": 1}}))
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match=r"\(differing: config\.retired_field\)"):
+    sizes.claim_workdir(str(workdir), "quick", 0)
 
 
 def test_demo_refuses_a_quick_run_in_a_default_size_directory(tmp_path):

@@ -91,7 +91,7 @@ def claim_workdir(workdir: str, size_name: str, seed: int) -> dict:
       built = json.load(f)
     if built != settings:
       was, now = _flat(built), _flat(settings)
-      differ = [k for k in now if was.get(k) != now[k]]
+      differ = [k for k in {**now, **was} if was.get(k) != now.get(k)]
       raise ValueError(
           f"{path}: the work directory holds a {built.get('size')}-size demo with seed "
           f"{built.get('seed')}; this run asks for {size_name} size with seed {seed} (differing: "

@@ -202,6 +202,7 @@ def save_tuned(merged: str, names, tuned_rows, counts: dict, data, result, train
   start = merged_model.read_router(merged)
   rows = {k: v for k, v in start.items() if k.endswith("/negative_bias")}
   for e, n in enumerate(names):
+    # At 1 the tuned rows themselves: init + (tuned - init) can differ from them in the last bit.
     init = np.asarray(start[f"{n}/router"], np.float32)
     rows[f"{n}/router"] = (init + np.float32(tune.interpolation) * (tuned[:, e] - init)
                            if tune.interpolation != 1 else tuned[:, e])
