@@ -29,7 +29,7 @@ DEMO_TIMEOUT_S = 2700
 USER_COMPILE = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 
-def demo_env() -> dict:
+def user_compile_env() -> dict:
   """The environment changes for a long-running process (``flexolmo demo``, the server under
   load): XLA's flags without the suite's fast-compile ones. Only for those: a process that runs
   each program a few times is faster with them (the whole suite measured both ways: 26:40 with
@@ -104,7 +104,8 @@ def demo_run(tmp_path_factory):
   if not os.path.exists(os.path.join(workdir, "report.json")):
     from tests.helpers import run_cli
 
-    run = run_cli(["demo", "--quick"], timeout=DEMO_TIMEOUT_S - 60, cwd=cwd, env=demo_env())
+    run = run_cli(["demo", "--quick"], timeout=DEMO_TIMEOUT_S - 60, cwd=cwd,
+                  env=user_compile_env())
     with open(log_path, "w") as fh:
       fh.write(run.stdout + run.stderr)
     with open(err_path, "w") as fh:

@@ -5,7 +5,7 @@ import os
 import pytest
 from flexolmo_jax import console
 from tests.helpers import run_cli
-from tests.e2e.fixtures import DEMO_READERS, demo_env
+from tests.e2e.fixtures import DEMO_READERS, user_compile_env
 
 pytestmark = DEMO_READERS
 # Opting X out brings X's loss back to the public model's within OPT_OUT_BACK and moves every
@@ -133,7 +133,8 @@ def test_quick_demo_end_to_end(demo_run):
   assert listed["public"]["dp"] is None
   assert report["hf_export"]["ok"], report["hf_export"]
   # A second run of the same command, typed the same way, reuses every stage.
-  again = run_cli(["demo", "--quick"], timeout=600, cwd=demo_run["cwd"], env=demo_env())
+  again = run_cli(["demo", "--quick"], timeout=600, cwd=demo_run["cwd"],
+                  env=user_compile_env())
   assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
   assert "reusing" in again.stdout and "$ flexolmo" not in again.stdout
   assert console.NATIVE_NOISE.search(again.stderr) is None, again.stderr[-3000:]
@@ -182,7 +183,7 @@ def test_ablations_order_as_the_papers_table(demo_run, tmp_path):
   copy = tmp_path / "workdir"
   shutil.copytree(demo_run["workdir"], copy, symlinks=True)
   run = run_cli(["demo", "--quick", "--ablations", "--workdir", str(copy)],
-                timeout=DEMO_READERS[1].args[0] - 120, env=demo_env())
+                timeout=DEMO_READERS[1].args[0] - 120, env=user_compile_env())
   assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
   ablations = json.load(open(copy / "report.json"))["ablations"]
   assert list(ablations) == ["flexolmo", "no negative bias", "random router init",

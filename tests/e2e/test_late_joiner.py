@@ -12,7 +12,7 @@ from flexolmo_jax.demo.sizes import EXPERT_FLAGS, SIZES
 from flexolmo_jax.eval import perplexity
 from flexolmo_jax.flexolmo import expert, merge
 from tests.artifacts import genome_reads
-from tests.e2e.fixtures import DEMO_READERS, demo_env, validation
+from tests.e2e.fixtures import DEMO_READERS, user_compile_env, validation
 from tests.helpers import run_cli
 
 
@@ -81,7 +81,7 @@ def test_an_owner_of_a_domain_flexmix_lacks_joins_the_tuned_demo_model(demo_run,
                  "--out", str(tmp_path / "genome"), "--steps", str(size.expert_steps),
                  "--warmup", str(size.expert_steps // 10), "--lr", "3e-3",
                  "--batch-size", str(size.batch), "--seq-len", str(size.seq), *EXPERT_FLAGS],
-                env=demo_env())
+                env=user_compile_env())
   assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
   run = run_cli(["merge", "--public", tuned, "--expert", str(tmp_path / "genome"),
                  "--out", str(tmp_path / "joined"), f"--expert-bias={2 * size.expert_bias}"])
