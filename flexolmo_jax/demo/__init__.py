@@ -1,7 +1,9 @@
 """``flexolmo demo``: FlexOlmo's comparison at laptop scale on FlexMix-mini (docs/method.md §7-8).
 
-Stages, each checkpointed in the work directory and reused on the next run (``--fresh`` starts
-over). The directory records the size and seed it was built with (``demo_settings.json``), and a
+Stages, each checkpointed in the work directory and reused on the next run while the inputs it
+was built from are the same (``provenance.json``, demo/provenance.py: a model trained or tuned
+again makes every output built from it stale, and it is built again); ``--fresh`` starts over.
+The directory records the size and seed it was built with (``demo_settings.json``), and a
 run that asks for others is refused rather than reusing models built otherwise. Every training
 stage runs in its own process, and an owner's process is given only its own data. The experts
 (and then the dense models) are independent, so ``jobs`` of them (``--jobs``, default 2) run at

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 
-from flexolmo_jax.demo.processes import done
 from flexolmo_jax.demo.report import mean
 from flexolmo_jax.demo.sizes import EXPERT_FLAGS
 
@@ -43,7 +42,7 @@ class Ablations:
           "and evaluated; and the uncoordinated experts (the dense models, merged as BTX does)")
     runs = []
     for name, (flags, _) in ABLATIONS.items():
-      runs += [(out, [*argv, *flags], f"{what} ({name})") for out, argv, what in
+      runs += [(out, [*argv, *flags], f"{what} ({name})", inputs) for out, argv, what, inputs in
                self.per_domain("train-expert", os.path.join("ablations", slug(name), "experts"),
                                "expert", "expert")]
     self.train_all(runs)
@@ -67,9 +66,12 @@ class Ablations:
 
     root = self.path("ablations", slug(name))
     merged = os.path.join(root, "merged")
-    if not done(merged):
+    experts = [os.path.join(root, "experts", d) for d in self.closed]
+    inputs = self.provenance.inputs(self.path("public"), *experts)
+    if not self.reusable(merged, inputs):
       self.worked = True
-      merge.merge(self.path("public"), [os.path.join(root, "experts", d) for d in self.closed],
-                  merged, top_k=1 + len(self.closed), expert_bias=expert_bias)
+      merge.merge(self.path("public"), experts, merged, top_k=1 + len(self.closed),
+                  expert_bias=expert_bias)
+      self.provenance.record(merged, inputs)
     return merged, self.tune(merged, os.path.join(root, "tuned"),
                              expert_dropout=self.size.tune_dropout)

@@ -39,18 +39,20 @@ class Evaluation:
 
   def loss_of(self, name: str, path: str, **select) -> dict:
     """{domain: validation loss} of one model (``select``: its experts in or out), kept in
-    ``eval/<name>.json`` and reused from there."""
+    ``eval/<name>.json`` and reused from there while the model and the data are the same."""
     from flexolmo_jax.eval import perplexity
 
     os.makedirs(self.path("eval"), exist_ok=True)
     cache = self.path("eval", name.replace(" ", "_").replace(",", "").replace("'", "") + ".json")
-    if os.path.exists(cache):
+    inputs = self.provenance.inputs(path, self.card_file(), **select)
+    if self.reusable(cache, inputs):
       with open(cache) as fh:
         return json.load(fh)
     self.worked = True
     stats = perplexity.evaluate_stats(path, self.eval_data, vocab=self.vocab, **select)
     losses = {d: s["loss"] for d, s in stats.items()}
     write_json(cache, losses)
+    self.provenance.record(cache, inputs)
     print(f"  {name:>28}: average {mean(losses):.4f}")
     return losses
 
@@ -59,7 +61,8 @@ class Evaluation:
     from flexolmo_jax.eval import routing
 
     cache = self.path("eval", "routing.json")
-    if os.path.exists(cache):
+    inputs = self.provenance.inputs(self.merged, self.tuned, self.card_file())
+    if self.reusable(cache, inputs):
       with open(cache) as fh:
         return json.load(fh)
     self.worked = True
@@ -69,6 +72,7 @@ class Evaluation:
       out[name] = {d: routing.router_probabilities(cfg, params, batches)
                    for d, batches in data.items()}
     write_json(cache, out)
+    self.provenance.record(cache, inputs)
     return out
 
   def extraction(self) -> None:
@@ -95,7 +99,14 @@ class Evaluation:
     print(f"[8/10] extraction of the {info['documents']} canaries planted in {owner}'s data "
           f"({config.samples} samples of {config.total} tokens each, similarity >= "
           f"{config.threshold})")
-    if os.path.exists(cache):
+    models = {"public": (self.path("public"), {}),
+              f"dense {owner}": (os.path.join(self.path("dense", owner), "model"), {}),
+              f"public + {owner}": (self.merged, {"experts": f"{PUBLIC},{owner}"}),
+              "flexolmo": (self.tuned, {}),
+              f"flexolmo without {owner}": (self.tuned, {"exclude": owner}),
+              f"public + {owner} (DP)": (self.merged_dp, {})}
+    inputs = self.provenance.inputs(*{path for path, _ in models.values()}, self.card_file())
+    if self.reusable(cache, inputs):
       with open(cache) as fh:
         self.extraction_results = json.load(fh)
       print(f"  reusing {cache}")
@@ -104,12 +115,6 @@ class Evaluation:
     vocab = self.vocab
     with open(info["path"]) as fh:
       docs = [vocab.encode(json.loads(line)["text"]) for line in fh]
-    models = {"public": (self.path("public"), {}),
-              f"dense {owner}": (os.path.join(self.path("dense", owner), "model"), {}),
-              f"public + {owner}": (self.merged, {"experts": f"{PUBLIC},{owner}"}),
-              "flexolmo": (self.tuned, {}),
-              f"flexolmo without {owner}": (self.tuned, {"exclude": owner}),
-              f"public + {owner} (DP)": (self.merged_dp, {})}
     results = {"owner": owner, "config": dataclasses.asdict(config), "models": {}}
     for name, (path, select) in models.items():
       cfg, params, _ = saved.open_saved(path, **select)
@@ -120,6 +125,7 @@ class Evaluation:
       print(f"  {name:>28}: {r['extracted']}/{r['documents']} extracted, mean best similarity "
             f"{r['mean_best_similarity']:.3f}, canary loss {r['canary_loss']:.3f}")
     write_json(cache, results)
+    self.provenance.record(cache, inputs)
     self.extraction_results = results
 
   def export(self) -> None:
@@ -130,8 +136,10 @@ class Evaluation:
 
     print("[9/10] Hugging Face export of FlexOlmo, checked against transformers")
     out = self.path("hf")
-    if not os.path.exists(os.path.join(out, "config.json")):
+    inputs = self.provenance.inputs(self.tuned)
+    if not self.reusable(os.path.join(out, "config.json"), inputs, directory=out):
       export.export_hf(self.tuned, out, drop_negative_bias=True, overwrite=True)
+      self.provenance.record(os.path.join(out, "config.json"), inputs)
     try:
       import torch
       from transformers import AutoModelForCausalLM

@@ -7,6 +7,7 @@ import os
 import time
 
 from flexolmo_jax.demo.processes import done, run_stages, write_json
+from flexolmo_jax.demo.provenance import Provenance
 from flexolmo_jax.demo.sizes import EXPERT_FLAGS, SIZES
 from flexolmo_jax.experts import PUBLIC
 
@@ -20,6 +21,7 @@ class Training:
     self.jobs = jobs          # training processes at once where stages are independent
     self.with_ablations = ablations   # run the ablation stage (demo/ablations.py)
     self.path = lambda *p: os.path.join(workdir, *p)
+    self.provenance = Provenance(workdir)     # what each reused output was built from
     s = self.size
     self.worked = False      # did this run do any work (else every stage was reused)
     # The training processes share JAX's persistent compilation cache (in the work directory,
@@ -35,20 +37,40 @@ class Training:
     self.common = ["--batch-size", str(s.batch), "--seq-len", str(s.seq), "--log-every", "50",
                    "--seed", str(seed)]
 
-  def train(self, out: str, argv: list[str], what: str) -> None:
-    self.train_all([(out, argv, what)])
+  def train(self, out: str, argv: list[str], what: str, inputs: list[str]) -> None:
+    self.train_all([(out, argv, what, inputs)])
 
-  def train_all(self, runs: list[tuple[str, list[str], str]]) -> None:
-    """Each ``(output, argv, label)`` not finished yet, ``self.jobs`` processes at once."""
+  def train_all(self, runs: list[tuple[str, list[str], str, list[str]]]) -> None:
+    """Each ``(output, argv, label, inputs)`` not built yet from these inputs (models and files
+    the run reads), ``self.jobs`` processes at once. A stale output is removed with its run
+    directory (the output's parent, which holds the checkpoints a run resumes from)."""
     todo = []
-    for out, argv, what in runs:
-      if done(out):
+    for out, argv, what, inputs in runs:
+      digests = self.provenance.inputs(*inputs)
+      if self.reusable(out, digests, directory=os.path.dirname(out)):
         print(f"  {what}: reusing {out}")
       else:
-        todo.append((what, argv))
+        todo.append((out, what, argv, digests))
     if todo:
       self.worked = True
-      run_stages(todo, self.jobs, self.env)
+      run_stages([(what, argv) for _, what, argv, _ in todo], self.jobs, self.env)
+      for out, _, _, digests in todo:
+        self.provenance.record(out, digests)
+
+  def reusable(self, output: str, inputs: dict[str, str], directory: str | None = None) -> bool:
+    """Whether ``output`` (a saved model or a file) exists and was built from ``inputs``
+    (``Provenance.inputs``). A stale one is removed, with ``directory`` if given."""
+    if not (done(output) or os.path.isfile(output)):
+      return False
+    changed = self.provenance.changed(output, inputs)
+    if changed:
+      self.provenance.remove_stale(output, directory or output, changed)
+    return not changed
+
+  def card_file(self) -> str:
+    from flexolmo_jax.data import flexmix_mini
+
+    return self.path("flexmix_mini", flexmix_mini.CARD_FILE)
 
   # -- 1-4: data and training -------------------------------------------------------------------
   def data(self) -> None:
@@ -77,28 +99,28 @@ class Training:
         "pretrain", "--model", "tiny", "--data", self.raw[PUBLIC], "--out", run,
         "--steps", str(s.pretrain_steps), "--warmup", str(s.pretrain_steps // 10), "--lr", "3e-3",
         *[f"--eval-data={d}={self.raw[d]}" for d in self.evaluable if d != PUBLIC],
-        *self.common], "public model")
+        *self.common], "public model", [self.card_file()])
 
   def per_domain(self, command: str, directory: str, artifact: str,
-                 what: str) -> list[tuple[str, list[str], str]]:
+                 what: str) -> list[tuple[str, list[str], str, list[str]]]:
     """``command`` once per closed domain, each run given the public model and its own data."""
     s = self.size
     return [(os.path.join(self.path(directory, d), artifact), [
         command, "--public", self.path("public"), "--name", d, "--data", self.raw[d],
         "--out", self.path(directory, d), "--steps", str(s.expert_steps),
-        "--warmup", str(s.expert_steps // 10), "--lr", "3e-3", *self.common], f"{what} {d}")
-            for d in self.closed]
+        "--warmup", str(s.expert_steps // 10), "--lr", "3e-3", *self.common], f"{what} {d}",
+             [self.path("public"), self.card_file()]) for d in self.closed]
 
   def experts(self) -> None:
     print(f"[3/10] experts: each owner alone, {self.size.expert_steps} steps on its own data "
           f"only ({self.jobs} processes at once)")
     # The DP run, the longest, starts first: the others share the second process slot.
     self.train_all(self.private_expert()
-                   + [(out, [*argv, *EXPERT_FLAGS], what) for out, argv, what
+                   + [(out, [*argv, *EXPERT_FLAGS], what, inputs) for out, argv, what, inputs
                       in self.per_domain("train-expert", "experts", "expert", "expert")])
     self.merge_private_expert()
 
-  def private_expert(self) -> list[tuple[str, list[str], str]]:
+  def private_expert(self) -> list[tuple[str, list[str], str, list[str]]]:
     """The canary owner's expert trained again with DP-SGD (merged with the public model alone
     by ``merge_private_expert``)."""
     info, s = self.card.get("canaries"), self.size
@@ -113,7 +135,8 @@ class Training:
         "--data", self.raw[self.dp_owner], "--out", run, "--steps", str(steps),
         "--warmup", str(steps // 10), "--lr", str(s.dp_lr), "--dp",
         "--target-epsilon", str(s.dp_epsilon), "--delta", "1e-5",
-        "--dp-chunks", str(s.dp_chunks), *self.common], f"{self.dp_owner} DP")]
+        "--dp-chunks", str(s.dp_chunks), *self.common], f"{self.dp_owner} DP",
+             [self.path("public"), self.card_file()])]
 
   def dp_run(self) -> str:
     return self.path("experts", f"{self.dp_owner}_dp")
@@ -126,9 +149,11 @@ class Training:
       return
     run = self.dp_run()
     self.merged_dp = self.path("merged_dp")
-    if not done(self.merged_dp):
+    inputs = self.provenance.inputs(self.path("public"), run)
+    if not self.reusable(self.merged_dp, inputs):
       self.worked = True
       merge.merge(self.path("public"), [run], self.merged_dp)
+      self.provenance.record(self.merged_dp, inputs)
     self.dp_card = store.read_manifest(os.path.join(run, "expert"))["data_card"]["dp"]
 
   def dense(self) -> None:
@@ -146,7 +171,7 @@ class Training:
         "--lr", str(s.tune_lr), "--expert-dropout", str(expert_dropout),
         "--interpolation", str(s.tune_interpolation),
         *(["--proxy-weight", str(proxy_weight)] if proxy_weight is not None else []),
-        *self.common], f"router tuning of {merged}")
+        *self.common], f"router tuning of {merged}", [merged, self.card_file()])
     return os.path.join(run, "merged")
 
   def merge(self) -> None:
@@ -154,12 +179,15 @@ class Training:
 
     print("[5/10] merge every expert, then tune the router on public data")
     self.merged = self.path("merged")
-    if done(self.merged):
+    experts = [self.path("experts", d) for d in self.closed]
+    inputs = self.provenance.inputs(self.path("public"), *experts)
+    if self.reusable(self.merged, inputs):
       print(f"  merge: reusing {self.merged}")
     else:
       self.worked = True
-      merge.merge(self.path("public"), [self.path("experts", d) for d in self.closed],
-                  self.merged, top_k=1 + len(self.closed), expert_bias=self.size.expert_bias)
+      merge.merge(self.path("public"), experts, self.merged, top_k=1 + len(self.closed),
+                  expert_bias=self.size.expert_bias)
+      self.provenance.record(self.merged, inputs)
     self.tuned = self.tune(self.merged, self.path("tuned"), expert_dropout=self.size.tune_dropout)
 
   def baselines(self) -> None:
@@ -169,13 +197,16 @@ class Training:
     dense = [os.path.join(self.path("dense", d), "model") for d in self.closed]
     out = {"soup": self.path("baselines", "soup"), "btm": self.path("baselines", "btm"),
            "btx": self.path("baselines", "btx")}
-    self.worked |= not all(done(p) for p in out.values())
-    if not done(out["soup"]):
-      soup.soup(dense, out["soup"])
-    if not done(out["btm"]):
-      btm.btm(dense, out["btm"], tau=1.0)
-    if not done(out["btx"]):
-      btx.btx(self.path("public"), dense, out["btx"], top_k=1 + len(self.closed))
+    build = {"soup": lambda: soup.soup(dense, out["soup"]),
+             "btm": lambda: btm.btm(dense, out["btm"], tau=1.0),
+             "btx": lambda: btx.btx(self.path("public"), dense, out["btx"],
+                                    top_k=1 + len(self.closed))}
+    for name, make in build.items():
+      inputs = self.provenance.inputs(*([self.path("public")] if name == "btx" else []), *dense)
+      if not self.reusable(out[name], inputs):
+        self.worked = True
+        make()
+        self.provenance.record(out[name], inputs)
     self.baseline_paths = {**out, "btx": self.tune(out["btx"], self.path("baselines", "btx_tuned"),
                                                    proxy_weight=0.0)}
 

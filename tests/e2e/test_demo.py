@@ -195,3 +195,46 @@ def test_ablations_order_as_the_papers_table(demo_run, tmp_path):
   for column in ("untuned", "tuned"):
     assert max(ablations.values(), key=lambda r: r[column]) is ablations["uncoordinated"]
   assert "| variant | no router tuning | router tuned |" in (copy / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_router_tuned_again_by_hand_is_what_the_next_report_evaluates(demo_run, tmp_path):
+  """On a copy of the quick demo's work directory the user tunes the router again (another
+  number of steps) and runs the demo: every number of the re-tuned model is computed again and
+  equals ``flexolmo eval`` of it; what was built without it is reused as it was."""
+  import shutil
+
+  copy = tmp_path / "workdir"
+  shutil.copytree(demo_run["workdir"], copy, symlinks=True)
+  before = json.load(open(copy / "report.json"))
+  public_cache = copy / "eval" / "public.json"
+  public_mtime = public_cache.stat().st_mtime_ns
+  shutil.rmtree(copy / "tuned")
+  public_data = str(copy / demo_run["card"]["domains"]["public"]["dataset_dir"])
+  tune = run_cli(["tune-router", "--merged", str(copy / "merged"), "--data", public_data,
+                  "--out", str(copy / "tuned"), "--steps", "20", "--warmup", "2",
+                  "--batch-size", "8", "--seq-len", "128", "--expert-dropout", "0.5"])
+  assert tune.returncode == 0, tune.stderr[-3000:]
+  run = run_cli(["demo", "--quick", "--workdir", str(copy)], env=user_compile_env())
+  assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+  for stale in ("eval/flexolmo.json", "eval/flexolmo_without_code.json", "eval/routing.json",
+                "eval/extraction.json", "hf/config.json"):
+    assert f"{stale} was built from another tuned/merged: building it again" in run.stdout
+  assert "merge: reusing" in run.stdout and "tuned/merged was built" not in run.stdout
+  after = json.load(open(copy / "report.json"))
+  domains = [d for d in after["losses"]["public"] if d != "average"]
+  direct = run_cli(["eval", "--model", str(copy / "tuned" / "merged"), "--flexmix",
+                    str(copy / "flexmix_mini"), "--seq-len", "128", "--batch-size", "8",
+                    "--json", str(tmp_path / "direct.json"),
+                    *[a for d in domains for a in ("--data", d)]])
+  assert direct.returncode == 0, direct.stderr[-3000:]
+  direct_losses = json.load(open(tmp_path / "direct.json"))
+  for domain in domains:
+    assert after["losses"]["flexolmo"][domain] == pytest.approx(direct_losses[domain]["loss"],
+                                                                abs=1e-6), domain
+  assert after["losses"]["flexolmo"] != before["losses"]["flexolmo"]
+  assert after["hf_export"]["ok"]
+  # Built without the re-tuned model: reused, not evaluated again.
+  assert public_cache.stat().st_mtime_ns == public_mtime
+  for name in ("public", "flexolmo (no router tuning)", "public + code", "btm"):
+    assert after["losses"][name] == before["losses"][name], name
