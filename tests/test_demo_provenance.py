@@ -71,6 +71,22 @@ def test_an_output_is_built_again_when_an_input_changes_and_only_then(demo, caps
   assert demo.builds == ["expert code", "expert code"]
 
 
+def test_the_runs_that_finished_are_recorded_when_another_one_failed(demo, monkeypatch):
+  def one_fails(stages, jobs, env):
+    write_model(demo.path("experts", "code", "expert"), "built")
+    raise ValueError("demo stage failed: expert prose")
+
+  monkeypatch.setattr(training, "run_stages", one_fails)
+  prose = (demo.path("experts", "prose", "expert"), [], "expert prose", [demo.path("public")])
+  with pytest.raises(ValueError, match="expert prose"):
+    demo.train_all([expert_run(demo), prose])
+  assert list(json.load(open(demo.path(provenance.RECORD)))) == ["experts/code/expert"]
+  # The user trains the public model again before rerunning: the finished expert is stale.
+  write_model(demo.path("public", "model"), "public 2")
+  assert not demo.reusable(demo.path("experts", "code", "expert"),
+                           demo.provenance.inputs(demo.path("public"), demo.card_file()))
+
+
 def test_an_output_without_a_record_is_taken_as_it_is_and_recorded(demo):
   write_model(demo.path("experts", "code", "expert"), "built by an earlier version")
   demo.train_all([expert_run(demo)])

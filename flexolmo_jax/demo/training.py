@@ -53,9 +53,12 @@ class Training:
         todo.append((out, what, argv, digests))
     if todo:
       self.worked = True
-      run_stages([(what, argv) for _, what, argv, _ in todo], self.jobs, self.env)
-      for out, _, _, digests in todo:
-        self.provenance.record(out, digests)
+      try:
+        run_stages([(what, argv) for _, what, argv, _ in todo], self.jobs, self.env)
+      finally:                      # the runs that finished, also when another one failed
+        for out, _, _, digests in todo:
+          if done(out):
+            self.provenance.record(out, digests)
 
   def reusable(self, output: str, inputs: dict[str, str], directory: str | None = None) -> bool:
     """Whether ``output`` (a saved model or a file) exists and was built from ``inputs``
