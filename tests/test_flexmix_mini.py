@@ -1,5 +1,6 @@
 """FlexMix-mini: real local text, disjoint public set, deterministic, distinct domains."""
 import collections
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -78,6 +79,31 @@ def test_public_is_disjoint_from_every_closed_domain(built):
   # The public set holds a share of every style.
   assert any(d.startswith("[synthetic math") for d in public)
   assert any("import " in d or "def " in d for d in public)
+
+
+def test_the_extra_public_share_leaves_the_closed_sets_as_they_are(built, tmp_path):
+  """The quick build's public set gets ``public_extra_bytes`` more of each style from outside
+  the closed budget: the closed sets are those of a build without it, and the public set is
+  the largest, as in the paper."""
+  out, _, _ = built
+  size = flexmix_mini.SIZES["quick"]
+  assert size.public_extra_bytes > 0
+  plain = flexmix_mini.build(str(tmp_path), dataclasses.replace(size, public_extra_bytes=0),
+                             log=lambda _: None)
+  for name in flexmix_mini.CLOSED_DOMAINS:
+    assert raw_docs(out, name) == raw_docs(str(tmp_path), name), name
+  public, before = raw_docs(out, "public"), raw_docs(str(tmp_path), "public")
+  assert set(before) <= set(public)
+  extra = [d for d in public if d not in set(before)]
+  is_math = [d.startswith("[synthetic math") for d in extra]
+  math_bytes = sum(len(d.encode()) for d, m in zip(extra, is_math) if m)
+  assert size.public_extra_bytes * 0.9 <= math_bytes <= size.public_extra_bytes
+  total = sum(len(d.encode()) for d in extra)
+  assert 3.6 * size.public_extra_bytes <= total <= 4 * size.public_extra_bytes
+  closed = {n: sum(len(d.encode()) for d in raw_docs(out, n)) for n in flexmix_mini.CLOSED_DOMAINS}
+  assert sum(len(d.encode()) for d in public) > 2 * max(closed.values()), closed
+  assert plain["domains"]["public"]["sha256"] != flexmix_mini.read_card(out)["domains"][
+      "public"]["sha256"]
 
 
 def test_no_domain_repeats_a_document_but_the_planted_canaries(built):

@@ -15,6 +15,13 @@ Closed domains (one data owner each):
 ``public`` is disjoint from every closed set: a stable-hash share (``public_fraction``) of each
 style's documents is held out of the closed domains and pooled into the public set, so the public
 model sees a little of every style, as FlexOlmo's public mix does, but never a closed document.
+``public_extra_bytes`` adds to the public set alone that many more bytes of each style, drawn
+from the documents the closed budget left out, so that the public set can be the largest, as it
+is in the paper (1T public tokens against ~50B per expert) while the closed sets stay as they
+are. The quick build needs it: with only its 15% share, the public set was 72 KB, which the quick
+public model saw 13 times in pre-training; it learned that text better than any expert could
+improve on it, and router tuning on it learned to prefer the public expert everywhere
+(docs/results.md).
 
 Every domain keeps one copy of each document: many distributions ship the same licence with
 its own copyright appendix, so whole files differ while their first pieces are the same text
@@ -43,6 +50,7 @@ import dataclasses
 import glob
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import os
 import random
@@ -63,6 +71,9 @@ class FlexMixSize:
 
   bytes_per_domain: int = 600_000
   public_fraction: float = 0.15
+  # Bytes of each style added to the public set alone, from documents outside the closed budget
+  # (math: examples generated after the closed ones), so the closed sets stay as they are.
+  public_extra_bytes: int = 0
   validation_fraction: float = 0.1
   math_documents: int = 3000
   canaries: int = 4
@@ -75,7 +86,7 @@ class FlexMixSize:
   canary_bytes: int = 255
 
 
-SIZES = {"default": FlexMixSize(), "quick": FlexMixSize(bytes_per_domain=120_000,
+SIZES = {"default": FlexMixSize(), "quick": FlexMixSize(bytes_per_domain=120_000, public_extra_bytes=60_000,
                                                          math_documents=600, canary_bytes=127)}
 CANARY_FILE = "canaries.jsonl"
 CARD_FILE = "flexmix_mini.json"
@@ -253,17 +264,34 @@ def validation_fraction(docs: list[str], fraction: float) -> float:
   return fraction
 
 
+def _pools(size: FlexMixSize) -> dict[str, tuple[Iterator[str], Callable[[], Iterator[str]]]]:
+  """{style: (its documents, a function giving the documents its extra public share is drawn
+  from)}: the same documents for the real-text styles; for math, the examples generated after
+  the closed budget's ``math_documents``, so that the closed math set does not depend on the
+  extra share."""
+  extra_math = max(1, size.public_extra_bytes // 100)  # the examples are 100-200 bytes long
+  pools = {"code": code_documents, "prose": prose_documents, "legal": legal_documents}
+  out = {name: (gen(), gen) for name, gen in pools.items()}
+  out["math"] = (math_documents(size.math_documents),
+                 lambda: itertools.islice(
+                     math_documents(size.math_documents + extra_math), size.math_documents, None))
+  return out
+
+
 def build(out_dir: str, size: str | FlexMixSize = "default", *,
           log: Callable[[str], None] = print) -> dict:
   """Writes raw/<domain>.jsonl and prepares tfds/<domain> for every domain; returns the card."""
   size = SIZES[size] if isinstance(size, str) else size
-  generators = {"code": code_documents, "prose": prose_documents, "legal": legal_documents,
-                "math": lambda: math_documents(size.math_documents)}
   domains: dict[str, list[str]] = {d: [] for d in CLOSED_DOMAINS + (PUBLIC,)}
-  for name, gen in generators.items():
-    for text in _budgeted(gen(), size.bytes_per_domain, salt=name):
+  for name, (pool, extra_pool) in _pools(size).items():
+    chosen = _budgeted(pool, size.bytes_per_domain, salt=name)
+    for text in chosen:
       target = PUBLIC if _stable_unit(text, "public") < size.public_fraction else name
       domains[target].append(text)
+    if size.public_extra_bytes:
+      taken = set(chosen)
+      domains[PUBLIC] += _budgeted((t for t in extra_pool() if t not in taken),
+                                   size.public_extra_bytes, salt=f"{name}/public")
   canaries = (canary_documents(size.canaries, size.canary_bytes, size.canary_cycle)
               if size.canaries else [])
   if canaries and size.canary_domain not in CLOSED_DOMAINS:

@@ -54,15 +54,15 @@ def test_quick_demo_end_to_end(demo_run):
   for d, gain in report["expert_gain"].items():
     assert gain["public + expert"] < gain["public"], d
   # FlexOlmo's average over all domains beats the public model and the model soup, untuned
-  # too, and the untuned merge is as good as routing each domain to its own expert.
-  untuned = losses["flexolmo (no router tuning)"]
+  # too, and the merge, tuned or not, is as good as routing each domain to its own expert.
   for model in ("flexolmo", "flexolmo (no router tuning)"):
     assert losses[model]["average"] < losses["public"]["average"], model
     assert losses[model]["average"] < losses["soup"]["average"], model
   closed = [d for d in report["closed_domains"] if d in report["domains"]]
   oracle = {d: losses[f"public + {d}"][d] if d in closed else losses["public"][d]
             for d in report["domains"]}
-  assert untuned["average"] < sum(oracle.values()) / len(oracle) + ORACLE_MARGIN
+  for model in ("flexolmo", "flexolmo (no router tuning)"):
+    assert losses[model]["average"] < sum(oracle.values()) / len(oracle) + ORACLE_MARGIN, model
   # Opting X out brings X's loss back to the public model's and leaves the other closed domains
   # where they were. (The public domain holds a share of every style, so it may move more.)
   for d in closed:
