@@ -21,7 +21,9 @@ is in the paper (1T public tokens against ~50B per expert) while the closed sets
 are. The quick build needs it: with only its 15% share, the public set was 72 KB, which the quick
 public model saw 13 times in pre-training; it learned that text better than any expert could
 improve on it, and router tuning on it learned to prefer the public expert everywhere
-(docs/results.md).
+(docs/results.md). The default build has no prose or legal text left outside its 600 KB budget
+(the sources hold about 465 KB and 513 KB), so it takes a larger share instead: 30% of each
+style goes to the public set (616 KB of training text, against 290-333 KB per owner).
 
 Every domain keeps one copy of each document: many distributions ship the same licence with
 its own copyright appendix, so whole files differ while their first pieces are the same text
@@ -30,10 +32,10 @@ and 2 documents of validation). Every document is assigned by a hash of its text
 is deterministic. Each domain is
 written as JSONL (``raw/<domain>.jsonl``) and prepared as a TFDS dataset (``tfds/``).
 
-Canaries: ``canaries`` SYNTHETIC secret documents are planted, ``canary_copies`` times each, in the
-train split of ``canary_domain``. They measure training-data extraction (docs/method.md §9): a model
-that reproduces them learned them from that owner's data only. The distinct canaries are listed in
-``raw/canaries.jsonl``. Each is a header, then a secret cycle (a random order of
+Canaries: ``canaries`` SYNTHETIC secret documents are planted, ``canary_copies`` times each, in
+the train split of ``canary_domain``. They measure training-data extraction (docs/method.md §9): a
+model that reproduces them learned them from that owner's data only. The distinct canaries are
+listed in ``raw/canaries.jsonl``. Each is a header, then a secret cycle (a random order of
 ``canary_cycle`` symbols that no other canary uses) repeated: memorizing one is a table of
 ``canary_cycle`` successors. The tiny models cannot infer a cycle in context: the public model's
 loss on such text is 6.4-7.4 nats per token for cycles of 3 to 15 symbols (worse than uniform),
@@ -86,8 +88,10 @@ class FlexMixSize:
   canary_bytes: int = 255
 
 
-SIZES = {"default": FlexMixSize(), "quick": FlexMixSize(bytes_per_domain=120_000, public_extra_bytes=60_000,
-                                                         math_documents=600, canary_bytes=127)}
+# Both sizes give the public set two to three times any owner's text (module docstring).
+SIZES = {"default": FlexMixSize(public_fraction=0.3),
+         "quick": FlexMixSize(bytes_per_domain=120_000, public_extra_bytes=60_000,
+                              math_documents=600, canary_bytes=127)}
 CANARY_FILE = "canaries.jsonl"
 CARD_FILE = "flexmix_mini.json"
 CANARY_SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
@@ -139,7 +143,8 @@ def prose_documents() -> Iterator[str]:
 # copies of the Apache licence and changed what the legal owner's expert learned.
 LICENSED_DISTRIBUTIONS = (
     "dp-accounting", "flax", "gin-config", "importlib_resources", "jax", "jax-privacy", "jaxlib",
-    "matplotlib", "ml_dtypes", "numpy", "optax", "orbax-checkpoint", "seqio", "sentencepiece", "tensorboard",
+    "matplotlib", "ml_dtypes", "numpy", "optax", "orbax-checkpoint", "seqio", "sentencepiece",
+    "tensorboard",
     "tensorflow", "tensorflow-datasets")
 LICENCE_NAMES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
 
@@ -317,7 +322,8 @@ def build(out_dir: str, size: str | FlexMixSize = "default", *,
                                overwrite=True)
     tokens = {s: stats.utf8_bytes[s] + stats.documents[s] for s in stats.documents}  # + EOS
     card["domains"][name] = {"documents": stats.documents, "byte_tokens": tokens,
-                             "validation_fraction": fraction, "sha256": hashlib.sha256(data).hexdigest(),
+                             "validation_fraction": fraction,
+                             "sha256": hashlib.sha256(data).hexdigest(),
                              "dataset_dir": f"tfds/flexmix_{name}/1.0.0"}
     log(f"FlexMix-mini {name:>6}: {sum(stats.documents.values()):5d} documents, "
         f"{tokens['train']:,} train / {tokens['validation']:,} validation byte tokens")
