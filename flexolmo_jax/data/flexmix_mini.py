@@ -144,8 +144,7 @@ def prose_documents() -> Iterator[str]:
 LICENSED_DISTRIBUTIONS = (
     "dp-accounting", "flax", "gin-config", "importlib_resources", "jax", "jax-privacy", "jaxlib",
     "matplotlib", "ml_dtypes", "numpy", "optax", "orbax-checkpoint", "seqio", "sentencepiece",
-    "tensorboard",
-    "tensorflow", "tensorflow-datasets")
+    "tensorboard", "tensorflow", "tensorflow-datasets")
 LICENCE_NAMES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
 
 

@@ -51,8 +51,7 @@ class Size:
   # The expert bias of the merge (``merge --expert-bias``, docs/method.md §6), chosen per size on
   # the untuned merge (average validation loss, own expert leading among the owners' on every
   # closed domain in each): quick size, bench/router_sweep.py (below); default size, the same
-  # experts merged at 0 / -0.5 / -1 / -2: 1.626 / 1.620 / 1.618 / 1.635 (with a 15% public share
-  # in its corpus, 1.632 / 1.626 / 1.625 / 1.640, and 1.667 at -3).
+  # experts merged at 0 / -0.5 / -1 / -2: 1.626 / 1.620 / 1.618 / 1.635.
   expert_bias: float = -2.0
 
 
